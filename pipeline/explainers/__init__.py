@@ -1,0 +1,27 @@
+"""Explainers: `build_explainer(name, model, **params)(x, targets) -> [B,H,W]`.
+
+One registry (EXPLAINERS); each family's module registers its classes on import.
+"""
+
+from . import cam, gradients  # noqa: F401  (registration)
+from .base import (
+    EXPLAINERS,
+    Explainer,
+    build_explainer,
+    explainer_class,
+    explainer_params,
+    image_seeds,
+    minmax,
+)
+from .perturb import perturbed_scores
+
+__all__ = [
+    "EXPLAINERS",
+    "Explainer",
+    "build_explainer",
+    "explainer_class",
+    "explainer_params",
+    "image_seeds",
+    "minmax",
+    "perturbed_scores",
+]

