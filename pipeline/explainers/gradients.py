@@ -11,6 +11,7 @@ batch around it; ours seeds each image's noise from its content.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -19,6 +20,9 @@ from torch import nn
 
 from .base import Explainer, build_explainer, generator, image_seeds, register
 from .perturb import default_max_batch
+
+# Captum warns on each call that it set requires_grad on our detached inputs: expected here.
+warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
 
 
 class _CaptumExplainer(Explainer):

@@ -1,0 +1,24 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11:
+#   make demo   -> a virtual environment, the package, and a small explanation job
+#   make test   -> the same environment plus test tools, and the whole test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/salient demo
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff format --check pipeline tests

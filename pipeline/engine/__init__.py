@@ -1,0 +1,1 @@
+"""Execution: the in-process path (local.py) and the Ray Data job."""

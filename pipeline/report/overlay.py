@@ -1,0 +1,35 @@
+"""Heatmap overlays: a map in [0,1] coloured and blended over the image the model saw."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def _turbo_like(v: np.ndarray) -> np.ndarray:
+    """A perceptually ordered blue->cyan->yellow->red ramp (values in [0,1]) -> uint8 RGB."""
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+
+
+def normalise_for_display(heatmap: torch.Tensor | np.ndarray, signed: bool = False) -> np.ndarray:
+    """[H,W] -> [0,1]. Signed maps are shown by magnitude of their positive part."""
+    m = heatmap.detach().float().cpu().numpy() if isinstance(heatmap, torch.Tensor) else heatmap
+    m = np.asarray(m, dtype=np.float64)
+    if signed:
+        m = np.clip(m, 0, None)
+    lo, hi = float(m.min()), float(m.max())
+    return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+
+
+def overlay(image: Image.Image, heatmap, *, signed: bool = False, alpha: float = 0.5):
+    """Blend the coloured heatmap over `image` (resized to the map's size if needed)."""
+    v = normalise_for_display(heatmap, signed)
+    colour = Image.fromarray(_turbo_like(v))
+    base = image.convert("RGB")
+    if base.size != colour.size:
+        base = base.resize(colour.size, Image.Resampling.BILINEAR)
+    return Image.blend(base, colour, alpha)
