@@ -7,6 +7,7 @@ fsspec and pyarrow; credentials only ever come from the environment or a profile
 from __future__ import annotations
 
 import os
+import time
 from functools import lru_cache
 from urllib.parse import urlparse
 
@@ -42,7 +43,66 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.Abstra
     return fs, fs._strip_protocol(uri)
 
 
+# Errors that say "try again": a dropped connection or an endpoint that is briefly away.
+# FileNotFoundError and PermissionError are answers, not outages, and are never retried.
+def _transient(e: BaseException) -> bool:
+    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
+        return False
+    name = type(e).__name__
+    return isinstance(e, ConnectionError | TimeoutError | OSError) or name in (
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ClientConnectorError",
+        "ServerDisconnectedError",
+        "ClientOSError",
+    )
+
+
+def with_retries(fn, *, what: str, attempts: int = 6, first_delay: float = 0.5):
+    """Call fn(); on a transient error wait (0.5, 1, 2, 4, 8 s) and retry, then give up with a
+    message that names `what`."""
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if not _transient(e) or attempt == attempts:
+                if _transient(e):
+                    raise StorageUnavailable(
+                        f"{what}: storage unreachable after {attempts} attempts "
+                        f"({type(e).__name__}: {e})"
+                    ) from e
+                raise
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+class StorageUnavailable(ConnectionError):
+    """Storage did not answer after all retries."""
+
+
 def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
     fs, path = filesystem(uri, endpoint_url)
-    with fs.open(path, "rb") as f:
-        return f.read()
+
+    def read():
+        with fs.open(path, "rb") as f:
+            return f.read()
+
+    return with_retries(read, what=f"reading {uri}")
+
+
+def write_bytes_atomic(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
+    """Readers see the old object or the whole new one, never a part: object stores replace
+    objects atomically on PUT; local files are written beside and renamed."""
+    fs, path = filesystem(uri, endpoint_url)
+    if _protocol(uri) == "file":
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    with_retries(lambda: fs.pipe_file(path, data), what=f"writing {uri}")

@@ -72,17 +72,19 @@ def explain_images(
             png, npy = out / f"{name}.{method}.png", out / f"{name}.{method}.npy"
             np.save(npy, maps[i].numpy())
             overlay(shown[i], maps[i], signed=explainer.signed).save(png)
-            rows.append({
-                "image": name,
-                "predicted": int(classes[i, 0]),
-                "predicted_name": model.labels[int(classes[i, 0])],
-                "probability": float(probs[i, 0]),
-                "target": int(targets[i]),
-                "target_name": model.labels[int(targets[i])],
-                "method": method,
-                "forward_passes": explainer.last_forward_passes // len(images),
-                "seconds": seconds,
-                "overlay": str(png),
-                "map": str(npy),
-            })
+            rows.append(
+                {
+                    "image": name,
+                    "predicted": int(classes[i, 0]),
+                    "predicted_name": model.labels[int(classes[i, 0])],
+                    "probability": float(probs[i, 0]),
+                    "target": int(targets[i]),
+                    "target_name": model.labels[int(targets[i])],
+                    "method": method,
+                    "forward_passes": explainer.last_forward_passes // len(images),
+                    "seconds": seconds,
+                    "overlay": str(png),
+                    "map": str(npy),
+                }
+            )
     return rows

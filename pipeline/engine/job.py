@@ -1,0 +1,303 @@
+"""The distributed job: spec -> inputs -> Ray Data (decode tasks -> model actors) -> Parquet per
+block -> summary and MLflow. Data flows one way; the driver only lists inputs, skips finished
+blocks, watches progress and merges the blocks' markers into the summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import yaml
+
+from ..models import load_model
+from ..sources.listing import Block, InputItem, list_inputs, make_blocks
+from ..spec import JobSpec, flatten
+from ..storage import filesystem, read_bytes, write_bytes_atomic
+from ..tracking import JobTracker
+from ..tracking.mlflow_run import code_version
+from .outputs import finished_blocks, run_root
+
+
+class JobFailed(RuntimeError):
+    """The job could not complete; the message says why. Finished blocks are kept for resume."""
+
+
+@dataclass
+class JobResult:
+    run_id: str
+    root: str
+    mlflow_run_id: str | None
+    summary: dict = field(default_factory=dict)
+
+
+def default_run_id(spec: JobSpec) -> str:
+    """Same spec -> same run id, so running the same command again resumes the same run."""
+    data = spec.model_dump(mode="json", exclude={"tracking", "compute"})
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    return f"run-{digest}"
+
+
+def plan_blocks(spec: JobSpec) -> list[Block]:
+    src = spec.source
+    items = list_inputs(
+        src.uri,
+        src.format,
+        image_column=src.image_column,
+        label_column=src.label_column,
+        endpoint_url=spec.storage.endpoint_url,
+    )
+    if src.limit:
+        items = items[: src.limit]
+    if not items:
+        raise JobFailed(f"source.uri: no inputs found under {src.uri!r}")
+    if src.annotations:
+        annotations = load_annotations(src.annotations, spec.storage.endpoint_url)
+        items = [
+            InputItem(
+                it.image_id,
+                it.uri,
+                it.member,
+                it.label,
+                {**it.meta, "annotation": annotations.get(it.image_id)},
+            )
+            for it in items
+        ]
+    return make_blocks(items, spec.compute.block_size)
+
+
+def load_annotations(uri: str, endpoint_url: str | None) -> dict[str, dict]:
+    """image id -> annotation dict (imagenet-val-300 format: `file` relative to the source)."""
+    data = json.loads(read_bytes(uri, endpoint_url))
+    if isinstance(data, dict):
+        data = data.get("images") or data.get("annotations") or list(data.values())
+    return {a["file"]: a for a in data if isinstance(a, dict) and "file" in a}
+
+
+def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobResult:
+    run_id = spec.run_id or default_run_id(spec)
+    root = run_root(spec.output.uri, run_id)
+    endpoint = spec.storage.endpoint_url
+    t_start = time.perf_counter()
+    _apply_overwrite_policy(spec, root)
+    tracker = JobTracker(spec.tracking.uri, spec.tracking.experiment, run_id, spec.tracking.enabled)
+    try:
+        blocks = plan_blocks(spec)
+        model = load_model(
+            spec.model.uri,
+            weights=spec.model.weights,
+            device="cpu",
+            resize=spec.model.resize,
+            trust_pickle=spec.model.trust_pickle,
+        )
+        tags = {
+            "salient.model_uri": spec.model.uri,
+            "salient.model_weights_sha256": model.weights_hash,
+            "salient.data_uri": spec.source.uri,
+            "salient.output_uri": root,
+            "salient.code_version": code_version(),
+            **spec.tracking.tags,
+        }
+        tracker.start(flatten(spec), tags)
+        done = finished_blocks(root, endpoint)
+        todo = [b for b in blocks if b.block_id not in done]
+        write_bytes_atomic(
+            f"{root}/spec.yaml", yaml.safe_dump(spec.model_dump(mode="json")).encode(), endpoint
+        )
+        markers = dict(done)
+        t_compute = time.perf_counter()
+        if todo:
+            for marker in _execute(spec, run_id, root, model.preprocess, todo, address):
+                markers[marker["block_id"]] = marker
+                if progress:
+                    progress(marker, len(markers), len(blocks))
+        compute_seconds = time.perf_counter() - t_compute
+        summary = summarise(
+            spec, run_id, blocks, markers, todo, compute_seconds, time.perf_counter() - t_start
+        )
+        write_bytes_atomic(f"{root}/summary.json", json.dumps(summary, indent=2).encode(), endpoint)
+        tracker.log_metrics(_flat_metrics(summary))
+        tracker.log_artifacts(
+            {
+                "spec.yaml": yaml.safe_dump(spec.model_dump(mode="json")).encode(),
+                "summary.json": json.dumps(summary, indent=2).encode(),
+                "summary.csv": _summary_csv(summary).encode(),
+            }
+        )
+        if summary["lost"] != 0:
+            raise JobFailed(f"{summary['lost']} inputs are neither in heatmaps nor in errors")
+        tracker.finish()
+        return JobResult(run_id, root, tracker.mlflow_run_id, summary)
+    except BaseException as e:
+        tracker.fail(e)
+        raise
+
+
+def _apply_overwrite_policy(spec: JobSpec, root: str) -> None:
+    fs, path = filesystem(root, spec.storage.endpoint_url)
+    if spec.output.overwrite == "resume" or not fs.exists(path):
+        return
+    if spec.output.overwrite == "error":
+        raise JobFailed(f"output.uri: {root} exists and output.overwrite is 'error'")
+    fs.rm(path, recursive=True)
+
+
+def _execute(
+    spec: JobSpec, run_id: str, root: str, preprocess, blocks: list[Block], address: str | None
+):
+    """Stream the Ray Data plan; yield each finished block's marker as it arrives."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    try:
+        from ..sources.annotations import to_model_space
+    except ImportError:  # TEMP until annotations land
+        to_model_space = None
+    from ..sources.reader import read_block
+    from .worker import ExplainWorker
+
+    _init_ray(address)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI shows its own bar, per finished block
+    ctx.max_errored_blocks = 0  # per-input errors are rows; a block error is a real failure
+    ctx.issue_detectors_config.detectors = []
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    endpoint = spec.storage.endpoint_url
+    items = [{"block": json.dumps(_block_to_json(b))} for b in blocks]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+
+    def decode(row: dict) -> dict:
+        block = _block_from_json(json.loads(row["block"]))
+        annotations = {
+            it.image_id: it.meta["annotation"] for it in block.items if it.meta.get("annotation")
+        }
+        return read_block(block, preprocess, annotations, to_model_space, endpoint)
+
+    ds = ds.map(decode, num_cpus=0.25)
+    c = spec.compute
+    ds = ds.map_batches(
+        ExplainWorker,
+        fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "run_id": run_id, "root": root},
+        batch_size=1,
+        compute=ActorPoolStrategy(size=c.actors),
+        num_cpus=c.cpus_per_actor,
+        num_gpus=c.gpus_per_actor or None,
+        batch_format="numpy",
+        zero_copy_batch=True,
+    )
+    for row in ds.iter_rows():
+        yield json.loads(row["marker"])
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+
+
+def _block_to_json(b: Block) -> dict:
+    return {"block_id": b.block_id, "items": [asdict(it) for it in b.items]}
+
+
+def _block_from_json(d: dict) -> Block:
+    return Block(d["block_id"], tuple(InputItem(**it) for it in d["items"]))
+
+
+def summarise(
+    spec: JobSpec,
+    run_id: str,
+    blocks: list[Block],
+    markers: dict,
+    computed: list[Block],
+    compute_seconds: float,
+    wall_seconds: float,
+) -> dict:
+    """Counts, per-explainer metric means and throughput, merged from every block's marker
+    (those finished by an earlier attempt included)."""
+    inputs = sum(len(b.items) for b in blocks)
+    ok = sum(markers[b.block_id]["images_ok"] for b in blocks)
+    fatal = sum(markers[b.block_id]["fatal_errors"] for b in blocks)
+    rows = {
+        t: sum(markers[b.block_id]["rows"][t] for b in blocks)
+        for t in ("heatmaps", "metrics", "errors")
+    }
+    per_explainer: dict[str, dict] = {}
+    for m in spec.explainers:
+        seconds = sum(mk["seconds"].get(m.key, 0.0) for mk in markers.values())
+        images = sum(mk["images"].get(m.key, 0) for mk in markers.values())
+        passes = sum(mk["forward_passes"].get(m.key, 0) for mk in markers.values())
+        metrics = {}
+        for mk in markers.values():
+            for metric, (n, total) in mk["metric_values"].get(m.key, {}).items():
+                acc = metrics.setdefault(metric, [0, 0.0])
+                acc[0] += n
+                acc[1] += total
+        per_explainer[m.key] = {
+            "method": m.name,
+            "images": images,
+            "images_per_s": images / seconds if seconds else None,
+            "forward_passes_per_image": passes / images if images else None,
+            "metrics": {k: (s / n if n else None) for k, (n, s) in sorted(metrics.items())},
+            "metric_counts": {k: n for k, (n, _) in sorted(metrics.items())},
+        }
+    return {
+        "run_id": run_id,
+        "inputs": inputs,
+        "images_ok": ok,
+        "errors": fatal,
+        "lost": inputs - ok - fatal,
+        "rows": rows,
+        "blocks": len(blocks),
+        "blocks_computed": len(computed),
+        "blocks_resumed": len(blocks) - len(computed),
+        "wall_seconds": wall_seconds,
+        "compute_seconds": compute_seconds,
+        "images_per_s": (
+            sum(len(b.items) for b in computed) / compute_seconds if computed else None
+        ),
+        "explainers": per_explainer,
+    }
+
+
+def _flat_metrics(summary: dict) -> dict[str, float]:
+    out = {
+        "inputs": summary["inputs"],
+        "images_ok": summary["images_ok"],
+        "errors": summary["errors"],
+        "lost": summary["lost"],
+    }
+    if summary["images_per_s"]:
+        out["images_per_s"] = summary["images_per_s"]
+    for key, e in summary["explainers"].items():
+        if e["images_per_s"]:
+            out[f"{key}.images_per_s"] = e["images_per_s"]
+        for metric, value in e["metrics"].items():
+            if value is not None:
+                out[f"{key}.{metric}"] = value
+    return out
+
+
+def _summary_csv(summary: dict) -> str:
+    metrics = sorted({m for e in summary["explainers"].values() for m in e["metrics"]})
+    lines = [",".join(["explainer", "images", "images_per_s", *metrics])]
+    for key, e in summary["explainers"].items():
+        cells = [key, str(e["images"]), f"{e['images_per_s'] or ''}"]
+        cells += [f"{e['metrics'].get(m, '')}" for m in metrics]
+        lines.append(",".join(cells))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,136 @@
+"""Output layout, Parquet schemas and block files (written atomically, named per block).
+
+<output.uri>/<run_id>/
+  heatmaps/part-<block>.parquet   one row per image x target x explainer
+  metrics/part-<block>.parquet    one row per image x target x explainer x metric
+  errors/part-<block>.parquet     one row per input (or per failed step) that went wrong
+  _blocks/<block>.json            written last: the block is finished (counts, metric states)
+  summary.json, spec.yaml
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..storage import filesystem, write_bytes_atomic
+
+TABLES = ("heatmaps", "metrics", "errors")
+
+
+def heatmap_schema(size: int, dtype: str) -> pa.Schema:
+    value_type = pa.uint8() if dtype == "uint8" else pa.float16()
+    return pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("image_id", pa.string()),
+            ("source_uri", pa.string()),
+            ("model_id", pa.string()),
+            ("explainer", pa.string()),
+            ("method", pa.string()),
+            ("target", pa.int32()),
+            ("target_name", pa.string()),
+            ("target_rank", pa.int16()),
+            ("score", pa.float32()),
+            ("predicted", pa.int32()),
+            ("predicted_name", pa.string()),
+            ("label", pa.int32()),
+            ("heatmap", pa.fixed_shape_tensor(value_type, [size, size])),
+            ("h", pa.int16()),
+            ("w", pa.int16()),
+            ("map_min", pa.float32()),
+            ("map_max", pa.float32()),
+            ("forward_passes", pa.int32()),
+        ]
+    )
+
+
+METRIC_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("image_id", pa.string()),
+        ("explainer", pa.string()),
+        ("target", pa.int32()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
+
+ERROR_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("image_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+        ("fatal", pa.bool_()),  # true: the input produced no heatmap at all
+    ]
+)
+
+
+def run_root(output_uri: str, run_id: str) -> str:
+    return posixpath.join(output_uri.rstrip("/"), run_id)
+
+
+def part_uri(root: str, table: str, block_id: str) -> str:
+    return f"{root}/{table}/part-{block_id}.parquet"
+
+
+def marker_uri(root: str, block_id: str) -> str:
+    return f"{root}/_blocks/{block_id}.json"
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def write_block(
+    root: str,
+    block_id: str,
+    tables: dict[str, pa.Table],
+    marker: dict,
+    endpoint_url: str | None = None,
+) -> None:
+    """Data files first, the marker last: a block without a marker is recomputed on resume and
+    its files are replaced whole (same names), so there are never duplicates."""
+    for name in TABLES:
+        write_bytes_atomic(
+            part_uri(root, name, block_id), parquet_bytes(tables[name]), endpoint_url
+        )
+    write_bytes_atomic(marker_uri(root, block_id), json.dumps(marker).encode(), endpoint_url)
+
+
+def finished_blocks(root: str, endpoint_url: str | None = None) -> dict[str, dict]:
+    """block id -> its marker, for every block a previous attempt finished."""
+    fs, path = filesystem(f"{root}/_blocks", endpoint_url)
+    fs.invalidate_cache(path)  # s3fs caches listings; a resume must see the latest markers
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for name in names:
+        if name.endswith(".json"):
+            with fs.open(name, "rb") as f:
+                out[posixpath.basename(name)[: -len(".json")]] = json.loads(f.read())
+    return out
+
+
+def read_table(root: str, table: str, endpoint_url: str | None = None) -> pa.Table:
+    """All parts of one output table (for tests, reports and comparisons)."""
+    fs, path = filesystem(f"{root}/{table}", endpoint_url)
+    parts = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    tables = []
+    for p in parts:
+        with fs.open(p, "rb") as f:
+            tables.append(pq.read_table(io.BytesIO(f.read())))
+    if not tables:
+        return pa.table({})
+    return pa.concat_tables(tables)

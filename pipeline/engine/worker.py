@@ -1,0 +1,318 @@
+"""The model actor: loads the model and builds explainers once, then turns decoded blocks into
+heatmap, metric and error rows, written as one set of files per block.
+
+Per-input failures never reach Ray (an exception in a Ray Data UDF fails the job): an image that
+fails an explainer is retried alone, and if it still fails it becomes an error row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from ..explainers import build_explainer, explainer_params
+from ..models import LoadedModel, load_model
+from ..spec import JobSpec, MethodSpec
+from .outputs import ERROR_SCHEMA, METRIC_SCHEMA, heatmap_schema, write_block
+
+
+@dataclass
+class Pairs:
+    """The (image, target) pairs of a block: one heatmap per pair and explainer."""
+
+    image: torch.Tensor  # index into the block's decoded images
+    target: torch.Tensor
+    rank: torch.Tensor  # 0 = top-1 / first class asked for
+    score: torch.Tensor  # softmax probability of the target
+
+
+@dataclass
+class BlockResult:
+    heatmaps: list[dict] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    images: dict[str, int] = field(default_factory=dict)
+    passes: dict[str, int] = field(default_factory=dict)
+
+
+def build_explainers(model: LoadedModel, specs: list[MethodSpec], max_batch: int | None, seed: int):
+    out = {}
+    for m in specs:
+        params = dict(m.params)
+        accepted = explainer_params(m.name)
+        if max_batch is not None and "max_batch" in accepted:
+            params.setdefault("max_batch", max_batch)
+        if "seed" in accepted:
+            params.setdefault("seed", seed)
+        out[m.key] = build_explainer(m.name, model, **params)
+    return out
+
+
+def choose_targets(
+    spec: JobSpec, model: LoadedModel, probs: torch.Tensor, labels: list
+) -> tuple[Pairs, dict[int, str]]:
+    """Targets per the spec's mode; images that cannot have one (no label) are returned apart."""
+    b = probs.shape[0]
+    mode = spec.targets.mode
+    missing: dict[int, str] = {}
+    img, tgt, rank = [], [], []
+    if mode in ("predicted", "topk"):
+        k = 1 if mode == "predicted" else spec.targets.k
+        top = probs.topk(k, dim=1).indices.cpu()
+        for i in range(b):
+            for r in range(k):
+                img.append(i), tgt.append(int(top[i, r])), rank.append(r)
+    elif mode == "classes":
+        for i in range(b):
+            for r, c in enumerate(spec.targets.classes):
+                if not 0 <= c < model.num_classes:
+                    raise ValueError(f"targets.classes: {c} out of range ({model.num_classes})")
+                img.append(i), tgt.append(c), rank.append(r)
+    else:  # label
+        for i in range(b):
+            label = resolve_label(labels[i], model.labels)
+            if label is None:
+                missing[i] = f"no ground-truth label (got {labels[i]!r})"
+                continue
+            img.append(i), tgt.append(label), rank.append(0)
+    image = torch.tensor(img, dtype=torch.long)
+    target = torch.tensor(tgt, dtype=torch.long)
+    score = probs.cpu()[image, target] if len(img) else torch.zeros(0)
+    return Pairs(image, target, torch.tensor(rank), score), missing
+
+
+def resolve_label(raw, names: list[str]) -> int | None:
+    """An int index, a digit string, or a class name (folder name) -> index, else None."""
+    if raw is None:
+        return None
+    if isinstance(raw, int | np.integer) or (isinstance(raw, str) and raw.isdigit()):
+        idx = int(raw)
+        return idx if 0 <= idx < len(names) else None
+    return names.index(raw) if raw in names else None
+
+
+class ExplainWorker:
+    """Callable class for `Dataset.map_batches` (one instance per actor)."""
+
+    def __init__(self, spec_json: str, run_id: str, root: str):
+        self.spec = JobSpec.model_validate_json(spec_json)
+        self.run_id, self.root = run_id, root
+        torch.manual_seed(self.spec.seed)
+        m = self.spec.model
+        self.model = load_model(
+            m.uri,
+            weights=m.weights,
+            device=self.spec.compute.device,
+            resize=m.resize,
+            trust_pickle=m.trust_pickle,
+        )
+        self.explainers = build_explainers(
+            self.model, self.spec.explainers, self.spec.compute.max_batch, self.spec.seed
+        )
+        self.schema = heatmap_schema(self.spec.output.heatmap_size, self.spec.output.heatmap_dtype)
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = {"block_id": [], "marker": []}
+        for i in range(len(batch["block_id"])):
+            row = {k: batch[k][i] for k in batch}
+            marker = self.process_block(row)
+            out["block_id"].append(row["block_id"])
+            out["marker"].append(json.dumps(marker))
+        return out
+
+    # -- one block ----------------------------------------------------------------------------
+    def process_block(self, row: dict) -> dict:
+        t0 = time.perf_counter()
+        ids = list(row["image_ids"])
+        uris = list(row["uris"])
+        labels = json.loads(row["labels"])
+        anns = [json.loads(a) for a in row["annotations"]]
+        errors = [dict(e, fatal=True) for e in json.loads(row["errors"])]
+        result = BlockResult(errors=errors)
+        if ids:
+            self._explain_images(row, ids, uris, labels, anns, result)
+        tables = self._tables(result)
+        marker = {
+            "block_id": row["block_id"],
+            "n_inputs": int(row["n_inputs"]),
+            "images_ok": len({r["image_id"] for r in result.heatmaps}),
+            "fatal_errors": sum(1 for e in result.errors if e["fatal"]),
+            "rows": {name: tables[name].num_rows for name in tables},
+            "seconds": result.seconds,
+            "images": result.images,
+            "forward_passes": result.passes,
+            "metric_values": self._metric_sums(result.metrics),
+            "wall_seconds": time.perf_counter() - t0,
+        }
+        write_block(self.root, row["block_id"], tables, marker, self.spec.storage.endpoint_url)
+        return marker
+
+    def _explain_images(self, row, ids, uris, labels, anns, result: BlockResult) -> None:
+        device = self.model.device
+        pixels = torch.from_numpy(np.ascontiguousarray(row["pixels"]))
+        x = self.model.preprocess.normalise(pixels.to(device))
+        probs = torch.cat(
+            [
+                self.model.logits(x[s : s + self.spec.compute.batch_size]).float().softmax(-1)
+                for s in range(0, x.shape[0], self.spec.compute.batch_size)
+            ]
+        )
+        predicted = probs.argmax(1).cpu()
+        pairs, missing = choose_targets(self.spec, self.model, probs, labels)
+        failed: dict[int, tuple[str, str, str]] = {
+            i: ("targets", "no_label", msg) for i, msg in missing.items()
+        }
+        maps_by_explainer: dict[str, torch.Tensor] = {}
+        for key, explainer in self.explainers.items():
+            t0 = time.perf_counter()
+            before = self.model.forward_passes
+            maps, bad = self._run_explainer(explainer, x, pairs)
+            result.seconds[key] = time.perf_counter() - t0
+            result.images[key] = len(ids)
+            result.passes[key] = self.model.forward_passes - before
+            for i, err in bad.items():
+                failed.setdefault(i, (f"explain:{key}", type(err).__name__, str(err)))
+            maps_by_explainer[key] = maps
+        keep = torch.tensor([int(i) not in failed for i in pairs.image], dtype=torch.bool)
+        for i, (stage, kind, msg) in failed.items():
+            result.errors.append(
+                {
+                    "image_id": ids[i],
+                    "uri": uris[i],
+                    "stage": stage,
+                    "error_type": kind,
+                    "message": msg[:2000],
+                    "fatal": True,
+                }
+            )
+        for key, maps in maps_by_explainer.items():
+            self._heatmap_rows(
+                key, maps[keep], _select(pairs, keep), ids, uris, labels, predicted, result
+            )
+            self._metric_rows(key, x, maps[keep], _select(pairs, keep), ids, anns, result)
+
+    def _run_explainer(self, explainer, x, pairs: Pairs):
+        """Maps for every pair, in chunks of batch_size; a failing chunk is retried pair by pair
+        so that one bad image does not take its neighbours down."""
+        n = len(pairs.image)
+        h, w = x.shape[-2:]
+        maps = torch.zeros(n, h, w)
+        bad: dict[int, Exception] = {}
+        bs = self.spec.compute.batch_size
+        for s in range(0, n, bs):
+            idx = torch.arange(s, min(s + bs, n))
+            try:
+                maps[idx] = explainer(x[pairs.image[idx]], pairs.target[idx]).cpu()
+            except Exception:
+                for j in idx.tolist():
+                    try:
+                        maps[j] = explainer(x[pairs.image[j : j + 1]], pairs.target[j : j + 1])[0]
+                    except Exception as e:
+                        bad[int(pairs.image[j])] = e
+        return maps, bad
+
+    def _heatmap_rows(self, key, maps, pairs: Pairs, ids, uris, labels, predicted, result):
+        size, dtype = self.spec.output.heatmap_size, self.spec.output.heatmap_dtype
+        small = shrink(maps, size)
+        lo = small.flatten(1).amin(1) if len(small) else small.new_zeros(0)
+        hi = small.flatten(1).amax(1) if len(small) else small.new_zeros(0)
+        if dtype == "uint8":
+            scale = (hi - lo).clamp_min(1e-12)[:, None, None]
+            stored = ((small - lo[:, None, None]) / scale * 255).round().to(torch.uint8)
+        else:
+            stored = small.to(torch.float16)
+        explainer = self.explainers[key]
+        passes = result.passes[key] // max(1, len(ids))
+        for j in range(len(pairs.image)):
+            i, t = int(pairs.image[j]), int(pairs.target[j])
+            result.heatmaps.append(
+                {
+                    "run_id": self.run_id,
+                    "image_id": ids[i],
+                    "source_uri": uris[i],
+                    "model_id": self.model.id,
+                    "explainer": key,
+                    "method": explainer.name,
+                    "target": t,
+                    "target_name": self.model.labels[t],
+                    "target_rank": int(pairs.rank[j]),
+                    "score": float(pairs.score[j]),
+                    "predicted": int(predicted[i]),
+                    "predicted_name": self.model.labels[int(predicted[i])],
+                    "label": resolve_label(labels[i], self.model.labels),
+                    "heatmap": stored[j].numpy(),
+                    "h": size,
+                    "w": size,
+                    "map_min": float(lo[j]),
+                    "map_max": float(hi[j]),
+                    "forward_passes": passes,
+                }
+            )
+
+    def _metric_rows(self, key, x, maps, pairs: Pairs, ids, anns, result) -> None:
+        pass  # filled in by the metrics integration
+
+    @staticmethod
+    def _metric_sums(rows: list[dict]) -> dict:
+        """Per explainer and metric: count and sum of the non-null values (a mergeable state)."""
+        out: dict[str, dict[str, list[float]]] = {}
+        for r in rows:
+            v = r["value"]
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                continue
+            acc = out.setdefault(r["explainer"], {}).setdefault(r["metric"], [0, 0.0])
+            acc[0] += 1
+            acc[1] += float(v)
+        return out
+
+    def _tables(self, result: BlockResult) -> dict[str, pa.Table]:
+        heat = result.heatmaps
+        size = self.spec.output.heatmap_size
+        columns = {name: [r[name] for r in heat] for name in self.schema.names if name != "heatmap"}
+        tensor_type = self.schema.field("heatmap").type
+        flat = (
+            np.stack([r["heatmap"] for r in heat]).reshape(-1)
+            if heat
+            else np.zeros(0, dtype=tensor_type.value_type.to_pandas_dtype())
+        )
+        storage = pa.FixedSizeListArray.from_arrays(pa.array(flat), size * size)
+        columns["heatmap"] = pa.ExtensionArray.from_storage(tensor_type, storage)
+        heatmaps = pa.table({n: columns[n] for n in self.schema.names}, schema=self.schema)
+        metrics = pa.Table.from_pylist(result.metrics, schema=METRIC_SCHEMA)
+        errors = pa.Table.from_pylist(
+            [
+                {
+                    "run_id": self.run_id,
+                    "image_id": e["image_id"],
+                    "source_uri": e["uri"],
+                    "stage": e["stage"],
+                    "error_type": e["error_type"],
+                    "message": e["message"],
+                    "fatal": e["fatal"],
+                }
+                for e in result.errors
+            ],
+            schema=ERROR_SCHEMA,
+        )
+        return {"heatmaps": heatmaps, "metrics": metrics, "errors": errors}
+
+
+def _select(p: Pairs, keep: torch.Tensor) -> Pairs:
+    return Pairs(p.image[keep], p.target[keep], p.rank[keep], p.score[keep])
+
+
+def shrink(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """[N,H,W] -> [N,size,size]: area averaging when shrinking (keeps energy), bilinear else."""
+    if maps.shape[-1] == size and maps.shape[-2] == size:
+        return maps.float()
+    mode = "area" if size < maps.shape[-1] else "bilinear"
+    kwargs = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(maps[:, None].float(), size=(size, size), mode=mode, **kwargs)[:, 0]

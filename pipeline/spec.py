@@ -1,0 +1,199 @@
+"""The job spec: the one place a job's knobs are defined (pydantic, read from YAML).
+
+Every mistake (unknown key, wrong type, unknown explainer or metric, bad parameter) is rejected
+before anything runs, with the field's path in the message. Secrets never live here: storage
+credentials come from the environment or a profile.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(_Strict):
+    uri: str = Field(description="A folder/prefix of images, a .tar shard prefix or Parquet URI")
+    format: Literal["images", "webdataset", "parquet"] = "images"
+    annotations: str | None = Field(None, description="annotations.json (imagenet-val-300 format)")
+    labels_from: Literal["annotations", "folder", "none"] = "annotations"
+    image_column: str = "image"
+    label_column: str | None = "label"
+    limit: int | None = Field(None, ge=1, description="Take only the first N inputs (sorted)")
+
+
+class ModelSpec(_Strict):
+    uri: str = "builtin:efficientnet-lite0"
+    weights: str | None = None
+    resize: Literal["resize_crop", "squash"] | None = None
+    trust_pickle: bool = False
+
+
+class TargetsSpec(_Strict):
+    mode: Literal["predicted", "label", "classes", "topk"] = "predicted"
+    classes: list[int] = Field(default_factory=list)
+    k: int = Field(1, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _classes_needed(self):
+        if self.mode == "classes" and not self.classes:
+            raise ValueError("mode 'classes' needs a non-empty 'classes' list")
+        return self
+
+
+class MethodSpec(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = Field(None, description="Name in outputs; defaults to `name`")
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class OutputSpec(_Strict):
+    uri: str = "runs/"
+    heatmap_size: int = Field(56, ge=4, le=1024)
+    heatmap_dtype: Literal["uint8", "float16"] = "uint8"
+    overwrite: Literal["resume", "error", "replace"] = "resume"
+
+
+class ComputeSpec(_Strict):
+    actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(0.5, gt=0)
+    batch_size: int = Field(16, ge=1)
+    block_size: int = Field(64, ge=1, description="Images per output file (the unit of resume)")
+    max_batch: int | None = Field(None, ge=1, description="Perturbed copies per forward")
+    device: str | None = None
+
+
+class TrackingSpec(_Strict):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "salient"
+    tags: dict[str, str] = Field(default_factory=dict)
+    enabled: bool = True
+
+
+class StorageSpec(_Strict):
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+class JobSpec(_Strict):
+    source: SourceSpec
+    model: ModelSpec = ModelSpec()
+    targets: TargetsSpec = TargetsSpec()
+    explainers: list[MethodSpec] = Field(min_length=1)
+    metrics: list[MethodSpec] = Field(default_factory=list)
+    output: OutputSpec = OutputSpec()
+    compute: ComputeSpec = ComputeSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    storage: StorageSpec = StorageSpec()
+    seed: int = 0
+    run_id: str | None = Field(None, description="Fixed run id (resume); default: derived")
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, v):
+        if v is not None and not _RUN_ID.match(v):
+            raise ValueError("run_id may hold only letters, digits, '.', '_' and '-'")
+        return v
+
+    @field_validator("explainers")
+    @classmethod
+    def _known_explainers(cls, methods: list[MethodSpec]):
+        from .explainers import explainer_params
+
+        _check_methods(methods, explainer_params, "explainer")
+        return methods
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, methods: list[MethodSpec]):
+        if not methods:
+            return methods
+        from .metrics import metric_params
+
+        _check_methods(methods, metric_params, "metric")
+        return methods
+
+
+def _check_methods(methods: list[MethodSpec], params_of, kind: str) -> None:
+    seen = set()
+    for i, m in enumerate(methods):
+        try:
+            accepted = params_of(m.name)
+        except ValueError as e:
+            raise ValueError(f"[{i}].name: {e}") from None
+        takes_any = any(p.kind == p.VAR_KEYWORD for p in accepted.values())
+        for key in m.params:
+            if key not in accepted and not takes_any:
+                raise ValueError(
+                    f"[{i}].params.{key}: {kind} {m.name!r} has no parameter {key!r} "
+                    f"(accepts: {', '.join(k for k in accepted if k != 'kwargs') or 'none'})"
+                )
+        if m.key in seen:
+            raise ValueError(f"[{i}]: two {kind}s named {m.key!r}; give one a distinct 'label'")
+        seen.add(m.key)
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message is one line per problem, each with its path."""
+
+
+def parse_spec(data: dict, source: str = "spec") -> JobSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a job spec is a mapping, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            path = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            lines.append(f"{source}: {path}: {msg}")
+        raise SpecError("\n".join(lines)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    from .storage import read_bytes
+
+    try:
+        text = read_bytes(str(path)).decode()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_spec(data, str(path))
+
+
+def flatten(spec: JobSpec) -> dict[str, str]:
+    """The spec as flat `a.b.c -> value` strings (MLflow params). Holds no secrets by design."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{v.get('label') or v.get('name') or i}", v)
+        else:
+            out[prefix] = str(value)
+
+    walk("", spec.model_dump(mode="json"))
+    return out

@@ -1,0 +1,5 @@
+"""MLflow: one run per job (params, aggregate metrics, tags, artifacts)."""
+
+from .mlflow_run import JobTracker, redact
+
+__all__ = ["JobTracker", "redact"]

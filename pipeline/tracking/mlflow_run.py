@@ -1,0 +1,136 @@
+"""One MLflow run per job. A resumed job continues the run that carries its `salient.run_id`.
+
+Only run-level values go to MLflow (the flattened spec, aggregates, throughput); per-image values
+live in Parquet. Secrets never reach it: keys that name secrets are redacted, and so is any value
+of a secret-looking environment variable wherever it would appear.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|session_key)", re.I)
+
+
+def _secret_values() -> list[str]:
+    return [v for k, v in os.environ.items() if _SECRET_KEY.search(k) and len(v) >= 4]
+
+
+def redact(values: dict[str, str]) -> dict[str, str]:
+    secrets = _secret_values()
+    out = {}
+    for k, v in values.items():
+        v = "***" if _SECRET_KEY.search(k) else str(v)
+        for s in secrets:
+            v = v.replace(s, "***")
+        out[k] = v
+    return out
+
+
+def code_version() -> str:
+    from .. import __version__
+
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+class JobTracker:
+    def __init__(self, tracking_uri: str, experiment: str, run_id: str, enabled: bool = True):
+        self.enabled = enabled
+        self.run_id = run_id
+        self.mlflow_run_id: str | None = None
+        if not enabled:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+
+    def start(self, params: dict[str, str], tags: dict[str, str]) -> str | None:
+        if not self.enabled:
+            return None
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`salient.run_id` = '{self.run_id}'",
+            max_results=1,
+        )
+        if found:
+            self.mlflow_run_id = found[0].info.run_id
+            self.client.update_run(self.mlflow_run_id, status="RUNNING")
+            self.client.set_tag(self.mlflow_run_id, "salient.resumed", "true")
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=self.run_id,
+                tags=redact({"salient.run_id": self.run_id, **tags}),
+            )
+            self.mlflow_run_id = run.info.run_id
+            items = list(redact(params).items())
+            for i in range(0, len(items), 100):
+                self.client.log_batch(
+                    self.mlflow_run_id,
+                    params=[
+                        self.mlflow.entities.Param(k[:250], v[:6000]) for k, v in items[i : i + 100]
+                    ],
+                )
+        return self.mlflow_run_id
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        import time
+
+        now = int(time.time() * 1000)
+        entities = [
+            self.mlflow.entities.Metric(_metric_key(k), float(v), now, 0)
+            for k, v in metrics.items()
+            if v is not None and v == v
+        ]
+        for i in range(0, len(entities), 200):
+            self.client.log_batch(self.mlflow_run_id, metrics=entities[i : i + 200])
+
+    def log_artifacts(self, files: dict[str, bytes]) -> None:
+        """name -> content; written to a temp folder and logged (works for any artifact store)."""
+        if not self.enabled:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                path = Path(tmp, name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            self.client.log_artifacts(self.mlflow_run_id, tmp)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            for k, v in redact(tags).items():
+                self.client.set_tag(self.mlflow_run_id, k, v)
+
+    def finish(self) -> None:
+        if self.enabled and self.mlflow_run_id:
+            self.client.set_terminated(self.mlflow_run_id, status="FINISHED")
+
+    def fail(self, error: BaseException) -> None:
+        if self.enabled and self.mlflow_run_id:
+            message = redact({"m": f"{type(error).__name__}: {error}"})["m"]
+            self.client.set_tag(self.mlflow_run_id, "salient.error", message[:5000])
+            self.client.set_terminated(self.mlflow_run_id, status="FAILED")
+
+
+def _metric_key(name: str) -> str:
+    """MLflow keys allow alphanumerics, _ - . space / only."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)[:250]
