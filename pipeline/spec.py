@@ -134,16 +134,16 @@ def _check_methods(methods: list[MethodSpec], params_of, kind: str) -> None:
         try:
             accepted = params_of(m.name)
         except ValueError as e:
-            raise ValueError(f"[{i}].name: {e}") from None
+            raise ValueError(f"@{i}.name: {e}") from None
         takes_any = any(p.kind == p.VAR_KEYWORD for p in accepted.values())
         for key in m.params:
             if key not in accepted and not takes_any:
                 raise ValueError(
-                    f"[{i}].params.{key}: {kind} {m.name!r} has no parameter {key!r} "
+                    f"@{i}.params.{key}: {kind} {m.name!r} has no parameter {key!r} "
                     f"(accepts: {', '.join(k for k in accepted if k != 'kwargs') or 'none'})"
                 )
         if m.key in seen:
-            raise ValueError(f"[{i}]: two {kind}s named {m.key!r}; give one a distinct 'label'")
+            raise ValueError(f"@{i}: two {kind}s named {m.key!r}; give one a distinct 'label'")
         seen.add(m.key)
 
 
@@ -163,7 +163,10 @@ def parse_spec(data: dict, source: str = "spec") -> JobSpec:
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
-            lines.append(f"{source}: {path}: {msg}")
+            if msg.startswith("@"):  # a validator that knows the path below its field
+                sub, _, msg = msg[1:].partition(": ")
+                path = f"{path}.{sub}".rstrip(".")
+            lines.append(f"{source}: {path or '(top)'}: {msg}")
         raise SpecError("\n".join(lines)) from None
 
 

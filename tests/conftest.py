@@ -138,3 +138,75 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.flatten().double(), b.flatten().double()
     a, b = a - a.mean(), b - b.mean()
     return float((a * b).sum() / math.sqrt(float((a * a).sum() * (b * b).sum()) + 1e-30))
+
+
+# -- real services: a local S3 endpoint over HTTP, local Ray ---------------------------------
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (a real HTTP endpoint; boto3/s3fs talk to it as to AWS).
+    Set in the environment before Ray starts so that Ray's workers inherit it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "testing-key-id",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret-value-0123",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+        }
+    )
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+_S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
+
+
+@pytest.fixture(scope="session")
+def s3(s3_endpoint):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint)
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
+    """One small local Ray for the session (after the S3 env is set, so workers inherit it)."""
+    import ray
+    from ray.data import DataContext
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
+    DataContext.get_current().execution_options.verbose_progress = False
+    DataContext.get_current().execution_no_progress_timeout_s = 300  # hang -> fail, not 30 min
+    yield ray
+    ray.shutdown()
+
+
+def image_bytes(array, fmt: str = "JPEG", mode: str | None = None) -> bytes:
+    import io
+
+    from PIL import Image
+
+    im = Image.fromarray(array)
+    if mode:
+        im = im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()

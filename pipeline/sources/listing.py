@@ -147,5 +147,13 @@ def _list_parquet(
         )
         name = posixpath.basename(path)
         for row, (image_id, label) in enumerate(zip(ids, labels, strict=True)):
-            items.append(InputItem(f"{name}/{image_id}", _unstrip(uri, fs, path), str(row), label))
+            items.append(
+                InputItem(
+                    f"{name}/{image_id}",
+                    _unstrip(uri, fs, path),
+                    str(row),
+                    label,
+                    {"image_column": image_column},
+                )
+            )
     return items

@@ -104,7 +104,8 @@ def _read_all(items, endpoint_url, errors):
 def _tar_member(containers: dict, item: InputItem, endpoint_url) -> bytes:
     if item.uri not in containers:
         raw = read_bytes(item.uri, endpoint_url)
-        containers[item.uri] = tarfile.open(fileobj=io.BytesIO(raw), mode="r:")
+        # in memory, nothing to close: the block's containers go away with the block
+        containers[item.uri] = tarfile.open(fileobj=io.BytesIO(raw), mode="r:")  # noqa: SIM115
     member = containers[item.uri].extractfile(item.member)
     if member is None:
         raise FileNotFoundError(f"no member {item.member!r}")

@@ -1,0 +1,321 @@
+"""The distributed job with real parts: a local S3 endpoint over HTTP, local Ray, MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from conftest import image_bytes
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.engine.job import run_job
+from pipeline.engine.outputs import read_table
+from pipeline.engine.worker import shrink
+from pipeline.explainers import build_explainer
+from pipeline.sources.decode import decode_image
+from pipeline.spec import parse_spec
+
+BUCKET = "salient-test"
+
+
+def huge_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid PNG header claiming 20000x20000 pixels (a few hundred bytes on disk)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def dataset(demo_images) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Good photos, two odd-but-valid modes, and four bad inputs with the error each must give."""
+    chelsea, coffee, astronaut, rocket = demo_images
+    gray16 = np.asarray(coffee[..., 0], dtype=np.uint16) * 257
+    files = {
+        "images/cat/chelsea.jpg": image_bytes(chelsea),
+        "images/cup/coffee.png": image_bytes(coffee, "PNG"),
+        "images/astronaut.jpg": image_bytes(astronaut),
+        "images/rocket.webp": image_bytes(rocket, "WEBP"),
+        "images/odd/cmyk.jpg": image_bytes(chelsea, "JPEG", mode="CMYK"),
+        "images/odd/gray16.png": image_bytes(gray16, "PNG"),
+        "images/bad/truncated.jpg": image_bytes(coffee)[:3000],
+        "images/bad/empty.jpg": b"",
+        "images/bad/notes.jpg": b"these are my notes, not a picture",
+        "images/bad/huge.png": huge_png(),
+    }
+    expected_errors = {
+        "bad/truncated.jpg": "corrupt",
+        "bad/empty.jpg": "empty",
+        "bad/notes.jpg": "not_an_image",
+        "bad/huge.png": "too_large",
+    }
+    return files, expected_errors
+
+
+def base_spec(source: str, output: str, tracking: str, **extra) -> dict:
+    spec = {
+        "source": {"uri": source},
+        "model": {"uri": "builtin:efficientnet-lite0"},
+        "explainers": [{"name": "gradcam"}, {"name": "saliency"}],
+        "output": {"uri": output, "heatmap_size": 56},
+        "compute": {"actors": 1, "batch_size": 4, "block_size": 4, "device": "cpu"},
+        "tracking": {"uri": tracking, "experiment": "tests"},
+    }
+    for key, value in extra.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return spec
+
+
+def test_s3_job_end_to_end(ray_local, s3, s3_endpoint, builtin, demo_images, tmp_path):
+    s3.create_bucket(Bucket=BUCKET)
+    files, expected_errors = dataset(demo_images)
+    for key, data in files.items():
+        s3.put_object(Bucket=BUCKET, Key=f"e2e/{key}", Body=data)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = parse_spec(
+        base_spec(
+            f"s3://{BUCKET}/e2e/images/",
+            f"s3://{BUCKET}/runs/",
+            tracking,
+            storage={"endpoint_url": s3_endpoint},
+        )
+    )
+    result = run_job(spec)
+    s = result.summary
+    assert (s["inputs"], s["images_ok"], s["errors"], s["lost"]) == (10, 6, 4, 0)
+
+    # read back with plain pyarrow over the same HTTP endpoint
+    fs = pafs.S3FileSystem(
+        endpoint_override=s3_endpoint.removeprefix("http://"),
+        scheme="http",
+        access_key="testing-key-id",
+        secret_key="testing-secret-value-0123",
+        region="us-east-1",
+    )
+    prefix = f"{BUCKET}/runs/{result.run_id}"
+    heat = pq.read_table(f"{prefix}/heatmaps", filesystem=fs)
+    errors = pq.read_table(f"{prefix}/errors", filesystem=fs).to_pylist()
+    assert str(heat.schema.field("heatmap").type).startswith("extension<arrow.fixed_shape_tensor")
+    assert heat.num_rows == 6 * 2
+    keys = {
+        (r["image_id"], r["explainer"], r["target"])
+        for r in heat.drop_columns(["heatmap"]).to_pylist()
+    }
+    assert len(keys) == heat.num_rows  # no duplicates
+    assert {e["image_id"]: e["error_type"] for e in errors} == expected_errors
+    assert all(e["fatal"] and e["stage"] == "decode" for e in errors)
+
+    # a stored heatmap equals the one build_explainer gives in-process for that image
+    row = next(
+        r
+        for r in heat.to_pylist()
+        if r["image_id"] == "cat/chelsea.jpg" and r["explainer"] == "gradcam"
+    )
+    idx = [
+        i
+        for i, r in enumerate(heat.select(["image_id", "explainer"]).to_pylist())
+        if (r["image_id"], r["explainer"]) == ("cat/chelsea.jpg", "gradcam")
+    ][0]
+    # the extension type keeps the shape: plain pyarrow gives [N,56,56]
+    stored = np.concatenate([c.to_numpy_ndarray() for c in heat.column("heatmap").chunks])[idx]
+    x = builtin.preprocess([decode_image(files["images/cat/chelsea.jpg"])])
+    assert row["predicted"] == int(builtin.predict(x)[1][0, 0])
+    local = shrink(build_explainer("gradcam", builtin)(x, torch.tensor([row["target"]])), 56)[0]
+    local = ((local - local.min()) / (local.max() - local.min()) * 255).round().numpy()
+    assert stored.shape == (56, 56)
+    assert np.abs(stored.astype(float) - local).max() <= 1.0
+    assert row["map_max"] == pytest.approx(
+        float(
+            shrink(build_explainer("gradcam", builtin)(x, torch.tensor([row["target"]])), 56).max()
+        ),
+        rel=1e-4,
+    )
+
+    # the MLflow run
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["salient.run_id"] == result.run_id
+    assert run.data.tags["salient.model_weights_sha256"] == builtin.weights_hash
+    assert run.data.metrics["inputs"] == 10 and run.data.metrics["errors"] == 4
+    assert "gradcam.images_per_s" in run.data.metrics
+    assert run.data.params["explainers.gradcam.name"] == "gradcam"
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    assert {"spec.yaml", "summary.json", "summary.csv"} <= artifacts
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    assert all(secret not in v for v in run.data.params.values())
+    assert all(secret not in v for v in run.data.tags.values())
+    summary = json.loads(
+        s3.get_object(Bucket=BUCKET, Key=f"runs/{result.run_id}/summary.json")["Body"].read()
+    )
+    assert summary["explainers"]["gradcam"]["images"] == 6
+
+
+def _local_images(root: Path, demo_images, n: int) -> None:
+    """n distinct small photos: crops of the demo images."""
+    (root / "images").mkdir(parents=True)
+    for i in range(n):
+        img = demo_images[i % 4]
+        h, w = img.shape[:2]
+        crop = img[(i * 7) % (h // 4) :, (i * 11) % (w // 4) :]
+        (root / "images" / f"img{i:02d}.png").write_bytes(image_bytes(crop, "PNG"))
+
+
+def test_interrupted_job_resumes_to_the_rows_of_an_uninterrupted_run(
+    ray_local, demo_images, tmp_path
+):
+    _local_images(tmp_path / "data", demo_images, 12)
+    spec = base_spec(
+        str(tmp_path / "data" / "images"),
+        str(tmp_path / "runs"),
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        compute={"block_size": 2, "batch_size": 2},
+    )
+    spec["explainers"].append({"name": "scorecam", "params": {"top_k": 12}})
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump({**spec, "run_id": "interrupted"}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(spec_path)]
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    markers = tmp_path / "runs" / "interrupted" / "_blocks"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(markers.glob("*.json"))) < 2:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-job
+    proc.wait()
+    finished_before = len(list(markers.glob("*.json")))
+    assert 2 <= finished_before < 6, "the kill did not land mid-job"
+
+    resumed = run_job(parse_spec({**spec, "run_id": "interrupted"}))
+    assert resumed.summary["blocks_resumed"] == finished_before
+    assert resumed.summary["blocks_computed"] == 6 - finished_before
+    straight = run_job(parse_spec({**spec, "run_id": "straight"}))
+    for table in ("heatmaps", "metrics", "errors"):
+        a = read_table(resumed.root, table)
+        b = read_table(straight.root, table)
+        assert a.num_rows == b.num_rows
+    a = _by_key(read_table(resumed.root, "heatmaps"))
+    b = _by_key(read_table(straight.root, "heatmaps"))
+    assert a.keys() == b.keys() and len(a) == 12 * 3
+    assert max(np.abs(a[k].astype(int) - b[k].astype(int)).max() for k in a) <= 1
+
+
+def _by_key(table) -> dict:
+    maps = np.concatenate([c.to_numpy_ndarray() for c in table.column("heatmap").chunks])
+    meta = table.select(["image_id", "explainer", "target"]).to_pylist()
+    out = {(m["image_id"], m["explainer"], m["target"]): maps[i] for i, m in enumerate(meta)}
+    assert len(out) == len(meta)  # no duplicate (image, explainer, target)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_job_against_a_real_mlflow_server(ray_local, demo_images, tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        import urllib.request
+
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        _local_images(tmp_path / "data", demo_images, 3)
+        uri = f"http://127.0.0.1:{port}"
+        spec = parse_spec(base_spec(str(tmp_path / "data" / "images"), str(tmp_path / "runs"), uri))
+        result = run_job(spec)
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        run = client.get_run(result.mlflow_run_id)
+        assert run.info.status == "FINISHED" and run.data.metrics["images_ok"] == 3
+        assert "summary.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    "patch, expected",
+    [
+        ({"sourc": {"uri": "x"}}, "sourc: unknown key"),
+        ({"compute": {"actors": "two"}}, "compute.actors: Input should be a valid integer"),
+        ({"explainers": [{"name": "gradcm"}]}, "explainers.0.name: unknown explainer 'gradcm'"),
+        (
+            {"explainers": [{"name": "gradcam", "params": {"lyr": 1}}]},
+            "explainers.0.params.lyr: explainer 'gradcam' has no parameter 'lyr'",
+        ),
+        ({"storage": {"aws_secret_access_key": "x"}}, "storage.aws_secret_access_key: unknown key"),
+        ({"targets": {"mode": "classes"}}, "targets: mode 'classes' needs a non-empty"),
+        ({"run_id": "../../etc"}, "run_id: run_id may hold only letters"),
+        ({"output": {"heatmap_dtype": "int7"}}, "output.heatmap_dtype: Input should be"),
+    ],
+)
+def test_bad_spec_one_line_with_path_exit_2(patch, expected, tmp_path):
+    spec = {"source": {"uri": "data/"}, "explainers": [{"name": "gradcam"}], **patch}
+    if "sourc" in patch:
+        spec.pop("source")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert expected in result.output, result.output
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 2 and expected in result.output
