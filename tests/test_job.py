@@ -165,7 +165,8 @@ def test_s3_job_end_to_end(ray_local, s3, s3_endpoint, builtin, demo_images, tmp
     assert "gradcam.images_per_s" in run.data.metrics
     assert run.data.params["explainers.gradcam.name"] == "gradcam"
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
-    assert {"spec.yaml", "summary.json", "summary.csv"} <= artifacts
+    assert {"spec.yaml", "summary.json", "summary.csv", "overlays"} <= artifacts
+    assert client.list_artifacts(result.mlflow_run_id, "overlays/gradcam")
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert all(secret not in v for v in run.data.params.values())
     assert all(secret not in v for v in run.data.tags.values())

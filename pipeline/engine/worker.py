@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 
 from ..explainers import build_explainer, explainer_params
 from ..models import LoadedModel, load_model
+from ..report.overlay import overlay_png
 from ..spec import JobSpec, MethodSpec
+from ..storage import write_bytes_atomic
 from .outputs import ERROR_SCHEMA, METRIC_SCHEMA, heatmap_schema, write_block
 
 
@@ -193,11 +196,26 @@ class ExplainWorker:
                     "fatal": True,
                 }
             )
+        if row["block_id"].startswith("000000-"):  # a few overlays from the first block
+            self._overlays(maps_by_explainer, pairs, keep, ids, row["pixels"])
         for key, maps in maps_by_explainer.items():
             self._heatmap_rows(
                 key, maps[keep], _select(pairs, keep), ids, uris, labels, predicted, result
             )
             self._metric_rows(key, x, maps[keep], _select(pairs, keep), ids, anns, result)
+
+    def _overlays(self, maps_by_explainer, pairs: Pairs, keep, ids, pixels, n: int = 4):
+        endpoint = self.spec.storage.endpoint_url
+        for key, maps in maps_by_explainer.items():
+            signed = self.explainers[key].signed
+            for j in [j for j in range(len(pairs.image)) if keep[j]][:n]:
+                i = int(pairs.image[j])
+                name = safe_name(f"{ids[i]}.t{int(pairs.target[j])}.png")
+                write_bytes_atomic(
+                    f"{self.root}/overlays/{key}/{name}",
+                    overlay_png(pixels[i], maps[j], signed=signed),
+                    endpoint,
+                )
 
     def _run_explainer(self, explainer, x, pairs: Pairs):
         """Maps for every pair, in chunks of batch_size; a failing chunk is retried pair by pair
@@ -303,6 +321,12 @@ class ExplainWorker:
             schema=ERROR_SCHEMA,
         )
         return {"heatmaps": heatmaps, "metrics": metrics, "errors": errors}
+
+
+def safe_name(name: str) -> str:
+    """A file name from an image id: no separators, no '..', nothing but [A-Za-z0-9._-]."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("/", "__")).lstrip(".")
+    return cleaned[:200] or "image"
 
 
 def _select(p: Pairs, keep: torch.Tensor) -> Pairs:

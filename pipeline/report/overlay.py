@@ -33,3 +33,12 @@ def overlay(image: Image.Image, heatmap, *, signed: bool = False, alpha: float =
     if base.size != colour.size:
         base = base.resize(colour.size, Image.Resampling.BILINEAR)
     return Image.blend(base, colour, alpha)
+
+
+def overlay_png(pixels: np.ndarray, heatmap, *, signed: bool = False) -> bytes:
+    """uint8 [H,W,3] pixels + a heatmap of the same size -> PNG bytes."""
+    import io
+
+    buf = io.BytesIO()
+    overlay(Image.fromarray(pixels), heatmap, signed=signed).save(buf, format="PNG")
+    return buf.getvalue()
