@@ -49,14 +49,19 @@ def test_webdataset_shards(tmp_path, demo_images):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for i, data in enumerate(_photos(demo_images)):
-            for name, payload in ((f"s/{i:04d}.jpg", data), (f"s/{i:04d}.cls", str(i + 5).encode())):
+            for name, payload in (
+                (f"s/{i:04d}.jpg", data),
+                (f"s/{i:04d}.cls", str(i + 5).encode()),
+            ):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
     (tmp_path / "shard-000.tar").write_bytes(buf.getvalue())
     items = list_inputs(str(tmp_path), "webdataset")
     assert [(it.image_id, it.label) for it in items] == [
-        ("shard-000.tar/s/0000", 5), ("shard-000.tar/s/0001", 6), ("shard-000.tar/s/0002", 7)
+        ("shard-000.tar/s/0000", 5),
+        ("shard-000.tar/s/0001", 6),
+        ("shard-000.tar/s/0002", 7),
     ]
     row = read_block(make_blocks(items, 8)[0], PRE)
     assert row["pixels"].shape == (3, 32, 32, 3) and json.loads(row["labels"]) == [5, 6, 7]
@@ -70,7 +75,9 @@ def test_parquet_table_with_bytes_column_and_bad_row(tmp_path, demo_images):
     row = read_block(make_blocks(items, 8)[0], PRE)
     assert row["image_ids"] == ["part.parquet/a", "part.parquet/b", "part.parquet/c"]
     errors = json.loads(row["errors"])
-    assert [(e["image_id"], e["error_type"]) for e in errors] == [("part.parquet/d", "not_an_image")]
+    assert [(e["image_id"], e["error_type"]) for e in errors] == [
+        ("part.parquet/d", "not_an_image")
+    ]
 
 
 def test_missing_source_is_a_clear_error(tmp_path):

@@ -279,8 +279,6 @@ def _overlays(root: str, endpoint: str | None) -> dict[str, bytes]:
     """The overlay PNGs the first block left under <root>/overlays/ (artifact name -> bytes)."""
     fs, path = filesystem(f"{root}/overlays", endpoint)
     fs.invalidate_cache(path)
-    if not fs.exists(path):
-        return {}
     return {
         "overlays/" + p[len(path) :].lstrip("/"): fs.cat_file(p)
         for p in sorted(fs.find(path))
