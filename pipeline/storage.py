@@ -23,7 +23,9 @@ def _protocol(uri: str) -> str:
 def storage_options(uri: str, endpoint_url: str | None = None) -> dict:
     if _protocol(uri) in ("s3", "s3a"):
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-        opts: dict = {}
+        # listings change under us (markers of finished blocks, overlays written by workers):
+        # a cached listing would make a resume recompute or a summary miss files
+        opts: dict = {"use_listings_cache": False}
         if endpoint:
             opts["endpoint_url"] = endpoint
         return opts

@@ -126,6 +126,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
                 "spec.yaml": yaml.safe_dump(spec.model_dump(mode="json")).encode(),
                 "summary.json": json.dumps(summary, indent=2).encode(),
                 "summary.csv": _summary_csv(summary).encode(),
+                **_overlays(root, endpoint),
             }
         )
         if summary["lost"] != 0:
@@ -312,3 +313,4 @@ def _summary_csv(summary: dict) -> str:
         cells += [f"{e['metrics'].get(m, '')}" for m in metrics]
         lines.append(",".join(cells))
     return "\n".join(lines) + "\n"
+
