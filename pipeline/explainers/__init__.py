@@ -3,7 +3,7 @@
 One registry (EXPLAINERS); each family's module registers its classes on import.
 """
 
-from . import cam, gradients  # noqa: F401  (registration)
+from . import cam, evet, glas, gradients, perturbation  # noqa: F401  (registration)
 from .base import (
     EXPLAINERS,
     Explainer,

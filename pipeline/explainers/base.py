@@ -43,7 +43,8 @@ def explainer_class(name: str) -> type[Explainer]:
 def build_explainer(name: str, model: LoadedModel, **params) -> Explainer:
     cls = explainer_class(name)
     accepted = explainer_params(name)
-    unknown = [k for k in params if k not in accepted]
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in accepted.values())  # wrappers pass on
+    unknown = [] if takes_any else [k for k in params if k not in accepted]
     if unknown:
         raise ValueError(
             f"explainer {name!r} has no parameter {', '.join(map(repr, unknown))}; "

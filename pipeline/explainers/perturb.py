@@ -17,6 +17,8 @@ from ..models.loaded import LoadedModel
 
 # (image index, copy index) -> perturbed inputs [len, 3, H, W] in model space
 MakeCopies = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (image index, copy index, scores) of one finished chunk -> None (for streaming accumulators)
+OnChunk = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def default_max_batch(model: LoadedModel) -> int:
@@ -38,12 +40,17 @@ def perturbed_scores(
     score: str = "prob",
     max_batch: int | None = None,
     autocast: bool = True,
+    on_chunk: OnChunk | None = None,
 ) -> torch.Tensor:
     """Score of each image's target on each of its perturbed copies -> [B, copies_per_image].
 
     The flat index space (image, copy) is cut into chunks of at most `max_batch` rows, so one
     forward mixes copies of several images. On CUDA the forwards run under bf16 autocast unless
     `autocast=False`. A chunk that runs out of GPU memory is halved and retried.
+
+    `on_chunk(img, copy, scores)` is called once per finished chunk, so a method can fold each
+    chunk into a running sum (RISE: sum_i score_i * M_i) while the chunk's masks still exist,
+    instead of regenerating them in a second loop.
     """
     b = targets.shape[0]
     total = b * copies_per_image
@@ -68,7 +75,10 @@ def perturbed_scores(
             logits = logits.float()
             if score == "prob":
                 logits = logits.softmax(-1)
-            out[flat] = logits.gather(1, targets[img][:, None])[:, 0]
+            chunk_scores = logits.gather(1, targets[img][:, None])[:, 0]
+            out[flat] = chunk_scores
+            if on_chunk is not None:
+                on_chunk(img, k, chunk_scores)
             start += len(flat)
     return out.view(b, copies_per_image)
 
