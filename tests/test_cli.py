@@ -30,8 +30,18 @@ def test_explain_writes_overlay_and_map_per_image_and_method(tmp_path, demo_imag
     out = tmp_path / "out"
     result = runner.invoke(
         app,
-        ["explain", *map(str, paths), "-m", "gradcam", "-m", "saliency", "--out", str(out),
-         "--device", "cpu"],
+        [
+            "explain",
+            *map(str, paths),
+            "-m",
+            "gradcam",
+            "-m",
+            "saliency",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "espresso" in result.output  # the predicted class of the coffee photo is printed

@@ -91,9 +91,11 @@ def test_agreement_with_captum(name, tiny):
         ours = build_explainer("guided_backprop", tiny)(x, t)
     else:
         base = tiny.preprocess.pixel_value(0.0).expand_as(x).contiguous()
-        ref = IntegratedGradients(net).attribute(
-            x.clone(), baselines=base, target=t, n_steps=32, method="riemann_right"
-        ).sum(1)
+        ref = (
+            IntegratedGradients(net)
+            .attribute(x.clone(), baselines=base, target=t, n_steps=32, method="riemann_right")
+            .sum(1)
+        )
         ours = build_explainer("integrated_gradients", tiny, steps=32)(x, t)
     for i in range(3):
         assert pearson(ours[i], ref[i].detach()) >= 0.99

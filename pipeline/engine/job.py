@@ -313,4 +313,3 @@ def _summary_csv(summary: dict) -> str:
         cells += [f"{e['metrics'].get(m, '')}" for m in metrics]
         lines.append(",".join(cells))
     return "\n".join(lines) + "\n"
-
