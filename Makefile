@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11:
-#   make demo   -> a virtual environment, the package, and a small explanation job
+#   make demo   -> a virtual environment, the package, and the demo job (jobs/demo.yaml)
 #   make test   -> the same environment plus test tools, and the whole test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/salient demo
+	$(BIN)/salient run jobs/demo.yaml
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check pipeline tests

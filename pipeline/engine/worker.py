@@ -136,12 +136,13 @@ class ExplainWorker:
         t0 = time.perf_counter()
         ids = list(row["image_ids"])
         uris = list(row["uris"])
+        members = json.loads(row["members"])
         labels = json.loads(row["labels"])
         anns = [json.loads(a) for a in row["annotations"]]
         errors = [dict(e, fatal=True) for e in json.loads(row["errors"])]
         result = BlockResult(errors=errors)
         if ids:
-            self._explain_images(row, ids, uris, labels, anns, result)
+            self._explain_images(row, ids, (uris, members), labels, anns, result)
         tables = self._tables(result)
         marker = {
             "block_id": row["block_id"],
@@ -158,7 +159,8 @@ class ExplainWorker:
         write_block(self.root, row["block_id"], tables, marker, self.spec.storage.endpoint_url)
         return marker
 
-    def _explain_images(self, row, ids, uris, labels, anns, result: BlockResult) -> None:
+    def _explain_images(self, row, ids, sources, labels, anns, result: BlockResult) -> None:
+        uris = sources[0]
         device = self.model.device
         pixels = torch.from_numpy(np.ascontiguousarray(row["pixels"]))
         x = self.model.preprocess.normalise(pixels.to(device))
@@ -200,7 +202,7 @@ class ExplainWorker:
             self._overlays(maps_by_explainer, pairs, keep, ids, row["pixels"])
         for key, maps in maps_by_explainer.items():
             self._heatmap_rows(
-                key, maps[keep], _select(pairs, keep), ids, uris, labels, predicted, result
+                key, maps[keep], _select(pairs, keep), ids, sources, labels, predicted, result
             )
             self._metric_rows(key, x, maps[keep], _select(pairs, keep), ids, anns, result)
 
@@ -237,7 +239,8 @@ class ExplainWorker:
                         bad[int(pairs.image[j])] = e
         return maps, bad
 
-    def _heatmap_rows(self, key, maps, pairs: Pairs, ids, uris, labels, predicted, result):
+    def _heatmap_rows(self, key, maps, pairs: Pairs, ids, sources, labels, predicted, result):
+        uris, members = sources
         size, dtype = self.spec.output.heatmap_size, self.spec.output.heatmap_dtype
         small = shrink(maps, size)
         lo = small.flatten(1).amin(1) if len(small) else small.new_zeros(0)

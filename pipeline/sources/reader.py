@@ -30,11 +30,12 @@ def read_block(
 ) -> dict:
     """Decode every image of a block. Returns a dict of plain columns:
 
-    image_ids, uris, labels (raw: int, class name or None), annotations (JSON, in model-input
+    image_ids, uris, members (JSON: tar member / Parquet row or null), labels (raw: int, class
+    name or None), annotations (JSON, in model-input
     pixels), pixels uint8 [n_ok, S, S, 3] for the images that decoded, and errors (JSON list of
     {image_id, uri, stage, error_type, message}) for those that did not.
     """
-    ok_ids, uris, labels, anns, pixels, errors = [], [], [], [], [], []
+    ok_ids, uris, members, labels, anns, pixels, errors = [], [], [], [], [], [], []
     for item, data in _read_all(block.items, endpoint_url, errors):
         try:
             image = decode_image(data, item.image_id)
@@ -53,6 +54,7 @@ def read_block(
             ann = to_model_space(ann, preprocess.geometry(image.width, image.height))
         ok_ids.append(item.image_id)
         uris.append(item.uri)
+        members.append(item.member)
         labels.append(label if label is not None else item.meta.get("folder"))
         anns.append(json.dumps(ann or {}))
         pixels.append(np.asarray(resized, dtype=np.uint8))
@@ -62,6 +64,7 @@ def read_block(
         "n_inputs": len(block.items),
         "image_ids": ok_ids,
         "uris": uris,
+        "members": json.dumps(members),
         "labels": json.dumps(labels),
         "annotations": anns,
         "pixels": np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8),
