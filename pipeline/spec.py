@@ -35,6 +35,8 @@ class ModelSpec(_Strict):
     uri: str = "builtin:efficientnet-lite0"
     weights: str | None = None
     resize: Literal["resize_crop", "squash"] | None = None
+    size: int | None = Field(None, ge=8, le=2048, description="Input side in pixels")
+    num_classes: int | None = Field(None, ge=1)
     trust_pickle: bool = False
 
 

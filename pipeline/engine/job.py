@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
-from ..models import load_model
 from ..sources.listing import Block, InputItem, list_inputs, make_blocks
 from ..spec import JobSpec, flatten
 from ..storage import filesystem, read_bytes, write_bytes_atomic
 from ..tracking import JobTracker
 from ..tracking.mlflow_run import code_version
 from .outputs import finished_blocks, run_root
+from .worker import ExplainWorker, load_job_model
 
 
 class JobFailed(RuntimeError):
@@ -87,13 +87,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
     tracker = JobTracker(spec.tracking.uri, spec.tracking.experiment, run_id, spec.tracking.enabled)
     try:
         blocks = plan_blocks(spec)
-        model = load_model(
-            spec.model.uri,
-            weights=spec.model.weights,
-            device="cpu",
-            resize=spec.model.resize,
-            trust_pickle=spec.model.trust_pickle,
-        )
+        # on the driver: fail fast on a bad model, and get the hash and preprocessing
+        model = load_job_model(spec.model, device="cpu")
         tags = {
             "salient.model_uri": spec.model.uri,
             "salient.model_weights_sha256": model.weights_hash,
@@ -159,7 +154,6 @@ def _execute(
     except ImportError:  # TEMP until annotations land
         to_model_space = None
     from ..sources.reader import read_block
-    from .worker import ExplainWorker
 
     _init_ray(address)
     ctx = DataContext.get_current()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..explainers import build_explainer, explainer_params
 from ..models import LoadedModel, load_model
 from ..report.overlay import overlay_png
-from ..spec import JobSpec, MethodSpec
+from ..spec import JobSpec, MethodSpec, ModelSpec
 from ..storage import write_bytes_atomic
 from .outputs import ERROR_SCHEMA, METRIC_SCHEMA, heatmap_schema, write_block
 
@@ -44,6 +44,19 @@ class BlockResult:
     seconds: dict[str, float] = field(default_factory=dict)
     images: dict[str, int] = field(default_factory=dict)
     passes: dict[str, int] = field(default_factory=dict)
+
+
+def load_job_model(m: ModelSpec, device: str | None) -> LoadedModel:
+    """The spec's model, loaded the same way on the driver and in every actor."""
+    return load_model(
+        m.uri,
+        weights=m.weights,
+        device=device,
+        resize=m.resize,
+        size=m.size,
+        num_classes=m.num_classes,
+        trust_pickle=m.trust_pickle,
+    )
 
 
 def build_explainers(model: LoadedModel, specs: list[MethodSpec], max_batch: int | None, seed: int):
@@ -109,14 +122,7 @@ class ExplainWorker:
         self.spec = JobSpec.model_validate_json(spec_json)
         self.run_id, self.root = run_id, root
         torch.manual_seed(self.spec.seed)
-        m = self.spec.model
-        self.model = load_model(
-            m.uri,
-            weights=m.weights,
-            device=self.spec.compute.device,
-            resize=m.resize,
-            trust_pickle=m.trust_pickle,
-        )
+        self.model = load_job_model(self.spec.model, self.spec.compute.device)
         self.explainers = build_explainers(
             self.model, self.spec.explainers, self.spec.compute.max_batch, self.spec.seed
         )

@@ -45,12 +45,13 @@ def load_model(
     num_classes: int | None = None,
     labels: list[str] | None = None,
     resize: str | None = None,
+    size: int | None = None,
     trust_pickle: bool = False,
 ) -> LoadedModel:
     """Load a classifier for explanation: eval mode, channels_last, on `device`.
 
     resize: "resize_crop" (short side to size/0.875, centre crop) or "squash" (to size x size);
-    defaults to the loader's choice.
+    defaults to the loader's choice. size: input side in pixels (default: the model's own).
     """
     scheme, sep, rest = uri.partition(":")
     if not sep or scheme not in LOADERS:
@@ -65,6 +66,8 @@ def load_model(
         if resize not in ("resize_crop", "squash"):
             raise ValueError(f"resize must be 'resize_crop' or 'squash', got {resize!r}")
         preprocess = Preprocess(**{**preprocess.__dict__, "policy": resize})
+    if size is not None:
+        preprocess = Preprocess(**{**preprocess.__dict__, "size": int(size)})
     return wrap_module(
         module, preprocess, id=uri, weights_hash=weights_hash, device=device, labels=labels
     )
