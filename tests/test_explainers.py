@@ -245,3 +245,34 @@ def test_bad_explainer_names_and_params(tiny):
         build_explainer("integrated_gradients", tiny, stepz=3)
     with pytest.raises(ValueError, match="no layer 'featurez'"):
         build_explainer("gradcam", tiny, layer="featurez")
+
+
+class _MemoryLimited(torch.nn.Module):
+    """Behaves like a model on a full GPU: a forward of more than `limit` images runs out of
+    memory (torch.OutOfMemoryError, as CUDA raises it)."""
+
+    def __init__(self, inner, limit):
+        super().__init__()
+        self.inner, self.limit, self.failures = inner, limit, 0
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            self.failures += 1
+            raise torch.OutOfMemoryError(f"CUDA out of memory (batch {x.shape[0]})")
+        return self.inner(x)
+
+
+def test_out_of_memory_splits_the_chunk_and_the_cap_sticks(tiny):
+    from pipeline.models import wrap_module
+
+    limited = wrap_module(_MemoryLimited(tiny.module, 10), tiny.preprocess, id="limited")
+    x = random_images(3, 32, seed=9)
+    t = torch.tensor([1, 2, 3])
+    expected = build_explainer("scorecam", tiny, max_batch=96)(x, t)
+    got = build_explainer("scorecam", limited, max_batch=96)(x, t)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert limited.max_batch_cap is not None and limited.max_batch_cap <= 10
+    failures = limited.module.failures
+    rise = build_explainer("rise", limited, n_masks=64, max_batch=256)
+    assert rise(x, t).shape == (3, 32, 32)
+    assert limited.module.failures == failures  # started at the remembered cap

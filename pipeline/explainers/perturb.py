@@ -46,7 +46,8 @@ def perturbed_scores(
 
     The flat index space (image, copy) is cut into chunks of at most `max_batch` rows, so one
     forward mixes copies of several images. On CUDA the forwards run under bf16 autocast unless
-    `autocast=False`. A chunk that runs out of GPU memory is halved and retried.
+    `autocast=False`. A chunk that runs out of GPU memory is halved and retried, and the model
+    remembers the size that fit (`model.max_batch_cap`), so later calls start there.
 
     `on_chunk(img, copy, scores)` is called once per finished chunk, so a method can fold each
     chunk into a running sum (RISE: sum_i score_i * M_i) while the chunk's masks still exist,
@@ -55,7 +56,7 @@ def perturbed_scores(
     b = targets.shape[0]
     total = b * copies_per_image
     out = torch.empty(total, device=model.device, dtype=torch.float32)
-    chunk = max_batch or default_max_batch(model)
+    chunk = min(max_batch or default_max_batch(model), model.max_batch_cap or total)
     use_amp = autocast and model.device.type == "cuda"
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
     start = 0
@@ -70,7 +71,9 @@ def perturbed_scores(
                 if chunk == 1:
                     raise
                 chunk = max(1, chunk // 2)
-                torch.cuda.empty_cache()
+                model.max_batch_cap = chunk
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 continue
             logits = logits.float()
             if score == "prob":

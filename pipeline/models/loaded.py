@@ -31,6 +31,8 @@ class LoadedModel:
     meta: dict = field(default_factory=dict)
     # images pushed through `forward` so far: explainers report their cost as the difference
     forward_passes: int = 0
+    # the largest perturbation chunk that fitted after an out-of-memory split (None: no split)
+    max_batch_cap: int | None = None
 
     @property
     def device(self) -> torch.device:
