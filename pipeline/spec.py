@@ -89,6 +89,8 @@ class TrackingSpec(_Strict):
 class StorageSpec(_Strict):
     endpoint_url: str | None = None
     region: str | None = None
+    retries: int = Field(6, ge=1, le=20, description="Attempts per read/write on outages")
+    retry_delay_s: float = Field(0.5, gt=0, description="First backoff delay; doubles")
 
 
 class JobSpec(_Strict):

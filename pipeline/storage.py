@@ -25,7 +25,16 @@ def storage_options(uri: str, endpoint_url: str | None = None) -> dict:
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         # listings change under us (markers of finished blocks, overlays written by workers):
         # a cached listing would make a resume recompute or a summary miss files
-        opts: dict = {"use_listings_cache": False}
+        opts: dict = {
+            "use_listings_cache": False,
+            # one retry policy, ours (with_retries): s3fs and botocore each retrying on top of it
+            # would turn a 15 s backoff into minutes before an outage is reported
+            "config_kwargs": {
+                "retries": {"max_attempts": 2, "mode": "standard"},
+                "connect_timeout": 5,
+                "read_timeout": 60,
+            },
+        }
         if endpoint:
             opts["endpoint_url"] = endpoint
         return opts
@@ -61,10 +70,19 @@ def _transient(e: BaseException) -> bool:
     )
 
 
-def with_retries(fn, *, what: str, attempts: int = 6, first_delay: float = 0.5):
-    """Call fn(); on a transient error wait (0.5, 1, 2, 4, 8 s) and retry, then give up with a
-    message that names `what`."""
-    delay = first_delay
+RETRY_POLICY = {"attempts": 6, "first_delay": 0.5}
+
+
+def configure_retries(attempts: int, first_delay: float) -> None:
+    """Set the retry policy of this process (the job sets it from `storage:` in every task)."""
+    RETRY_POLICY.update(attempts=max(1, int(attempts)), first_delay=float(first_delay))
+
+
+def with_retries(fn, *, what: str, attempts: int | None = None, first_delay: float | None = None):
+    """Call fn(); on a transient error wait first_delay, then twice as long each time (0.5, 1,
+    2, 4, 8 s by default) and retry, then give up with a message that names `what`."""
+    attempts = attempts or RETRY_POLICY["attempts"]
+    delay = RETRY_POLICY["first_delay"] if first_delay is None else first_delay
     for attempt in range(1, attempts + 1):
         try:
             return fn()

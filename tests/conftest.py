@@ -141,32 +141,59 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # -- real services: a local S3 endpoint over HTTP, local Ray ---------------------------------
-@pytest.fixture(scope="session")
-def s3_endpoint():
+class S3Server:
     """moto's S3 server on 127.0.0.1 (a real HTTP endpoint; boto3/s3fs talk to it as to AWS).
-    Set in the environment before Ray starts so that Ray's workers inherit it."""
-    from moto.server import ThreadedMotoServer
+    `stop()`/`start()` take the endpoint away and bring it back on the same port; moto keeps the
+    buckets in memory across that, like a real store that was briefly unreachable."""
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    def __init__(self):
+        self.port = 0
+        self.server = None
+        self.start()
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        self.port = self.server.get_host_and_port()[1]
+
+    def stop(self):
+        self.server.stop()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Set in the environment before Ray starts so that Ray's workers inherit it."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = S3Server()
     saved = {k: os.environ.get(k) for k in _S3_ENV}
     os.environ.update(
         {
             "AWS_ACCESS_KEY_ID": "testing-key-id",
             "AWS_SECRET_ACCESS_KEY": "testing-secret-value-0123",
             "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ENDPOINT_URL": server.endpoint,
         }
     )
-    yield endpoint
+    yield server
     server.stop()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_server):
+    return s3_server.endpoint
 
 
 _S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")

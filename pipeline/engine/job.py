@@ -16,7 +16,13 @@ import yaml
 
 from ..sources.listing import Block, InputItem, list_inputs, make_blocks
 from ..spec import JobSpec, flatten
-from ..storage import filesystem, read_bytes, write_bytes_atomic
+from ..storage import (
+    StorageUnavailable,
+    configure_retries,
+    filesystem,
+    read_bytes,
+    write_bytes_atomic,
+)
 from ..tracking import JobTracker
 from ..tracking.mlflow_run import code_version
 from .outputs import finished_blocks, run_root
@@ -83,6 +89,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
     root = run_root(spec.output.uri, run_id)
     endpoint = spec.storage.endpoint_url
     t_start = time.perf_counter()
+    configure_retries(spec.storage.retries, spec.storage.retry_delay_s)
     _apply_overwrite_policy(spec, root)
     tracker = JobTracker(spec.tracking.uri, spec.tracking.experiment, run_id, spec.tracking.enabled)
     try:
@@ -165,7 +172,10 @@ def _execute(
     items = [{"block": json.dumps(_block_to_json(b))} for b in blocks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
 
+    retries = (spec.storage.retries, spec.storage.retry_delay_s)
+
     def decode(row: dict) -> dict:
+        configure_retries(*retries)
         block = _block_from_json(json.loads(row["block"]))
         annotations = {
             it.image_id: it.meta["annotation"] for it in block.items if it.meta.get("annotation")
@@ -184,8 +194,28 @@ def _execute(
         batch_format="numpy",
         zero_copy_batch=True,
     )
-    for row in ds.iter_rows():
-        yield json.loads(row["marker"])
+    try:
+        for row in ds.iter_rows():
+            yield json.loads(row["marker"])
+    except Exception as e:
+        raise JobFailed(_root_cause(e)) from e
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line a person needs from a Ray failure: the original error, not the wrappers."""
+    chain, e = [], error
+    while e is not None and all(e is not c for c in chain):
+        chain.append(e)
+        e = getattr(e, "cause", None) or e.__cause__
+    for e in chain:
+        if isinstance(e, StorageUnavailable):
+            return str(e)
+    lines = [ln.strip() for e in chain for ln in str(e).splitlines() if ln.strip()]
+    for needle in ("storage unreachable", "Error:", "Exception:"):
+        for ln in reversed(lines):
+            if needle in ln:
+                return ln.split("StorageUnavailable: ", 1)[-1]
+    return lines[-1] if lines else f"the Ray job failed ({type(error).__name__})"
 
 
 def _init_ray(address: str | None) -> None:
@@ -261,6 +291,12 @@ def summarise(
         "blocks": len(blocks),
         "blocks_computed": len(computed),
         "blocks_resumed": len(blocks) - len(computed),
+        # actors that computed this attempt's blocks; more than `compute.actors` means Ray
+        # restarted at least one (a killed or crashed worker)
+        "worker_instances": len({markers[b.block_id].get("worker") for b in computed}),
+        "actor_restarts": max(
+            0, len({markers[b.block_id].get("worker") for b in computed}) - spec.compute.actors
+        ),
         "wall_seconds": wall_seconds,
         "compute_seconds": compute_seconds,
         "images_per_s": (
@@ -287,6 +323,7 @@ def _flat_metrics(summary: dict) -> dict[str, float]:
         "images_ok": summary["images_ok"],
         "errors": summary["errors"],
         "lost": summary["lost"],
+        "actor_restarts": summary["actor_restarts"],
     }
     if summary["images_per_s"]:
         out["images_per_s"] = summary["images_per_s"]

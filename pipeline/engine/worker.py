@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from ..explainers import build_explainer, explainer_params
 from ..models import LoadedModel, load_model
 from ..report.overlay import overlay_png
 from ..spec import JobSpec, MethodSpec, ModelSpec
-from ..storage import write_bytes_atomic
+from ..storage import configure_retries, write_bytes_atomic
 from .outputs import ERROR_SCHEMA, METRIC_SCHEMA, heatmap_schema, write_block
 
 
@@ -121,6 +122,9 @@ class ExplainWorker:
     def __init__(self, spec_json: str, run_id: str, root: str):
         self.spec = JobSpec.model_validate_json(spec_json)
         self.run_id, self.root = run_id, root
+        configure_retries(self.spec.storage.retries, self.spec.storage.retry_delay_s)
+        # who computed a block: a restarted actor shows up as a new instance in the markers
+        self.instance = f"{os.getpid()}-{time.time_ns()}"
         torch.manual_seed(self.spec.seed)
         self.model = load_job_model(self.spec.model, self.spec.compute.device)
         self.explainers = build_explainers(
@@ -161,6 +165,8 @@ class ExplainWorker:
             "forward_passes": result.passes,
             "metric_values": self._metric_sums(result.metrics),
             "wall_seconds": time.perf_counter() - t0,
+            "worker": self.instance,
+            "max_batch_cap": self.model.max_batch_cap,
         }
         write_block(self.root, row["block_id"], tables, marker, self.spec.storage.endpoint_url)
         return marker

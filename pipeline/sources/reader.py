@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..models.preprocess import Preprocess
-from ..storage import filesystem, read_bytes, with_retries
+from ..storage import StorageUnavailable, filesystem, read_bytes, with_retries
 from .decode import BadImage, decode_image
 from .listing import Block, InputItem
 
@@ -98,6 +98,8 @@ def _read_all(items, endpoint_url, errors):
         except FileNotFoundError as e:
             errors.append(_error(item, "read", "not_found", f"{item.uri}: {e}"))
             continue
+        except StorageUnavailable:
+            raise  # an outage fails the block (and is resumed later), it is not a bad input
         except Exception as e:
             errors.append(_error(item, "read", type(e).__name__, f"{item.uri}: {e}"))
             continue
