@@ -153,6 +153,64 @@ def run(
     )
 
 
+@app.command(name="bench")
+def bench_command(
+    model: str = typer.Option("builtin:efficientnet-lite0", help="Model URI."),
+    methods: str = typer.Option("gradcam,saliency,scorecam,rise,occlusion", help="Comma list."),
+    images: int = typer.Option(16, help="Number of images (real photos, varied crops)."),
+    batch: int = typer.Option(8, help="Images per explainer call."),
+    size: int | None = typer.Option(None, help="Input side in pixels (default: the model's)."),
+    device: str | None = typer.Option(None, help="cpu, cuda ...; default: best available."),
+    peers: bool = typer.Option(False, help="Also time Captum / pytorch-grad-cam."),
+    param: list[str] = typer.Option([], "--param", "-p", help="METHOD.NAME=VALUE; repeatable."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the rows as JSON here."),
+) -> None:
+    """Images/s per method against the forward-throughput bound (and the peers)."""
+    import json
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm loads: peers' progress bars
+
+    from . import bench
+    from .models import load_model
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    try:
+        params = parse_params(param, names)
+        m = load_model(model, device=device, size=size)
+        rows = bench.bench(
+            m, bench.demo_batch(m, images), names, batch=batch, peers=peers, params=params
+        )
+    except ValueError as e:
+        _fail(str(e))
+    table = Table(title=f"{model} on {rows[0].device if rows else device}, batch {batch}")
+    for col in (
+        "method",
+        "img/s",
+        "passes/img",
+        "bound img/s",
+        "efficiency",
+        "peak MB",
+        "peer",
+        "ours/peer",
+    ):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r.method,
+            f"{r.images_per_s:.2f}",
+            f"{r.passes_per_image:.1f}",
+            f"{r.bound_images_per_s:.2f}",
+            f"{r.efficiency:.2f}",
+            f"{r.peak_memory_mb:.0f}",
+            r.peer or "-",
+            _fmt(r.peer_ratio),
+        )
+    console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps(bench.as_dicts(rows), indent=2))
+
+
 def print_summary(summary: dict) -> None:
     metrics = sorted({m for e in summary["explainers"].values() for m in e["metrics"]})
     table = Table(title=f"Run {summary['run_id']}")

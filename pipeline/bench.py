@@ -1,0 +1,217 @@
+"""`salient bench`: each method's throughput against the physical bound and against the peers.
+
+A method that needs P forward passes per image cannot beat P / (the model's forward throughput):
+we measure that throughput at the same batch size, so `efficiency = bound time / measured time`
+says how much of the hardware a method uses. Peers (Captum, pytorch-grad-cam) run the same
+method at the same settings in the same process; `peer_ratio = ours / peer` images per second.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .explainers import build_explainer
+from .models import LoadedModel
+
+# Settings per method that both we and the peer can run; the bench passes them to both sides.
+DEFAULT_PARAMS: dict[str, dict] = {
+    "integrated_gradients": {"steps": 32},
+    "smoothgrad": {"n": 16},
+    "scorecam": {"top_k": 128},
+    "rise": {"n_masks": 512},
+    "glas": {"k": 8},
+    "occlusion": {},
+}
+
+
+@dataclass
+class BenchRow:
+    method: str
+    images: int
+    images_per_s: float
+    passes_per_image: float
+    bound_images_per_s: float
+    efficiency: float
+    peak_memory_mb: float
+    batch: int
+    device: str
+    peer: str | None = None
+    peer_images_per_s: float | None = None
+    peer_ratio: float | None = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
+
+
+def forward_throughput(model: LoadedModel, x: torch.Tensor, batch: int, repeats: int = 3) -> float:
+    """Images per second of plain inference forwards (channels_last, inference_mode)."""
+    xb = x[:batch].repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
+    with torch.inference_mode():
+        model.module(xb.contiguous(memory_format=torch.channels_last))  # warm-up
+        _sync(model.device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model.module(xb.contiguous(memory_format=torch.channels_last))
+        _sync(model.device)
+    return repeats * batch / (time.perf_counter() - t0)
+
+
+def _time(fn: Callable[[torch.Tensor, torch.Tensor], object], x, t, batch, device) -> float:
+    """Images/s of fn over x in batches, after one warm-up call (hooks, allocator, kernels)."""
+    fn(x[:1], t[:1])
+    _sync(device)
+    t0 = time.perf_counter()
+    for s in range(0, len(x), batch):
+        fn(x[s : s + batch], t[s : s + batch])
+    _sync(device)
+    return len(x) / (time.perf_counter() - t0)
+
+
+def _forward_batch(explainer, batch: int) -> int:
+    """The batch size the method's forwards actually run at: its perturbation chunk, if any."""
+    from .explainers.perturb import default_max_batch
+
+    if getattr(explainer, "default_score", "logit") == "prob" or hasattr(explainer, "max_batch"):
+        return getattr(explainer, "max_batch", None) or default_max_batch(explainer.model)
+    return batch
+
+
+def bench(
+    model: LoadedModel,
+    x: torch.Tensor,
+    methods: list[str],
+    *,
+    batch: int = 8,
+    peers: bool = False,
+    params: dict[str, dict] | None = None,
+) -> list[BenchRow]:
+    x = x.to(model.device)
+    t = model.predict(x)[1][:, 0]
+    throughput: dict[int, float] = {}
+    rows = []
+    for method in methods:
+        p = {**DEFAULT_PARAMS.get(method, {}), **(params or {}).get(method, {})}
+        e = build_explainer(method, model, **p)
+        if model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(model.device)
+        fb = _forward_batch(e, batch)
+        if fb not in throughput:
+            throughput[fb] = forward_throughput(model, x, fb)
+        before = model.forward_passes
+        ips = _time(e, x, t, batch, model.device)
+        total = model.forward_passes - before
+        e(x[:1], t[:1])  # the warm-up image's cost, to take it out of the count
+        passes = (total - e.last_forward_passes) / len(x)
+        bound = throughput[fb] / max(passes, 1e-9)
+        row = BenchRow(
+            method,
+            len(x),
+            ips,
+            passes,
+            bound,
+            ips / bound,
+            _peak_mb(model.device),
+            batch,
+            str(model.device),
+        )
+        if peers:
+            peer = peer_runner(method, model, p)
+            if peer is not None:
+                row.peer = peer[0]
+                row.peer_images_per_s = _time(peer[1], x, t, batch, model.device)
+                row.peer_ratio = ips / row.peer_images_per_s
+        rows.append(row)
+    return rows
+
+
+def peer_runner(method: str, model: LoadedModel, p: dict):
+    """(peer name, fn(x, targets)) running the peer's implementation at our settings, or None.
+    Peers get the same module (and weights that require grad where they backpropagate)."""
+    import copy
+
+    # as a user would hand it to the peer: plain NCHW weights, trainable parameters
+    net = copy.deepcopy(model.module).to(memory_format=torch.contiguous_format)
+    net.requires_grad_(True)
+    if method in ("gradcam", "gradcam_pp", "scorecam"):
+        from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
+        from pytorch_grad_cam.utils.model_targets import (
+            ClassifierOutputSoftmaxTarget,
+            ClassifierOutputTarget,
+        )
+
+        from .explainers.layers import resolve_layer
+
+        layer = dict(net.named_modules())[resolve_layer(model, p.get("layer"))[0]]
+        cls = {"gradcam": GradCAM, "gradcam_pp": GradCAMPlusPlus, "scorecam": ScoreCAM}[method]
+        if method == "scorecam" and p.get("top_k"):
+            return None  # the peer has no top-k variant: compare full Score-CAM only
+        cam = cls(model=net, target_layers=[layer])
+        target = ClassifierOutputSoftmaxTarget if method == "scorecam" else ClassifierOutputTarget
+        return "pytorch-grad-cam", lambda x, t: cam(x, targets=[target(int(c)) for c in t])
+    if method in ("saliency", "integrated_gradients", "occlusion", "guided_backprop"):
+        from captum import attr
+
+        if method == "saliency":
+            s = attr.Saliency(net)
+            return "captum", lambda x, t: s.attribute(x, target=t, abs=True)
+        if method == "guided_backprop":
+            g = attr.GuidedBackprop(net)
+            return "captum", lambda x, t: g.attribute(x, target=t)
+        if method == "integrated_gradients":
+            ig = attr.IntegratedGradients(net)
+            base = model.preprocess.pixel_value(0.0, model.device)
+            steps = p.get("steps", 50)
+            return "captum", lambda x, t: ig.attribute(
+                x,
+                baselines=base.expand_as(x).contiguous(),
+                target=t,
+                n_steps=steps,
+                method="riemann_right",
+                internal_batch_size=64,
+            )
+        if method == "occlusion":
+            occ = attr.Occlusion(lambda z: net(z).softmax(-1))
+            size = model.input_size
+            w = p.get("window") or max(1, round(32 * size / 224))
+            stride = p.get("stride") or max(1, round(16 * size / 224))
+            grey = model.preprocess.pixel_value(p.get("fill", 0.5), model.device)
+            return "captum", lambda x, t: occ.attribute(
+                x,
+                sliding_window_shapes=(3, w, w),
+                strides=(3, stride, stride),
+                baselines=grey,
+                target=t,
+                perturbations_per_eval=64,
+            )
+    return None
+
+
+def demo_batch(model: LoadedModel, n: int) -> torch.Tensor:
+    """n real photos (scikit-image's, with varied crops) in the model's input space."""
+    from skimage import data
+
+    photos = [getattr(data, name)() for name in ("chelsea", "coffee", "astronaut", "rocket")]
+    crops = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = img.shape[:2]
+        dy, dx = (i // len(photos)) * 7 % (h // 5), (i // len(photos)) * 11 % (w // 5)
+        crops.append(img[dy:, dx:])
+    return model.preprocess(crops)
+
+
+def as_dicts(rows: list[BenchRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
