@@ -147,10 +147,15 @@ def run(
         except (JobFailed, FileNotFoundError, PermissionError, ConnectionError) as e:
             _fail(f"job failed: {e}", code=1)
     print_summary(result.summary)
+    if result.gate is not None:
+        print_changes(result.gate)
     console.print(
         f"run id: {result.run_id}  output: {result.root}  mlflow run: {result.mlflow_run_id}",
         highlight=False,
     )
+    if result.gate is not None and result.gate["gate"] == "fail":
+        errors.print("[red]regression gate failed[/red]: a metric regressed beyond its tolerance")
+        raise typer.Exit(3)
 
 
 @app.command(name="bench")
@@ -209,6 +214,72 @@ def bench_command(
     console.print(table)
     if json_path:
         json_path.write_text(json.dumps(bench.as_dicts(rows), indent=2))
+
+
+@app.command()
+def compare(
+    run: str = typer.Argument(..., help="MLflow run id or salient run id."),
+    baseline: str | None = typer.Option(None, help="Run to compare with (default: last success)."),
+    tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI."),
+    tolerance: list[str] = typer.Option(
+        [], "--tolerance", "-t", help="METRIC=TOL (abs number or N%); globs allowed; repeatable."
+    ),
+    match_tag: list[str] = typer.Option(["salient.job"], help="Tags a baseline must share."),
+) -> None:
+    """Compare a run's metrics with a baseline; exit 3 when a metric regressed beyond tolerance."""
+    import mlflow
+
+    from .tracking.compare import compare_metrics, find_baseline, gate, resolve_run
+
+    tolerances = {}
+    for item in tolerance:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--tolerance {item!r}: expected METRIC=TOL")
+        tolerances[key] = value
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    try:
+        current = resolve_run(client, run)
+        if baseline:
+            base = resolve_run(client, baseline)
+        else:
+            base = find_baseline(client, current.info.experiment_id, current, match_tag)
+    except ValueError as e:
+        _fail(str(e))
+    if base is None:
+        _fail(f"no earlier successful run to compare {run} with; pass --baseline")
+    changes = compare_metrics(current.data.metrics, base.data.metrics, tolerances)
+    verdict = {
+        "gate": gate(changes),
+        "baseline": base.info.run_id,
+        "changes": [c.__dict__ for c in changes],
+    }
+    print_changes(verdict)
+    if verdict["gate"] == "fail":
+        raise typer.Exit(3)
+
+
+def print_changes(verdict: dict) -> None:
+    table = Table(
+        title=f"Compared with {verdict['baseline'] or '(no baseline)'}: {verdict['gate'].upper()}"
+    )
+    for col in ("metric", "baseline", "current", "delta", "tolerance", "status"):
+        table.add_column(col)
+    style = {"regressed": "red", "missing": "red", "improved": "green", "ok": ""}
+    for c in verdict["changes"]:
+        if c["status"] == "info" and c["tolerance"] is None:
+            continue
+        table.add_row(
+            c["metric"],
+            _fmt(c["baseline"]),
+            _fmt(c["current"]),
+            _fmt(c["delta"]),
+            c["tolerance"] or "-",
+            f"[{style.get(c['status'], '')}]{c['status']}[/]"
+            if style.get(c["status"])
+            else c["status"],
+        )
+    console.print(table)
 
 
 def print_summary(summary: dict) -> None:

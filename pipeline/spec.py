@@ -14,7 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# letters, digits, . _ - and the placeholders {date} / {time} (expanded when the job starts)
+_RUN_ID = re.compile(r"^[A-Za-z0-9{][A-Za-z0-9._{}-]{0,127}$")
 
 
 class _Strict(BaseModel):
@@ -93,6 +94,30 @@ class StorageSpec(_Strict):
     retry_delay_s: float = Field(0.5, gt=0, description="First backoff delay; doubles")
 
 
+class CompareSpec(_Strict):
+    """Regression gate for scheduled runs (see pipeline/tracking/compare.py)."""
+
+    baseline: str = Field("last_success", description="last_success, or a pinned run id")
+    match_tags: list[str] = Field(default_factory=lambda: ["salient.job"])
+    tolerances: dict[str, float | str] = Field(default_factory=dict)
+    fail_on_missing: bool = True
+
+    @field_validator("tolerances")
+    @classmethod
+    def _tolerance_values(cls, v: dict):
+        for key, tol in v.items():
+            text = str(tol).strip()
+            try:
+                value = float(text[:-1]) if text.endswith("%") else float(text)
+            except ValueError:
+                raise ValueError(
+                    f"@{key}: tolerance must be a number or 'N%', got {tol!r}"
+                ) from None
+            if value < 0:
+                raise ValueError(f"@{key}: tolerance must be >= 0, got {tol!r}")
+        return v
+
+
 class JobSpec(_Strict):
     source: SourceSpec
     model: ModelSpec = ModelSpec()
@@ -103,14 +128,19 @@ class JobSpec(_Strict):
     compute: ComputeSpec = ComputeSpec()
     tracking: TrackingSpec = TrackingSpec()
     storage: StorageSpec = StorageSpec()
+    compare_to: CompareSpec | None = None
     seed: int = 0
     run_id: str | None = Field(None, description="Fixed run id (resume); default: derived")
 
     @field_validator("run_id")
     @classmethod
     def _safe_run_id(cls, v):
-        if v is not None and not _RUN_ID.match(v):
-            raise ValueError("run_id may hold only letters, digits, '.', '_' and '-'")
+        if v is not None and (
+            not _RUN_ID.match(v) or set(re.findall(r"{(\w*)}", v)) - {"date", "time"} or ".." in v
+        ):
+            raise ValueError(
+                "run_id may hold only letters, digits, '.', '_', '-' and {date} / {time}"
+            )
         return v
 
     @field_validator("explainers")

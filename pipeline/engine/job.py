@@ -39,11 +39,12 @@ class JobResult:
     root: str
     mlflow_run_id: str | None
     summary: dict = field(default_factory=dict)
+    gate: dict | None = None  # the regression gate's verdict when the spec has compare_to
 
 
 def default_run_id(spec: JobSpec) -> str:
     """Same spec -> same run id, so running the same command again resumes the same run."""
-    data = spec.model_dump(mode="json", exclude={"tracking", "compute"})
+    data = spec.model_dump(mode="json", exclude={"tracking", "compute", "compare_to"})
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
     return f"run-{digest}"
 
@@ -84,8 +85,14 @@ def load_annotations(uri: str, endpoint_url: str | None) -> dict[str, dict]:
     return {a["file"]: a for a in data if isinstance(a, dict) and "file" in a}
 
 
+def expand_run_id(template: str) -> str:
+    """`nightly-{date}` -> `nightly-2026-11-24` (UTC), so a schedule gets one run per day."""
+    now = time.gmtime()
+    return template.format(date=time.strftime("%Y-%m-%d", now), time=time.strftime("%H%M%S", now))
+
+
 def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobResult:
-    run_id = spec.run_id or default_run_id(spec)
+    run_id = expand_run_id(spec.run_id) if spec.run_id else default_run_id(spec)
     root = run_root(spec.output.uri, run_id)
     endpoint = spec.storage.endpoint_url
     t_start = time.perf_counter()
@@ -134,7 +141,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
         if summary["lost"] != 0:
             raise JobFailed(f"{summary['lost']} inputs are neither in heatmaps nor in errors")
         tracker.finish()
-        return JobResult(run_id, root, tracker.mlflow_run_id, summary)
+        gate = tracker.regression_gate(spec.compare_to) if spec.compare_to else None
+        return JobResult(run_id, root, tracker.mlflow_run_id, summary, gate)
     except BaseException as e:
         tracker.fail(e)
         raise

@@ -124,6 +124,41 @@ class JobTracker:
         if self.enabled and self.mlflow_run_id:
             self.client.set_terminated(self.mlflow_run_id, status="FINISHED")
 
+    def regression_gate(self, compare) -> dict:
+        """Compare this (finished) run with its baseline; tag it pass/fail and log the table."""
+        import json
+
+        from .compare import as_dicts, compare_metrics, find_baseline, gate, resolve_run
+
+        if not self.enabled:
+            raise ValueError("compare_to needs tracking.enabled: the baseline lives in MLflow")
+        current = self.client.get_run(self.mlflow_run_id)
+        if compare.baseline == "last_success":
+            base = find_baseline(self.client, self.experiment_id, current, compare.match_tags)
+        else:
+            base = resolve_run(self.client, compare.baseline, [self.experiment_id])
+        if base is None:
+            verdict = {
+                "gate": "pass",
+                "baseline": None,
+                "changes": [],
+                "note": "no earlier successful run to compare with: this run is the first",
+            }
+        else:
+            changes = compare_metrics(
+                current.data.metrics, base.data.metrics, compare.tolerances, compare.fail_on_missing
+            )
+            verdict = {
+                "gate": gate(changes),
+                "baseline": base.info.run_id,
+                "changes": as_dicts(changes),
+            }
+        self.set_tags(
+            {"salient.gate": verdict["gate"], "salient.baseline_run": verdict["baseline"] or ""}
+        )
+        self.log_artifacts({"comparison.json": json.dumps(verdict, indent=2).encode()})
+        return verdict
+
     def fail(self, error: BaseException) -> None:
         if self.enabled and self.mlflow_run_id:
             message = redact({"m": f"{type(error).__name__}: {error}"})["m"]

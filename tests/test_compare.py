@@ -1,0 +1,102 @@
+"""The nightly regression gate: metric comparison, baseline search, exit codes, a real job."""
+
+from __future__ import annotations
+
+import time
+
+import mlflow
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.tracking.compare import compare_metrics, gate
+
+
+def test_compare_metrics_directions_and_tolerances():
+    base = {"gradcam.images_per_s": 100.0, "errors": 2.0, "mystery": 1.0, "untracked": 5.0}
+    tol = {"*.images_per_s": "30%", "errors": 0, "mystery": 0.1}
+    same = compare_metrics(dict(base), base, tol)
+    assert gate(same) == "pass" and {c.status for c in same} <= {"ok", "info"}
+    slower = compare_metrics({**base, "gradcam.images_per_s": 69.0}, base, tol)
+    assert gate(slower) == "fail"  # 31% slower, 30% allowed; higher is better
+    assert gate(compare_metrics({**base, "gradcam.images_per_s": 71.0}, base, tol)) == "pass"
+    faster = compare_metrics({**base, "gradcam.images_per_s": 200.0}, base, tol)
+    assert {c.metric: c.status for c in faster}["gradcam.images_per_s"] == "improved"
+    assert gate(compare_metrics({**base, "errors": 3.0}, base, tol)) == "fail"  # lower is better
+    assert gate(compare_metrics({**base, "errors": 1.0}, base, tol)) == "pass"
+    # unknown direction: a change beyond tolerance either way fails
+    assert gate(compare_metrics({**base, "mystery": 0.8}, base, tol)) == "fail"
+    assert gate(compare_metrics({**base, "untracked": 0.0}, base, tol)) == "pass"  # not gated
+    missing = {k: v for k, v in base.items() if k != "errors"}
+    assert gate(compare_metrics(missing, base, tol, fail_on_missing=True)) == "fail"
+
+
+def _log_run(client, exp_id, metrics, tags, status="FINISHED"):
+    run = client.create_run(exp_id, tags=tags)
+    for k, v in metrics.items():
+        client.log_metric(run.info.run_id, k, v)
+    client.set_terminated(run.info.run_id, status=status)
+    time.sleep(0.01)  # distinct start times
+    return run.info.run_id
+
+
+def test_compare_cli_finds_the_last_success_and_exits_3_on_regression(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("nightly")
+    tags = {"salient.job": "nightly"}
+    _log_run(client, exp, {"errors": 0}, {"salient.job": "other"})
+    good = _log_run(client, exp, {"errors": 0, "gradcam.images_per_s": 50}, tags)
+    _log_run(client, exp, {"errors": 9}, tags, status="FAILED")  # never a baseline
+    worse = _log_run(client, exp, {"errors": 2, "gradcam.images_per_s": 51}, tags)
+    runner = CliRunner()
+    result = runner.invoke(app, ["compare", worse, "--tracking-uri", uri, "-t", "errors=0"])
+    assert result.exit_code == 3, result.output
+    assert good in result.output and "regressed" in result.output
+    result = runner.invoke(app, ["compare", worse, "--tracking-uri", uri, "-t", "errors=2"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["compare", "no-such-run", "--tracking-uri", uri])
+    assert result.exit_code == 2 and "no MLflow run 'no-such-run'" in result.output
+
+
+@pytest.mark.slow
+def test_nightly_job_tags_pass_then_fails_against_a_better_pinned_baseline(
+    ray_local, demo_images, tmp_path
+):
+    from test_job import _local_images
+
+    _local_images(tmp_path / "data", demo_images, 3)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = {
+        "source": {"uri": str(tmp_path / "data" / "images")},
+        "explainers": [{"name": "gradcam"}],
+        "output": {"uri": str(tmp_path / "runs")},
+        "compute": {"device": "cpu", "block_size": 4},
+        "tracking": {"uri": uri, "experiment": "nightly", "tags": {"salient.job": "nightly"}},
+        "compare_to": {"tolerances": {"errors": 0, "images_ok": 0}},
+        "run_id": "nightly-{date}-a",
+    }
+    path = tmp_path / "nightly.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    runner = CliRunner()
+    first = runner.invoke(app, ["run", str(path)])
+    assert first.exit_code == 0, first.output
+    spec["run_id"] = "nightly-{date}-b"
+    path.write_text(yaml.safe_dump(spec))
+    second = runner.invoke(app, ["run", str(path)])
+    assert second.exit_code == 0 and "PASS" in second.output, second.output
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("nightly").experiment_id
+    runs = client.search_runs([exp], order_by=["attributes.start_time DESC"])
+    assert runs[0].data.tags["salient.gate"] == "pass"
+    assert runs[0].data.tags["salient.baseline_run"] == runs[1].info.run_id
+    better = _log_run(client, exp, {"errors": 0, "images_ok": 10}, {"salient.job": "nightly"})
+    spec["run_id"] = "nightly-{date}-c"
+    spec["compare_to"]["baseline"] = better
+    path.write_text(yaml.safe_dump(spec))
+    third = runner.invoke(app, ["run", str(path)])
+    assert third.exit_code == 3, third.output
+    assert client.get_run(runs[0].info.run_id).data.tags["salient.gate"] == "pass"
+    latest = client.search_runs([exp], filter_string="tags.`salient.gate` = 'fail'")
+    assert len(latest) == 1 and latest[0].data.tags["salient.baseline_run"] == better
