@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
+from ..report.html import ReportInputs, render_report
 from ..sources.listing import Block, InputItem, list_inputs, make_blocks
 from ..spec import JobSpec, flatten
 from ..storage import (
@@ -130,11 +131,16 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
         )
         write_bytes_atomic(f"{root}/summary.json", json.dumps(summary, indent=2).encode(), endpoint)
         tracker.log_metrics(_flat_metrics(summary))
+        report = render_report(
+            ReportInputs(root, summary, f"Salient run {run_id}", model.preprocess, endpoint)
+        )
+        write_bytes_atomic(f"{root}/report.html", report.encode(), endpoint)
         tracker.log_artifacts(
             {
                 "spec.yaml": yaml.safe_dump(spec.model_dump(mode="json")).encode(),
                 "summary.json": json.dumps(summary, indent=2).encode(),
                 "summary.csv": _summary_csv(summary).encode(),
+                "report.html": report.encode(),
                 **_overlays(root, endpoint),
             }
         )

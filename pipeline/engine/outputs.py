@@ -29,6 +29,7 @@ def heatmap_schema(size: int, dtype: str) -> pa.Schema:
             ("run_id", pa.string()),
             ("image_id", pa.string()),
             ("source_uri", pa.string()),
+            ("source_member", pa.string()),  # tar member / Parquet row in source_uri, or null
             ("model_id", pa.string()),
             ("explainer", pa.string()),
             ("method", pa.string()),
@@ -123,14 +124,21 @@ def finished_blocks(root: str, endpoint_url: str | None = None) -> dict[str, dic
     return out
 
 
-def read_table(root: str, table: str, endpoint_url: str | None = None) -> pa.Table:
-    """All parts of one output table (for tests, reports and comparisons)."""
+def read_table(
+    root: str,
+    table: str,
+    endpoint_url: str | None = None,
+    columns: list[str] | None = None,
+    filters=None,
+) -> pa.Table:
+    """All parts of one output table (for tests, reports and comparisons); `columns` and
+    `filters` (pyarrow's) are pushed down, so a report can read metadata without heatmaps."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
     fs, path = filesystem(f"{root}/{table}", endpoint_url)
     parts = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-    tables = []
-    for p in parts:
-        with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(io.BytesIO(f.read())))
-    if not tables:
+    if not parts:
         return pa.table({})
-    return pa.concat_tables(tables)
+    return pq.read_table(
+        parts, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=columns, filters=filters
+    )

@@ -271,6 +271,7 @@ class ExplainWorker:
                     "run_id": self.run_id,
                     "image_id": ids[i],
                     "source_uri": uris[i],
+                    "source_member": members[i],
                     "model_id": self.model.id,
                     "explainer": key,
                     "method": explainer.name,

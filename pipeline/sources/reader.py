@@ -72,6 +72,14 @@ def read_block(
     }
 
 
+def read_input_bytes(item: InputItem, endpoint_url: str | None = None) -> bytes:
+    """One input's bytes (file, tar member, Parquet cell or demo image), e.g. for a report."""
+    errors: list[dict] = []
+    for _, data in _read_all([item], endpoint_url, errors):
+        return data
+    raise FileNotFoundError(errors[0]["message"] if errors else item.uri)
+
+
 def _error(item: InputItem, stage: str, kind: str, message: str) -> dict:
     return {
         "image_id": item.image_id,

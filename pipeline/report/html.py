@@ -1,0 +1,310 @@
+"""report.html: one self-contained page per run (images inlined, no scripts, opens offline).
+
+Sections: summary per explainer; overlay thumbnails (best, worst and random images by a chosen
+metric); deletion/insertion curves (when the metrics stored them); metric distributions per
+class; sanity verdicts (when present); errors; and for audits the drift between two models.
+Everything is read from the run's outputs, so a report can be rebuilt later from any run folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from ..engine.outputs import read_table
+from ..models.preprocess import Preprocess
+from ..sources.decode import decode_image
+from ..sources.listing import InputItem
+from ..sources.reader import read_input_bytes
+from .overlay import overlay
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:1200px}
+h1{font-size:1.5rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.25rem .5rem;
+text-align:right;font-size:.85rem}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+.thumbs{display:flex;flex-wrap:wrap;gap:.5rem}.thumb{font-size:.75rem;width:150px}
+.thumb img{width:150px;height:150px;display:block}.pass{color:#070}.fail{color:#b00}
+.muted{color:#777}svg{background:#fafafa;border:1px solid #eee}
+"""
+
+
+@dataclass
+class ReportInputs:
+    root: str
+    summary: dict
+    title: str = "Salient run"
+    preprocess: Preprocess | None = None
+    endpoint_url: str | None = None
+    rank_metric: str | None = None  # thumbnails ranked by this metric (default: the first one)
+    drift: dict | None = None  # audit: {"rows": [...], "per_class": [...], "most_changed": [...]}
+    sanity: dict | None = None  # {explainer: {"verdict": ..., "similarity": [...]}}
+    curves: dict = field(default_factory=dict)  # {explainer: {"deletion": [...], ...}}
+    n_thumbs: int = 4
+    seed: int = 0
+
+
+def render_report(inp: ReportInputs) -> str:
+    s = inp.summary
+    parts = [
+        f"<h1>{_e(inp.title)}</h1>",
+        f"<p>run <b>{_e(s['run_id'])}</b> &middot; inputs {s['inputs']} = images "
+        f"{s['images_ok']} + errors {s['errors']} (lost {s['lost']})</p>",
+        _summary_section(s),
+        _thumbs_section(inp),
+        _curves_section(inp.curves),
+        _distribution_section(inp),
+        _sanity_section(inp.sanity),
+        _drift_section(inp.drift),
+        _errors_section(inp),
+    ]
+    body = "\n".join(p for p in parts if p)
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{_e(inp.title)}</title><style>{CSS}</style></head><body>{body}</body></html>"
+    )
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _f(v) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "&ndash;"
+    return f"{v:.3f}" if isinstance(v, float) else _e(v)
+
+
+def _summary_section(s: dict) -> str:
+    metrics = sorted({m for e in s["explainers"].values() for m in e["metrics"]})
+    head = "".join(
+        f"<th>{_e(h)}</th>"
+        for h in ["explainer", "method", "images", "images/s", "passes/image", *metrics]
+    )
+    rows = []
+    for key, e in s["explainers"].items():
+        cells = [key, e["method"], e["images"], e["images_per_s"], e["forward_passes_per_image"]]
+        cells += [e["metrics"].get(m) for m in metrics]
+        rows.append("<tr>" + "".join(f"<td>{_f(c)}</td>" for c in cells) + "</tr>")
+    return f"<h2 id=summary>Summary per explainer</h2><table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _jpeg_data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _thumbs_section(inp: ReportInputs) -> str:
+    heat = read_table(
+        inp.root,
+        "heatmaps",
+        inp.endpoint_url,
+        columns=[
+            "image_id",
+            "explainer",
+            "target",
+            "target_name",
+            "source_uri",
+            "source_member",
+            "score",
+        ],
+    )
+    if heat.num_rows == 0:
+        return "<h2 id=thumbnails>Overlays</h2><p class=muted>no heatmaps</p>"
+    metrics = read_table(inp.root, "metrics", inp.endpoint_url)
+    metric = inp.rank_metric or (
+        sorted(set(metrics.column("metric").to_pylist()))[0] if metrics.num_rows else None
+    )
+    out = ["<h2 id=thumbnails>Overlays: best, worst and random images</h2>"]
+    out.append(f"<p class=muted>ranked by {_e(metric or 'target score')}</p>")
+    rng = random.Random(inp.seed)
+    rows = heat.to_pylist()
+    values = {}
+    if metric:
+        for r in metrics.to_pylist():
+            if r["metric"] == metric and r["value"] is not None:
+                values[(r["image_id"], r["explainer"], r["target"])] = r["value"]
+    for explainer in sorted({r["explainer"] for r in rows}):
+        mine = [r for r in rows if r["explainer"] == explainer]
+
+        def key(r, explainer=explainer):
+            if metric:
+                return values.get((r["image_id"], explainer, r["target"]), np.nan)
+            return r["score"]
+
+        ranked = sorted((r for r in mine if np.isfinite(key(r))), key=key, reverse=True)
+        n = inp.n_thumbs
+        groups = {
+            "best": ranked[:n],
+            "worst": ranked[::-1][:n],
+            "random": rng.sample(mine, min(n, len(mine))),
+        }
+        out.append(f"<h3>{_e(explainer)}</h3>")
+        for label, group in groups.items():
+            cells = [_thumb(inp, r, key(r)) for r in group]
+            out.append(f"<p>{label}</p><div class=thumbs>{''.join(cells)}</div>")
+    return "\n".join(out)
+
+
+def _thumb(inp: ReportInputs, row: dict, value) -> str:
+    maps = read_table(
+        inp.root,
+        "heatmaps",
+        inp.endpoint_url,
+        columns=["heatmap"],
+        filters=[
+            ("image_id", "=", row["image_id"]),
+            ("explainer", "=", row["explainer"]),
+            ("target", "=", row["target"]),
+        ],
+    )
+    heat = np.concatenate([c.to_numpy_ndarray() for c in maps.column("heatmap").chunks])[0]
+    pre = inp.preprocess or Preprocess()
+    try:
+        item = InputItem(row["image_id"], row["source_uri"], row["source_member"])
+        image = pre.resize(decode_image(read_input_bytes(item, inp.endpoint_url), row["image_id"]))
+    except (OSError, ValueError):
+        image = Image.new("RGB", (pre.size, pre.size), (128, 128, 128))
+    up = Image.fromarray(heat.astype(np.float32), mode="F").resize(image.size, Image.BILINEAR)
+    thumb = overlay(image, np.asarray(up)).resize((150, 150))
+    return (
+        f"<div class=thumb><img alt='{_e(row['image_id'])}' src='{_jpeg_data_uri(thumb)}'>"
+        f"{_e(row['image_id'])}<br>{_e(row['target_name'])} &middot; {_f(value)}</div>"
+    )
+
+
+def _polyline(ys: list[float], w=260, h=120, colour="#36c") -> str:
+    if len(ys) < 2:
+        return ""
+    pts = " ".join(f"{i / (len(ys) - 1) * w:.1f},{h - float(y) * h:.1f}" for i, y in enumerate(ys))
+    return f"<polyline fill=none stroke='{colour}' stroke-width=2 points='{pts}'/>"
+
+
+def _curves_section(curves: dict) -> str:
+    if not curves:
+        return ""
+    out = ["<h2 id=curves>Deletion and insertion curves</h2><div class=thumbs>"]
+    for explainer, per_metric in curves.items():
+        lines = "".join(
+            _polyline(ys, colour=c)
+            for (_, ys), c in zip(
+                sorted(per_metric.items()), ("#c33", "#36c", "#393"), strict=False
+            )
+        )
+        legend = ", ".join(_e(m) for m in sorted(per_metric))
+        out.append(
+            f"<div><svg width=260 height=120 role=img>{lines}</svg><br>"
+            f"{_e(explainer)}: {legend} (red, blue)</div>"
+        )
+    out.append("</div>")
+    return "\n".join(out)
+
+
+def _distribution_section(inp: ReportInputs) -> str:
+    metrics = read_table(inp.root, "metrics", inp.endpoint_url)
+    if metrics.num_rows == 0:
+        return (
+            "<h2 id=distributions>Metric distributions per class</h2><p class=muted>no metrics</p>"
+        )
+    heat = read_table(
+        inp.root,
+        "heatmaps",
+        inp.endpoint_url,
+        columns=["image_id", "explainer", "target", "target_name"],
+    )
+    names = {
+        (r["image_id"], r["explainer"], r["target"]): r["target_name"] for r in heat.to_pylist()
+    }
+    groups: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in metrics.to_pylist():
+        if r["value"] is None:
+            continue
+        cls = names.get((r["image_id"], r["explainer"], r["target"]), "?")
+        groups.setdefault((r["explainer"], r["metric"]), {}).setdefault(cls, []).append(r["value"])
+    out = ["<h2 id=distributions>Metric distributions per class</h2>"]
+    for (explainer, metric), per_class in sorted(groups.items()):
+        top = sorted(per_class.items(), key=lambda kv: -len(kv[1]))[:12]
+        rows = "".join(
+            f"<tr><td>{_e(c)}</td><td>{len(v)}</td><td>{_f(float(np.mean(v)))}</td>"
+            f"<td>{_f(float(np.std(v)))}</td><td>{_histogram(v)}</td></tr>"
+            for c, v in top
+        )
+        out.append(
+            f"<h3>{_e(explainer)} &middot; {_e(metric)}</h3><table><tr><th>class</th>"
+            f"<th>n</th><th>mean</th><th>std</th><th>histogram</th></tr>{rows}</table>"
+        )
+    return "\n".join(out)
+
+
+def _histogram(values: list[float], bins: int = 10, w: int = 120, h: int = 24) -> str:
+    lo, hi = min(values), max(values)
+    counts, _ = np.histogram(values, bins=bins, range=(lo, hi if hi > lo else lo + 1))
+    top = max(int(counts.max()), 1)
+    bw = w / bins
+    bars = "".join(
+        f"<rect x={i * bw:.1f} y={h - c / top * h:.1f} width={bw - 1:.1f} "
+        f"height={c / top * h:.1f} fill='#36c'/>"
+        for i, c in enumerate(counts)
+    )
+    return f"<svg width={w} height={h} role=img>{bars}</svg>"
+
+
+def _sanity_section(sanity: dict | None) -> str:
+    if not sanity:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(k)}</td><td class={'pass' if v.get('verdict') == 'pass' else 'fail'}>"
+        f"{_e(v.get('verdict'))}</td><td>{_e(v.get('detail', ''))}</td></tr>"
+        for k, v in sanity.items()
+    )
+    return (
+        "<h2 id=sanity>Sanity checks (parameter randomisation)</h2>"
+        f"<table><tr><th>explainer</th><th>verdict</th><th>detail</th></tr>{rows}</table>"
+    )
+
+
+def _drift_section(drift: dict | None) -> str:
+    if not drift:
+        return ""
+    head = f"<h2 id=drift>Explanation drift: {_e(drift.get('against', ''))}</h2>"
+    per_class = "".join(
+        f"<tr><td>{_e(r['class'])}</td><td>{r['n']}</td><td>{_f(r['mean_rank_correlation'])}"
+        f"</td></tr>"
+        for r in drift.get("per_class", [])
+    )
+    most = "".join(
+        f"<tr><td>{_e(r['image_id'])}</td><td>{_e(r['explainer'])}</td>"
+        f"<td>{_f(r['rank_correlation'])}</td><td>{_e(r.get('prediction_changed', ''))}</td></tr>"
+        for r in drift.get("most_changed", [])
+    )
+    summary = "".join(
+        f"<tr><td>{_e(k)}</td><td>{_f(v)}</td></tr>" for k, v in drift.get("summary", {}).items()
+    )
+    return (
+        f"{head}<table>{summary}</table><h3>per class</h3><table><tr><th>class</th><th>n</th>"
+        f"<th>mean rank correlation</th></tr>{per_class}</table><h3>images that changed "
+        f"most</h3><table><tr><th>image</th><th>explainer</th><th>rank correlation</th>"
+        f"<th>prediction changed</th></tr>{most}</table>"
+    )
+
+
+def _errors_section(inp: ReportInputs) -> str:
+    errors = read_table(inp.root, "errors", inp.endpoint_url)
+    if errors.num_rows == 0:
+        return "<h2 id=errors>Errors</h2><p>none</p>"
+    rows = "".join(
+        f"<tr><td>{_e(r['image_id'])}</td><td>{_e(r['stage'])}</td><td>{_e(r['error_type'])}</td>"
+        f"<td>{_e(r['message'][:200])}</td></tr>"
+        for r in errors.to_pylist()[:100]
+    )
+    return (
+        f"<h2 id=errors>Errors ({errors.num_rows})</h2><table><tr><th>image</th><th>stage"
+        f"</th><th>type</th><th>message</th></tr>{rows}</table>"
+    )
