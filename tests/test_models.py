@@ -155,3 +155,47 @@ def test_default_cam_layer_builtin_and_close_matches(builtin):
     assert resolve_layer(builtin)[0] == "bn2"
     with pytest.raises(ValueError, match=r"no layer 'blocks\.6\.9'.*close matches: blocks\.6"):
         resolve_layer(builtin, "blocks.6.9")
+
+
+def _register(client, name: str, files: dict[str, bytes], tmp_path) -> str:
+    exp = client.create_experiment(f"models-{name}")
+    run = client.create_run(exp)
+    folder = tmp_path / name
+    folder.mkdir()
+    for fname, data in files.items():
+        (folder / fname).write_bytes(data)
+    client.log_artifacts(run.info.run_id, str(folder), "model")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(name)
+    version = client.create_model_version(
+        name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    )
+    return version.version
+
+
+def test_mlflow_registry_models_by_version_and_alias(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    client = mlflow.MlflowClient(uri)
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=3)
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    card = b"uri: torchvision:resnet18\nweights: weights.pt\nnum_classes: 3\n"
+    version = _register(
+        client, "tiny", {"salient_model.yaml": card, "weights.pt": buf.getvalue()}, tmp_path
+    )
+    client.set_registered_model_alias("tiny", "champion", version)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = net.eval()(x)
+    for model_uri in (f"models:/tiny/{version}", "models:/tiny@champion"):
+        m = load_model(model_uri, registry_uri=uri)
+        assert torch.allclose(m.logits(x), expected, atol=1e-4)
+        assert m.id == model_uri
+    _register(client, "pickled", {"MLmodel": b"flavors: {pytorch: {}}\n"}, tmp_path)
+    with pytest.raises(PermissionError, match="pickle that runs code"):
+        load_model("models:/pickled/1", registry_uri=uri)
+    with pytest.raises(ValueError, match="could not be fetched"):
+        load_model("models:/absent/1", registry_uri=uri)

@@ -103,7 +103,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
     try:
         blocks = plan_blocks(spec)
         # on the driver: fail fast on a bad model, and get the hash and preprocessing
-        model = load_job_model(spec.model, device="cpu")
+        model = load_job_model(spec.model, "cpu", spec.tracking.uri)
         tags = {
             "salient.model_uri": spec.model.uri,
             "salient.model_weights_sha256": model.weights_hash,

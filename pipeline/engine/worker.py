@@ -47,8 +47,11 @@ class BlockResult:
     passes: dict[str, int] = field(default_factory=dict)
 
 
-def load_job_model(m: ModelSpec, device: str | None) -> LoadedModel:
-    """The spec's model, loaded the same way on the driver and in every actor."""
+def load_job_model(
+    m: ModelSpec, device: str | None, registry_uri: str | None = None
+) -> LoadedModel:
+    """The spec's model, loaded the same way on the driver and in every actor (`models:/` URIs
+    are looked up in the job's MLflow tracking server)."""
     return load_model(
         m.uri,
         weights=m.weights,
@@ -57,6 +60,7 @@ def load_job_model(m: ModelSpec, device: str | None) -> LoadedModel:
         size=m.size,
         num_classes=m.num_classes,
         trust_pickle=m.trust_pickle,
+        registry_uri=registry_uri,
     )
 
 
@@ -126,7 +130,9 @@ class ExplainWorker:
         # who computed a block: a restarted actor shows up as a new instance in the markers
         self.instance = f"{os.getpid()}-{time.time_ns()}"
         torch.manual_seed(self.spec.seed)
-        self.model = load_job_model(self.spec.model, self.spec.compute.device)
+        self.model = load_job_model(
+            self.spec.model, self.spec.compute.device, self.spec.tracking.uri
+        )
         self.explainers = build_explainers(
             self.model, self.spec.explainers, self.spec.compute.max_batch, self.spec.seed
         )

@@ -7,6 +7,10 @@ Schemes:
   torchscript:<URI>                    a TorchScript archive
   pickle:<URI>                         a fully pickled nn.Module; runs code on load, so refused
                                        unless trust_pickle=True
+  models:/NAME/VERSION, models:/NAME@ALIAS
+                                       a model in the MLflow registry: a `salient_model.yaml`
+                                       card ({uri, weights}) beside its weights, or an MLflow
+                                       pytorch-flavour model (pickled: needs trust_pickle)
 URIs of weight files may be any fsspec URI (local path, file://, s3://...).
 """
 
@@ -47,6 +51,7 @@ def load_model(
     resize: str | None = None,
     size: int | None = None,
     trust_pickle: bool = False,
+    registry_uri: str | None = None,
 ) -> LoadedModel:
     """Load a classifier for explanation: eval mode, channels_last, on `device`.
 
@@ -60,7 +65,11 @@ def load_model(
             + ", ".join(f"{s}:..." for s in sorted(LOADERS))
         )
     module, preprocess, weights_hash = LOADERS[scheme](
-        rest, weights=weights, num_classes=num_classes, trust_pickle=trust_pickle
+        rest,
+        weights=weights,
+        num_classes=num_classes,
+        trust_pickle=trust_pickle,
+        registry_uri=registry_uri,
     )
     if resize is not None:
         if resize not in ("resize_crop", "squash"):
@@ -187,6 +196,57 @@ def _pickle(path: str, *, trust_pickle=False, **_) -> LoaderResult:
     if not isinstance(module, nn.Module):
         raise ValueError(f"{path!r} holds a {type(module).__name__}, not an nn.Module")
     return module, Preprocess(size=224), hashlib.sha256(raw).hexdigest()
+
+
+@loader("models")
+def _mlflow_registry(
+    rest: str, *, trust_pickle=False, registry_uri=None, num_classes=None, **_
+) -> LoaderResult:
+    """Download the registered version's artifacts and load what they describe."""
+    from pathlib import Path
+
+    import mlflow
+    import yaml
+
+    uri = f"models:{rest}"
+    try:
+        client = mlflow.MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
+        name, _, version = rest.strip("/").partition("/")
+        if "@" in name:
+            name, _, alias = name.partition("@")
+            version = client.get_model_version_by_alias(name, alias).version
+        source = client.get_model_version_download_uri(name, version)
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=registry_uri)
+        )
+    except Exception as e:
+        raise ValueError(f"model {uri!r} could not be fetched from the MLflow registry: {e}") from e
+    card = local / "salient_model.yaml"
+    if card.exists():
+        spec = yaml.safe_load(card.read_text())
+        inner = spec["uri"]
+        if inner.partition(":")[0] in ("models", "pickle") and not trust_pickle:
+            raise ValueError(f"model card of {uri!r} points at {inner!r}: not allowed")
+        weights = spec.get("weights")
+        if weights and "://" not in weights and not weights.startswith("/"):
+            weights = str(local / weights)
+        scheme, _, rest_inner = inner.partition(":")
+        return LOADERS[scheme](
+            rest_inner,
+            weights=weights,
+            num_classes=spec.get("num_classes", num_classes),
+            trust_pickle=trust_pickle,
+        )
+    if (local / "MLmodel").exists():
+        if not trust_pickle:
+            raise PermissionError(
+                f"refusing to load {uri!r}: an MLflow pytorch model is a pickle that runs code "
+                "when loaded; pass trust_pickle=True (--trust-pickle) for models you trust, or "
+                "register a salient_model.yaml card with a state dict"
+            )
+        module = mlflow.pytorch.load_model(str(local), map_location="cpu")
+        return module, Preprocess(size=224), _hash_module(module)
+    raise ValueError(f"{uri!r} has neither salient_model.yaml nor an MLmodel file")
 
 
 def _load_weights(module: nn.Module, weights: str | None) -> str:
