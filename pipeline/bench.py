@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from .explainers import build_explainer
@@ -215,3 +216,49 @@ def demo_batch(model: LoadedModel, n: int) -> torch.Tensor:
 
 def as_dicts(rows: list[BenchRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def bench_pipeline(spec, address: str | None = None) -> dict:
+    """The Ray job's images/s against the same explainers in this process on the same images.
+
+    In-process: decode everything first, then time only the model work (prediction + every
+    explainer), which is the most the job could reach. Job: compute time of a fresh run (Ray
+    start excluded, decoding, actors and writing included)."""
+    import time as _time
+
+    from .engine.job import plan_blocks, run_job
+    from .engine.worker import build_explainers, load_job_model
+    from .sources.reader import read_block
+
+    model = load_job_model(spec.model, spec.compute.device, spec.tracking.uri)
+    blocks = plan_blocks(spec)
+    pixels = [
+        read_block(b, model.preprocess, endpoint_url=spec.storage.endpoint_url)["pixels"]
+        for b in blocks
+    ]
+    x = model.preprocess.normalise(torch.from_numpy(np.concatenate(pixels)))
+    explainers = build_explainers(model, spec.explainers, spec.compute.max_batch, spec.seed)
+    bs = spec.compute.batch_size
+    t0 = _time.perf_counter()
+    for s in range(0, len(x), bs):
+        xb = x[s : s + bs].to(model.device)
+        t = model.predict(xb)[1][:, 0]
+        for e in explainers.values():
+            e(xb, t)
+    _sync(model.device)
+    in_process = len(x) / (_time.perf_counter() - t0)
+    fresh = spec.model_copy(
+        update={
+            "run_id": f"bench-{int(_time.time())}",
+            "output": spec.output.model_copy(update={"overwrite": "replace"}),
+        }
+    )
+    job = run_job(fresh, address=address)
+    ray_ips = job.summary["images_per_s"]
+    return {
+        "images": len(x),
+        "in_process_images_per_s": in_process,
+        "ray_images_per_s": ray_ips,
+        "ratio": ray_ips / in_process,
+        "run_id": job.run_id,
+    }
