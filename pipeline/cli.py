@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import cluster
+
 app = typer.Typer(
     help="Salient: explain image classifiers at dataset scale.",
     no_args_is_help=True,
@@ -169,12 +171,32 @@ def bench_command(
     peers: bool = typer.Option(False, help="Also time Captum / pytorch-grad-cam."),
     param: list[str] = typer.Option([], "--param", "-p", help="METHOD.NAME=VALUE; repeatable."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the rows as JSON here."),
+    pipeline: str | None = typer.Option(
+        None, help="A job spec: compare the Ray job's images/s with in-process on its images."
+    ),
 ) -> None:
     """Images/s per method against the forward-throughput bound (and the peers)."""
     import json
     import os
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm loads: peers' progress bars
+    if pipeline:
+        from .bench import bench_pipeline
+        from .spec import SpecError, load_spec
+
+        try:
+            result = bench_pipeline(load_spec(pipeline))
+        except SpecError as e:
+            _fail(str(e))
+        console.print(
+            f"{result['images']} images: in-process {result['in_process_images_per_s']:.2f} "
+            f"img/s, Ray job {result['ray_images_per_s']:.2f} img/s, ratio "
+            f"{result['ratio']:.2f}",
+            highlight=False,
+        )
+        if json_path:
+            json_path.write_text(json.dumps(result, indent=2))
+        return
 
     from . import bench
     from .models import load_model
@@ -214,6 +236,67 @@ def bench_command(
     console.print(table)
     if json_path:
         json_path.write_text(json.dumps(bench.as_dicts(rows), indent=2))
+
+
+@app.command()
+def audit(
+    model: str = typer.Option(..., help="Model URI (builtin:, torchvision:, timm:, models:/...)."),
+    data: str = typer.Option(..., help="Images: a folder or prefix (any fsspec URI)."),
+    against: str | None = typer.Option(None, help="A second model: explanation drift."),
+    out: str = typer.Option("runs/", help="Output URI."),
+    methods: str = typer.Option("gradcam,saliency", help="Comma list of explainers."),
+    annotations: str | None = typer.Option(None, help="annotations.json (labels, boxes)."),
+    tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI."),
+    experiment: str = typer.Option("salient-audit"),
+    limit: int | None = typer.Option(None, help="Audit only the first N images."),
+    steps: int = typer.Option(32, help="Deletion/insertion steps."),
+    sanity_images: int = typer.Option(4, help="Images for the randomisation check (0: skip)."),
+    size: int | None = typer.Option(None, help="Input side in pixels."),
+    endpoint_url: str | None = typer.Option(None, help="S3-compatible endpoint."),
+    trust_pickle: bool = typer.Option(False, help="Allow pickled models (runs their code)."),
+    address: str | None = typer.Option(None, help="Ray cluster address."),
+) -> None:
+    """Audit a model: accuracy, explanations, faithfulness, localisation, stability, sanity,
+    and with --against the drift between two model versions."""
+    from .audit import run_audit
+    from .engine.job import JobFailed
+    from .spec import SpecError
+
+    try:
+        result = run_audit(
+            model,
+            data,
+            against=against,
+            out=out,
+            methods=[m.strip() for m in methods.split(",") if m.strip()],
+            annotations=annotations,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            limit=limit,
+            steps=steps,
+            sanity_images=sanity_images,
+            endpoint_url=endpoint_url,
+            trust_pickle=trust_pickle,
+            size=size,
+            address=address,
+        )
+    except (SpecError, ValueError, PermissionError, FileNotFoundError) as e:
+        _fail(str(e))
+    except JobFailed as e:
+        _fail(f"audit failed: {e}", code=1)
+    print_summary(result.run.summary)
+    if result.accuracy is not None:
+        console.print(f"accuracy (top-1): {result.accuracy:.3f}")
+    for method, v in result.sanity.items():
+        console.print(f"sanity {method}: {v['verdict']}")
+    if result.drift:
+        d = result.drift["summary"]
+        console.print(
+            f"drift against {against}: mean rank correlation "
+            f"{_fmt(d['mean_rank_correlation'])}, predictions changed "
+            f"{d['predictions_changed']} of {d['pairs']}"
+        )
+    console.print(f"report: {result.run.root}/report.html  mlflow run: {result.run.mlflow_run_id}")
 
 
 @app.command()
@@ -327,6 +410,9 @@ def _print_rows(rows: list[dict], out: Path) -> None:
         methods.add_row(m, str(r["forward_passes"]), f"{r['seconds']:.3f}")
     console.print(predictions, methods)
     console.print(f"{len(rows)} overlays (.png) and maps (.npy) written to {out}/")
+
+
+cluster.register(app)  # submit, status, logs: a job on a Ray cluster (pipeline/cluster.py)
 
 
 def main() -> None:  # pragma: no cover - console entry point

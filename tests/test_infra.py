@@ -1,0 +1,309 @@
+"""infra/ agrees with itself and with the CLI: manifests parse and have the fields KubeRay and
+Kubernetes need, one image everywhere, and every `salient ...` written in a manifest, script,
+the Dockerfile or the README's Infra section is a real command with real options (a renamed
+option would otherwise fail only at 02:00 on the cluster)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+
+from pipeline.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+MANIFESTS = sorted((INFRA / "k8s").glob("*.yaml"))
+SCRIPTS = sorted((INFRA / "local").glob("*.sh"))
+DOCKERFILE = INFRA / "docker" / "Dockerfile"
+SHELL_BREAKS = {";", "&&", "||", "|", ">", ">>", "2>&1", "&"}
+
+
+def documents(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def by_kind(kind: str) -> list[dict]:
+    return [d for p in MANIFESTS for d in documents(p) if d["kind"] == kind]
+
+
+def strings(node) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in strings(v)]
+    return []
+
+
+def containers(node) -> list[dict]:
+    """Every container spec anywhere below node (pod templates of any resource)."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                found += value
+            else:
+                found += containers(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += containers(value)
+    return found
+
+
+def cluster_specs() -> list[tuple[str, dict]]:
+    """(name, RayCluster spec): the RayCluster's own, and the one each RayJob creates."""
+    out = [(d["metadata"]["name"], d["spec"]) for d in by_kind("RayCluster")]
+    out += [(d["metadata"]["name"], d["spec"]["rayClusterSpec"]) for d in by_kind("RayJob")]
+    return out
+
+
+# -- cron ------------------------------------------------------------------------------------
+_MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+_DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+_FIELDS = [(0, 59, None), (0, 23, None), (1, 31, None), (1, 12, _MONTHS), (0, 7, _DAYS)]
+
+
+def valid_cron(expr: str) -> bool:
+    """A standard 5-field cron expression: *, N, A-B, lists, /STEP, month and day names."""
+    fields = expr.split()
+    if len(fields) != 5:
+        return False
+    for field, (lo, hi, names) in zip(fields, _FIELDS, strict=True):
+        for part in field.split(","):
+            m = re.fullmatch(r"(\*|(\w+)(?:-(\w+))?)(?:/(\d+))?", part.lower())
+            if not m or (m[4] is not None and int(m[4]) == 0):
+                return False
+            values = []
+            for v in (m[2], m[3]):
+                if v is None:
+                    continue
+                if v.isdigit():
+                    values.append(int(v))
+                elif names and v in names:
+                    values.append(names.index(v) + (1 if names is _MONTHS else 0))
+                else:
+                    return False
+            if any(not lo <= v <= hi for v in values) or values != sorted(values):
+                return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "expr, ok",
+    [
+        ("0 2 * * *", True),
+        ("*/15 0-6,22 1 jan-mar mon-fri", True),
+        ("0 2 * *", False),
+        ("60 2 * * *", False),
+        ("0 2 * * 8", False),
+        ("0 2 5-1 * *", False),
+        ("0 2 * * */0", False),
+        ("@daily", False),
+    ],
+)
+def test_cron_validator(expr, ok):
+    assert valid_cron(expr) is ok
+
+
+# -- the salient commands written in infra ---------------------------------------------------
+def cli_commands() -> dict[str, set[str]]:
+    """command name -> its option spellings, from the typer app itself."""
+    group = typer.main.get_command(app)
+    return {
+        name: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
+        for name, cmd in group.commands.items()
+    }
+
+
+def invocations(text: str) -> list[list[str]]:
+    """Each `salient COMMAND ARGS...` in a command line (up to a shell separator)."""
+    try:
+        tokens = shlex.split(text, comments=False)
+    except ValueError:
+        tokens = text.split()
+    found = []
+    for i, tok in enumerate(tokens):
+        at_command = i == 0 or tokens[i - 1] in SHELL_BREAKS | {"exec"} or "=" in tokens[i - 1]
+        if Path(tok).name == "salient" and at_command and i + 1 < len(tokens):
+            call = []
+            for t in tokens[i + 1 :]:
+                if t in SHELL_BREAKS:
+                    break
+                call.append(t.strip("[]"))  # [--optional] in usage lines
+            found.append(call)
+    return found
+
+
+def command_lines(path: Path) -> list[str]:
+    """Lines that may hold a command: YAML string values (folded blocks joined) and comments;
+    script lines with `\\` continuations joined; comment markers stripped."""
+    lines = []
+    text = path.read_text()
+    if path.suffix == ".yaml":
+        lines += [s for d in documents(path) for s in strings(d)]
+    joined = re.sub(r"\\\n\s*", " ", text)
+    lines += [ln.strip().lstrip("#").strip() for ln in joined.splitlines()]
+    return lines
+
+
+def readme_infra() -> str:
+    text = (ROOT / "README.md").read_text()
+    assert "\n## Infra\n" in text, "README.md has no Infra section"
+    return text.split("\n## Infra\n", 1)[1].split("\n## ", 1)[0]
+
+
+def all_invocations() -> list[tuple[str, list[str]]]:
+    out = []
+    for path in [*MANIFESTS, *SCRIPTS, DOCKERFILE]:
+        for line in command_lines(path):
+            out += [(path.name, call) for call in invocations(line)]
+    # the README's code only: fenced blocks and `inline` spans (prose says "salient command")
+    section = readme_infra()
+    code = [ln for b in re.findall(r"```\w*\n(.*?)```", section, re.S) for ln in b.splitlines()]
+    code += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", section, flags=re.S))
+    for line in code:
+        out += [("README.md", call) for call in invocations(line)]
+    return out
+
+
+def test_every_salient_command_in_infra_exists_with_its_options():
+    commands = cli_commands()
+    calls = all_invocations()
+    used = {call[0] for _, call in calls if call}
+    assert {"run", "submit", "status", "logs"} <= used  # the scan found what is written
+    for where, call in calls:
+        assert call, f"{where}: `salient` without a command"
+        assert call[0] in commands, f"{where}: `salient {call[0]}` is not a command"
+        for tok in call[1:]:
+            if tok.startswith("-") and not re.fullmatch(r"-\d.*", tok):
+                opt = tok.split("=", 1)[0]
+                assert opt in commands[call[0]], f"{where}: `salient {call[0]}` has no {opt}"
+
+
+# -- manifests -------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_parses_with_required_fields(path):
+    docs = documents(path)
+    assert docs, f"{path.name} is empty"
+    for d in docs:
+        for key in ("apiVersion", "kind", "metadata", "spec"):
+            assert key in d, f"{path.name}: {d.get('kind')} lacks {key}"
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", d["metadata"]["name"])
+        for c in containers(d["spec"]):
+            assert c.get("name") and c.get("image"), f"{path.name}: a container lacks name/image"
+
+
+def test_manifests_are_the_expected_kinds():
+    kinds = {(d["apiVersion"], d["kind"]) for p in MANIFESTS for d in documents(p)}
+    assert {("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob"), ("batch/v1", "CronJob")} <= kinds
+
+
+def test_ray_clusters_have_a_head_and_gpu_and_cpu_workers():
+    ray_pin = re.search(r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)[1]
+    assert cluster_specs()
+    for name, spec in cluster_specs():
+        assert spec["rayVersion"] == ray_pin, f"{name}: rayVersion differs from constraints.txt"
+        head = spec["headGroupSpec"]
+        assert containers(head["template"]), f"{name}: head has no container"
+        assert all(isinstance(v, str) for v in head["rayStartParams"].values())
+        groups = spec["workerGroupSpecs"]
+        assert len({g["groupName"] for g in groups}) == len(groups)
+        for g in groups:
+            assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+            assert all(isinstance(v, str) for v in g["rayStartParams"].values())
+            assert containers(g["template"]), f"{name}/{g['groupName']}: no container"
+        gpu = [g for g in groups if g["groupName"] == "gpu"]
+        assert gpu, f"{name}: no GPU worker group"
+        for c in containers(gpu[0]["template"]):
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    (name, spec), *_ = cluster_specs()  # the long-lived cluster also has CPU-only workers
+    cpu = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "cpu"]
+    assert cpu and all(
+        "nvidia.com/gpu" not in c["resources"]["limits"] for c in containers(cpu[0]["template"])
+    )
+
+
+def test_rayjob_runs_the_spec_mounted_from_a_configmap():
+    (job,) = by_kind("RayJob")
+    call = shlex.split(job["spec"]["entrypoint"])
+    assert call[:2] == ["salient", "run"]
+    spec_path = Path(call[2])
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for c in head["containers"] for m in c["volumeMounts"]}
+    volume = {v["name"]: v for v in head["volumes"]}[mounts[str(spec_path.parent)]]
+    items = {i["path"]: i["key"] for i in volume["configMap"]["items"]}
+    assert items[spec_path.name] == "explain.yaml"
+    assert (ROOT / "jobs" / items[spec_path.name]).exists()  # what the ConfigMap is made from
+
+
+def test_nightly_cronjob_submits_to_the_rayclusters_dashboard():
+    (cron,) = by_kind("CronJob")
+    assert valid_cron(cron["spec"]["schedule"])
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] in ("Never", "OnFailure")
+    (container,) = pod["containers"]
+    (call,) = invocations(" ".join(container.get("command", []) + container.get("args", [])))
+    assert call[:2] == ["submit", "jobs/nightly.yaml"] and "--wait" in call
+    options = dict(zip(call[2::2], call[3::2], strict=False))
+    (cluster,) = by_kind("RayCluster")
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    dashboard = {p["name"]: p["containerPort"] for p in head["ports"]}["dashboard"]
+    assert options["--address"] == f"http://{cluster['metadata']['name']}-head-svc:{dashboard}"
+    # `$$` is Kubernetes' escape for `$`: the shell in the pod sees nightly-$(date +%F)
+    assert "--submission-id nightly-$$(date +%F)" in " ".join(container["args"])
+    assert container.get("workingDir") == "/app"  # where the image puts jobs/
+
+
+def test_one_image_everywhere():
+    images = {c["image"] for p in MANIFESTS for d in documents(p) for c in containers(d)}
+    assert len(images) == 1, images
+
+
+# -- image and scripts -----------------------------------------------------------------------
+def test_dockerfile_installs_the_package_and_runs_salient():
+    lines = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text()).splitlines()
+    instructions = [ln.split(None, 1) for ln in lines if ln.strip() and not ln.startswith("#")]
+    first = {}
+    for word, rest in instructions:
+        first.setdefault(word.upper(), []).append(rest)
+    assert re.match(r"(python:3\.11-slim|rayproject/ray:)", first["FROM"][0])
+    assert json.loads(first["ENTRYPOINT"][-1]) == ["salient"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["salient"] == "pipeline.cli:app"
+    assert any("pip install -c constraints.txt ." in r for r in first["RUN"])
+    copied = [src for rest in first["COPY"] for src in rest.split()[:-1]]
+    ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
+    for src in copied:
+        assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+        assert f"!{src}" in ignore or f"!{src}/" in ignore, f"{src} is kept out of the context"
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_parse_and_stop_only_their_own(path):
+    r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert path.read_text().startswith("#!/usr/bin/env bash\n")
+    assert path.stat().st_mode & 0o111, f"{path.name} is not executable"
+    code = [ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#")]
+    for word in ("ray stop", "pkill", "killall"):
+        assert not any(word in ln for ln in code), f"{path.name} uses {word!r}"
+
+
+def test_readme_crontab_lines_are_valid():
+    blocks = re.findall(r"```crontab\n(.*?)```", readme_infra(), re.S)
+    entries = [ln for b in blocks for ln in b.splitlines() if ln.strip() and ln[0] != "#"]
+    assert entries
+    for entry in entries:
+        assert valid_cron(" ".join(entry.split()[:5])), entry
+        assert not re.search(r"(?<!\\)%", entry), f"cron turns a bare % into a newline: {entry}"
+        assert invocations(" ".join(entry.split()[5:]))
