@@ -366,16 +366,25 @@ def print_changes(verdict: dict) -> None:
 
 
 def print_summary(summary: dict) -> None:
-    metrics = sorted({m for e in summary["explainers"].values() for m in e["metrics"]})
+    """Two narrow tables (they fit 80 columns): explainers, then metrics x explainers."""
+    explainers = summary["explainers"]
     table = Table(title=f"Run {summary['run_id']}")
-    for col in ("explainer", "images", "errors", *metrics, "images/s"):
+    for col in ("explainer", "images", "images/s", "passes/image"):
         table.add_column(col)
-    for key, e in summary["explainers"].items():
-        cells = [key, str(e["images"]), str(summary["errors"])]
-        cells += [_fmt(e["metrics"].get(m)) for m in metrics]
-        cells.append(_fmt(e["images_per_s"]))
-        table.add_row(*cells)
+    for key, e in explainers.items():
+        table.add_row(
+            key, str(e["images"]), _fmt(e["images_per_s"]), _fmt(e["forward_passes_per_image"])
+        )
     console.print(table)
+    metrics = sorted({m for e in explainers.values() for m in e["metrics"]})
+    if metrics:
+        mt = Table(title="Metric means")
+        mt.add_column("metric")
+        for key in explainers:
+            mt.add_column(key)
+        for m in metrics:
+            mt.add_row(m, *[_fmt(e["metrics"].get(m)) for e in explainers.values()])
+        console.print(mt)
     console.print(
         f"inputs {summary['inputs']} = images {summary['images_ok']} + errors "
         f"{summary['errors']} (lost {summary['lost']}); blocks computed "

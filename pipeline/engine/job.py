@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from ..report.html import ReportInputs, render_report
+from ..sources.annotations import load_annotations, to_model_space
 from ..sources.listing import Block, InputItem, list_inputs, make_blocks
 from ..spec import JobSpec, flatten
 from ..storage import (
     StorageUnavailable,
     configure_retries,
     filesystem,
-    read_bytes,
     write_bytes_atomic,
 )
 from ..tracking import JobTracker
@@ -64,7 +64,10 @@ def plan_blocks(spec: JobSpec) -> list[Block]:
     if not items:
         raise JobFailed(f"source.uri: no inputs found under {src.uri!r}")
     if src.annotations:
-        annotations = load_annotations(src.annotations, spec.storage.endpoint_url)
+        annotations = _by_image_id(
+            load_annotations(src.annotations, spec.storage.endpoint_url),
+            [it.image_id for it in items],
+        )
         items = [
             InputItem(
                 it.image_id,
@@ -78,18 +81,26 @@ def plan_blocks(spec: JobSpec) -> list[Block]:
     return make_blocks(items, spec.compute.block_size)
 
 
-def load_annotations(uri: str, endpoint_url: str | None) -> dict[str, dict]:
-    """image id -> annotation dict (imagenet-val-300 format: `file` relative to the source)."""
-    data = json.loads(read_bytes(uri, endpoint_url))
-    if isinstance(data, dict):
-        data = data.get("images") or data.get("annotations") or list(data.values())
-    return {a["file"]: a for a in data if isinstance(a, dict) and "file" in a}
-
-
 def expand_run_id(template: str) -> str:
     """`nightly-{date}` -> `nightly-2026-11-24` (UTC), so a schedule gets one run per day."""
     now = time.gmtime()
     return template.format(date=time.strftime("%Y-%m-%d", now), time=time.strftime("%H%M%S", now))
+
+
+def _by_image_id(annotations: dict[str, dict], ids: list[str]) -> dict[str, dict]:
+    """Annotation keys are paths relative to wherever the annotation file was made; match
+    them to image ids exactly, else by the id being a path suffix of the key."""
+    by_suffix = {}
+    for key, ann in annotations.items():
+        parts = key.split("/")
+        for i in range(len(parts)):
+            by_suffix.setdefault("/".join(parts[i:]), ann)
+    out = {}
+    for image_id in ids:
+        ann = annotations.get(image_id) or by_suffix.get(image_id)
+        if ann is not None:
+            out[image_id] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in ann.items()}
+    return out
 
 
 def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobResult:
@@ -170,10 +181,6 @@ def _execute(
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    try:
-        from ..sources.annotations import to_model_space
-    except ImportError:  # TEMP until annotations land
-        to_model_space = None
     from ..sources.reader import read_block
 
     _init_ray(address)
@@ -281,19 +288,19 @@ def summarise(
         seconds = sum(mk["seconds"].get(m.key, 0.0) for mk in markers.values())
         images = sum(mk["images"].get(m.key, 0) for mk in markers.values())
         passes = sum(mk["forward_passes"].get(m.key, 0) for mk in markers.values())
-        metrics = {}
-        for mk in markers.values():
-            for metric, (n, total) in mk["metric_values"].get(m.key, {}).items():
-                acc = metrics.setdefault(metric, [0, 0.0])
-                acc[0] += n
-                acc[1] += total
+        merged = merge_metric_states(
+            [markers[b.block_id].get("metric_states", {}).get(m.key, {}) for b in blocks]
+        )
         per_explainer[m.key] = {
             "method": m.name,
             "images": images,
             "images_per_s": images / seconds if seconds else None,
             "forward_passes_per_image": passes / images if images else None,
-            "metrics": {k: (s / n if n else None) for k, (n, s) in sorted(metrics.items())},
-            "metric_counts": {k: n for k, (n, _) in sorted(metrics.items())},
+            "metrics": {k: metric.compute() for k, metric in sorted(merged.items())},
+            "metric_counts": {k: metric.n for k, metric in sorted(merged.items())},
+            "metric_details": {
+                k: d for k, metric in sorted(merged.items()) if (d := metric_details(metric))
+            },
         }
     return {
         "run_id": run_id,
@@ -329,6 +336,31 @@ def _overlays(root: str, endpoint: str | None) -> dict[str, bytes]:
         for p in sorted(fs.find(path))
         if p.endswith(".png")
     }
+
+
+def merge_metric_states(per_block: list[dict]) -> dict:
+    """metric key -> one metric holding the merged state of every block (streaming reduce)."""
+    from ..metrics import metric_class
+
+    merged: dict = {}
+    for states in per_block:
+        for key, entry in states.items():
+            if key not in merged:
+                merged[key] = metric_class(entry["name"])(**entry["params"])
+            merged[key].merge(entry["state"])
+    return merged
+
+
+def metric_details(metric) -> dict:
+    """What a metric knows beyond its mean: curves, per-transform values, a verdict."""
+    out = {}
+    if hasattr(metric, "mean_curve"):
+        out["curve"] = metric.mean_curve()
+    if hasattr(metric, "by_transform"):
+        out["by_transform"] = metric.by_transform()
+    if hasattr(metric, "report"):
+        out.update(metric.report())
+    return out
 
 
 def _flat_metrics(summary: dict) -> dict[str, float]:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..explainers import build_explainer, explainer_params
+from ..metrics import build_metric
 from ..models import LoadedModel, load_model
 from ..report.overlay import overlay_png
 from ..spec import JobSpec, MethodSpec, ModelSpec
@@ -45,6 +46,8 @@ class BlockResult:
     seconds: dict[str, float] = field(default_factory=dict)
     images: dict[str, int] = field(default_factory=dict)
     passes: dict[str, int] = field(default_factory=dict)
+    # explainer -> metric key -> {"name", "params", "state"}: merged by the driver
+    metric_states: dict[str, dict] = field(default_factory=dict)
 
 
 def load_job_model(
@@ -169,7 +172,7 @@ class ExplainWorker:
             "seconds": result.seconds,
             "images": result.images,
             "forward_passes": result.passes,
-            "metric_values": self._metric_sums(result.metrics),
+            "metric_states": result.metric_states,
             "wall_seconds": time.perf_counter() - t0,
             "worker": self.instance,
             "max_batch_cap": self.model.max_batch_cap,
@@ -218,11 +221,13 @@ class ExplainWorker:
             )
         if row["block_id"].startswith("000000-"):  # a few overlays from the first block
             self._overlays(maps_by_explainer, pairs, keep, ids, row["pixels"])
+        kept = _select(pairs, keep)
         for key, maps in maps_by_explainer.items():
-            self._heatmap_rows(
-                key, maps[keep], _select(pairs, keep), ids, sources, labels, predicted, result
+            self._heatmap_rows(key, maps[keep], kept, ids, sources, labels, predicted, result)
+        if self.spec.metrics:
+            self._metric_rows(
+                {k: m[keep] for k, m in maps_by_explainer.items()}, x, kept, ids, anns, result
             )
-            self._metric_rows(key, x, maps[keep], _select(pairs, keep), ids, anns, result)
 
     def _overlays(self, maps_by_explainer, pairs: Pairs, keep, ids, pixels, n: int = 4):
         endpoint = self.spec.storage.endpoint_url
@@ -297,21 +302,62 @@ class ExplainWorker:
                 }
             )
 
-    def _metric_rows(self, key, x, maps, pairs: Pairs, ids, anns, result) -> None:
-        pass  # filled in by the metrics integration
-
-    @staticmethod
-    def _metric_sums(rows: list[dict]) -> dict:
-        """Per explainer and metric: count and sum of the non-null values (a mergeable state)."""
-        out: dict[str, dict[str, list[float]]] = {}
-        for r in rows:
-            v = r["value"]
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                continue
-            acc = out.setdefault(r["explainer"], {}).setdefault(r["metric"], [0, 0.0])
-            acc[0] += 1
-            acc[1] += float(v)
-        return out
+    def _metric_rows(self, maps_by_explainer, x, pairs: Pairs, ids, anns, result) -> None:
+        """Every metric of the spec on every explainer's maps, batch by batch; a metric that
+        raises gives null values and a (non-fatal) error row, never a lost heatmap."""
+        device = self.model.device
+        bs = self.spec.compute.batch_size
+        n = len(pairs.image)
+        for key, maps in maps_by_explainer.items():
+            states = result.metric_states.setdefault(key, {})
+            for mspec in self.spec.metrics:
+                metric = build_metric(mspec.name, **mspec.params)
+                values: list = []
+                for s in range(0, n, bs):
+                    idx = torch.arange(s, min(s + bs, n))
+                    img = pairs.image[idx]
+                    try:
+                        values += metric.update(
+                            self.model,
+                            x[img.to(device)],
+                            pairs.target[idx].to(device),
+                            maps[idx].to(device),
+                            [anns[int(i)] for i in img],
+                            explainer=self.explainers[key],
+                            maps_by_explainer={
+                                k: m[idx].to(device) for k, m in maps_by_explainer.items()
+                            },
+                        )
+                    except Exception as e:
+                        values += [None] * len(idx)
+                        for i in sorted({int(i) for i in img}):
+                            result.errors.append(
+                                {
+                                    "image_id": ids[i],
+                                    "uri": "",
+                                    "stage": f"metric:{mspec.key}",
+                                    "error_type": type(e).__name__,
+                                    "message": str(e)[:2000],
+                                    "fatal": False,
+                                }
+                            )
+                for j, v in enumerate(values):
+                    ok = v is not None and math.isfinite(v)
+                    result.metrics.append(
+                        {
+                            "run_id": self.run_id,
+                            "image_id": ids[int(pairs.image[j])],
+                            "explainer": key,
+                            "target": int(pairs.target[j]),
+                            "metric": mspec.key,
+                            "value": float(v) if ok else None,
+                        }
+                    )
+                states[mspec.key] = {
+                    "name": mspec.name,
+                    "params": mspec.params,
+                    "state": metric.state(),
+                }
 
     def _tables(self, result: BlockResult) -> dict[str, pa.Table]:
         heat = result.heatmaps

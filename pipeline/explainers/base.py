@@ -50,7 +50,9 @@ def build_explainer(name: str, model: LoadedModel, **params) -> Explainer:
             f"explainer {name!r} has no parameter {', '.join(map(repr, unknown))}; "
             f"it accepts: {', '.join(accepted) or 'none'}"
         )
-    return cls(model, **params)
+    explainer = cls(model, **params)
+    explainer.params = dict(params)  # how it was built: sanity checks rebuild it on a copy
+    return explainer
 
 
 class Explainer:

@@ -52,6 +52,17 @@ class ReportInputs:
 
 def render_report(inp: ReportInputs) -> str:
     s = inp.summary
+    for key, e in s["explainers"].items():  # curves and verdicts the metrics carried
+        for metric, d in e.get("metric_details", {}).items():
+            if "curve" in d and metric in ("deletion", "insertion"):
+                inp.curves.setdefault(key, {})[metric] = d["curve"]
+            if d.get("verdict") and inp.sanity is None:
+                inp.sanity = {}
+            if d.get("verdict"):
+                inp.sanity[f"{key} ({metric})"] = {
+                    "verdict": d["verdict"],
+                    "detail": f"|Spearman| by step {[round(v, 3) for v in d['spearman_by_step']]}",
+                }
     parts = [
         f"<h1>{_e(inp.title)}</h1>",
         f"<p>run <b>{_e(s['run_id'])}</b> &middot; inputs {s['inputs']} = images "

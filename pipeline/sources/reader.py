@@ -49,7 +49,7 @@ def read_block(
         ann = (annotations or {}).get(item.image_id)
         label = item.label
         if ann is not None and label is None:
-            label = ann.get("label_index", ann.get("label"))
+            label = ann.get("label")
         if ann is not None and to_model_space is not None:
             ann = to_model_space(ann, preprocess.geometry(image.width, image.height))
         ok_ids.append(item.image_id)

@@ -1,0 +1,109 @@
+"""Metric base class and the registry (the one extension point for metrics).
+
+A metric is a streaming reducer: `update(model, x, targets, maps, annotations, **context)`
+returns one value per image (None where the image lacks the ground truth the metric needs: a
+null, never a zero) and folds them into a small `state()`; states from many Ray workers combine
+with `merge`, and `compute()` gives the aggregate. The default aggregate is the mean of the
+non-null values; a metric that needs more (curves, verdicts) extends the state.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import ClassVar
+
+import torch
+
+METRICS: dict[str, type[Metric]] = {}
+
+
+def register(cls: type[Metric]) -> type[Metric]:
+    if cls.name in METRICS:
+        raise ValueError(f"metric {cls.name!r} registered twice")
+    METRICS[cls.name] = cls
+    return cls
+
+
+def metric_class(name: str) -> type[Metric]:
+    if name not in METRICS:
+        import difflib
+
+        close = difflib.get_close_matches(name, METRICS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown metric {name!r}{hint} (known: {', '.join(sorted(METRICS))})")
+    return METRICS[name]
+
+
+def metric_params(name: str) -> dict[str, inspect.Parameter]:
+    sig = inspect.signature(metric_class(name).__init__)
+    return {k: p for k, p in sig.parameters.items() if k != "self"}
+
+
+def build_metric(name: str, **params) -> Metric:
+    cls = metric_class(name)
+    accepted = metric_params(name)
+    unknown = [k for k in params if k not in accepted]
+    if unknown:
+        raise ValueError(
+            f"metric {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+            f"it accepts: {', '.join(accepted) or 'none'}"
+        )
+    return cls(**params)
+
+
+class Metric:
+    name: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True
+    # ground truth needed: "none", "boxes", "boxes|mask" (either), "landmarks"
+    needs: ClassVar[str] = "none"
+    # needs the explainer object (context `explainer`) to recompute maps
+    needs_explainer: ClassVar[bool] = False
+
+    def __init__(self):
+        self.n = 0
+        self.total = 0.0
+
+    @property
+    def forward_passes(self) -> int:
+        """Model forwards per image this metric costs (0 for ground-truth metrics)."""
+        return 0
+
+    def update(self, model, x, targets, maps, annotations, **context) -> list[float | None]:
+        values = self.values(model, x, targets, maps, annotations, **context)
+        for v in values:
+            if v is not None:
+                self.n += 1
+                self.total += float(v)
+        return values
+
+    def values(self, model, x, targets, maps, annotations, **context) -> list[float | None]:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        return {"n": self.n, "total": self.total}
+
+    def merge(self, state: dict) -> Metric:
+        self.n += state["n"]
+        self.total += state["total"]
+        return self
+
+    def compute(self) -> float | None:
+        return self.total / self.n if self.n else None
+
+    @classmethod
+    def from_states(cls, states: list[dict], **params) -> Metric:
+        m = cls(**params)
+        for s in states:
+            m.merge(s)
+        return m
+
+
+def positive(maps: torch.Tensor) -> torch.Tensor:
+    """Signed maps count only their positive evidence in energy- and area-based metrics."""
+    return maps.clamp_min(0)
+
+
+def normalise01(maps: torch.Tensor) -> torch.Tensor:
+    from ..explainers.base import minmax
+
+    return minmax(maps.float())

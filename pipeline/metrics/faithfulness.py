@@ -1,0 +1,170 @@
+"""Faithfulness metrics (no ground truth): average drop, increase in confidence, win, deletion
+and insertion AUC. Every perturbed forward goes through the perturbed-forward core, so all steps
+of many images run in a few large batches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms.functional import gaussian_blur
+
+from ..explainers.perturb import blend, perturbed_scores
+from .base import Metric, normalise01, register
+
+
+def explanation_map_scores(model, x, targets, maps, max_batch=None) -> torch.Tensor:
+    """[B,2]: P_c(x) and P_c(x ⊙ M + x_d ⊙ (1-M)) with M the map in [0,1], x_d black (seed 004
+    eq. 10-11)."""
+    m = normalise01(maps.to(x.device))[:, None]
+    black = model.preprocess.pixel_value(0.0, x.device)
+
+    def make(img, k):
+        kept = blend(x, m[img], img, black)
+        return torch.where((k == 0)[:, None, None, None], x[img], kept)
+
+    return perturbed_scores(model, targets.to(x.device), 2, make, max_batch=max_batch)
+
+
+@register
+class AverageDrop(Metric):
+    """max(0, Y - O) / Y x 100 per image (lower is better); Y = P_c(x), O = P_c(explanation map
+    image). 2 forwards per image."""
+
+    name = "average_drop"
+    higher_is_better = False
+
+    def __init__(self, max_batch: int | None = None):
+        super().__init__()
+        self.max_batch = max_batch
+
+    @property
+    def forward_passes(self) -> int:
+        return 2
+
+    def values(self, model, x, targets, maps, annotations, **_):
+        s = explanation_map_scores(model, x, targets, maps, self.max_batch)
+        y, o = s[:, 0], s[:, 1]
+        return ((y - o).clamp_min(0) / y.clamp_min(1e-12) * 100).tolist()
+
+
+@register
+class IncreaseInConfidence(AverageDrop):
+    """100 where O > Y, else 0: the mean is the % of images whose confidence rose."""
+
+    name = "increase_in_confidence"
+    higher_is_better = True
+
+    def values(self, model, x, targets, maps, annotations, **_):
+        s = explanation_map_scores(model, x, targets, maps, self.max_batch)
+        return ((s[:, 1] > s[:, 0]).float() * 100).tolist()
+
+
+@register
+class Win(AverageDrop):
+    """Image-by-image comparison of two explainers (seed 004): 100 where this explainer's
+    explanation map keeps more of the target's probability than `against`'s (a lower drop),
+    50 on a tie, else 0. Needs the other explainer's maps (context `maps_by_explainer`)."""
+
+    name = "win"
+
+    def __init__(self, against: str = "", max_batch: int | None = None):
+        super().__init__(max_batch)
+        if not against:
+            raise ValueError("win: name the explainer to compare with (against=...)")
+        self.against = against
+
+    @property
+    def forward_passes(self) -> int:
+        return 3
+
+    def values(self, model, x, targets, maps, annotations, maps_by_explainer=None, **_):
+        if not maps_by_explainer or self.against not in maps_by_explainer:
+            raise ValueError(f"win: the job has no explainer {self.against!r} to compare with")
+        mine = explanation_map_scores(model, x, targets, maps, self.max_batch)[:, 1]
+        theirs = explanation_map_scores(
+            model, x, targets, maps_by_explainer[self.against], self.max_batch
+        )[:, 1]
+        return torch.where(mine > theirs, 100.0, torch.where(mine == theirs, 50.0, 0.0)).tolist()
+
+
+class _PixelCurve(Metric):
+    """Pixels are removed (deletion) or added (insertion) in order of saliency, `steps` steps of
+    H*W/steps pixels; the target's softmax is scored at each of the steps+1 points and the AUC
+    taken by the trapezoid rule over x in [0, 1]. steps+1 forwards per image, all batched."""
+
+    deletion: bool
+
+    def __init__(
+        self, steps: int = 224, substrate: str | float | None = None, max_batch: int | None = None
+    ):
+        super().__init__()
+        if steps < 1:
+            raise ValueError(f"{self.name}: steps must be >= 1, got {steps}")
+        self.steps, self.max_batch = steps, max_batch
+        self.substrate = (
+            substrate if substrate is not None else ("black" if self.deletion else "blur")
+        )
+        self.curve = torch.zeros(steps + 1, dtype=torch.float64)
+
+    @property
+    def forward_passes(self) -> int:
+        return self.steps + 1
+
+    def _substrate(self, model, x) -> torch.Tensor:
+        if self.substrate == "blur":
+            return gaussian_blur(x, kernel_size=11, sigma=5.0)
+        value = 0.0 if self.substrate == "black" else float(self.substrate)
+        return model.preprocess.pixel_value(value, x.device).expand_as(x)
+
+    def curves(self, model, x, targets, maps) -> torch.Tensor:
+        b, _, h, w = x.shape
+        n = h * w
+        order = torch.argsort(maps.to(x.device).flatten(1), dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(n, device=x.device).expand(b, n))
+        counts = torch.round(torch.arange(self.steps + 1, device=x.device) * n / self.steps)
+        other = self._substrate(model, x)
+
+        def make(img, k):
+            touched = (rank[img] < counts[k][:, None]).view(-1, 1, h, w).float()
+            if self.deletion:  # touched pixels show the substrate
+                return x[img] * (1 - touched) + other[img] * touched
+            return other[img] * (1 - touched) + x[img] * touched
+
+        return perturbed_scores(
+            model, targets.to(x.device), self.steps + 1, make, max_batch=self.max_batch
+        )
+
+    def values(self, model, x, targets, maps, annotations, **_):
+        c = self.curves(model, x, targets, maps)
+        self.curve += c.sum(0).double().cpu()
+        auc = ((c[:, 1:] + c[:, :-1]) / 2).sum(1) / self.steps
+        return auc.tolist()
+
+    def state(self):
+        return {**super().state(), "curve": self.curve.tolist()}
+
+    def merge(self, state):
+        super().merge(state)
+        self.curve += torch.tensor(state["curve"], dtype=torch.float64)
+        return self
+
+    def mean_curve(self) -> list[float]:
+        return (self.curve / max(self.n, 1)).tolist()
+
+
+@register
+class Deletion(_PixelCurve):
+    """Deletion AUC: most salient pixels first, to black (lower is better)."""
+
+    name = "deletion"
+    higher_is_better = False
+    deletion = True
+
+
+@register
+class Insertion(_PixelCurve):
+    """Insertion AUC: most salient pixels first, onto a blurred image (higher is better)."""
+
+    name = "insertion"
+    deletion = False

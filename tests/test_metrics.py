@@ -1,0 +1,273 @@
+"""Metrics: known answers computed here, streaming merges, nulls, and a real-data table."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_images
+from torch import nn
+
+from pipeline.metrics import METRICS, build_metric
+from pipeline.metrics.stability import psi
+from pipeline.models import Preprocess, wrap_module
+
+H = W = 32
+
+
+def box_map(y, x, value=1.0):
+    m = torch.zeros(1, H, W)
+    m[0, y, x] = value
+    return m
+
+
+def pg(maps, anns, **params):
+    return build_metric("pointing_game", **params).values(None, None, None, maps, anns)
+
+
+def test_pointing_game_peak_tolerance_and_null():
+    ann = [{"boxes": [[2, 2, 8, 8]]}]
+    assert pg(box_map(5, 5), ann) == [1.0]
+    assert pg(box_map(5, 9), ann) == [0.0]  # one pixel right of the inclusive corner x1=8
+    assert pg(box_map(5, 9), ann, tolerance=15) == [1.0]
+    assert pg(box_map(5, 30), ann, tolerance=15) == [0.0]  # 22 px away
+    m = build_metric("pointing_game")
+    assert m.update(
+        None, None, None, torch.cat([box_map(5, 5), box_map(5, 5)]), [{"boxes": [[2, 2, 8, 8]]}, {}]
+    ) == [1.0, None]
+    assert m.compute() == 1.0 and m.n == 1  # the image without boxes is not a miss
+
+
+def test_pointing_game_blob_variant_seed_000():
+    """A one-pixel spike outside the box fools the plain maximum, not the biggest blob."""
+    m = torch.zeros(1, H, W)
+    m[0, 3:9, 3:9] = 0.97  # big plateau inside the box, >= 0.95 of the max
+    m[0, 20, 25] = 1.0  # single spike outside
+    ann = [{"boxes": [[2, 2, 8, 8]]}]
+    assert pg(m, ann) == [0.0]
+    assert pg(m, ann, variant="blob") == [1.0]
+
+
+def test_pointing_game_small_only_small_boxes():
+    small = build_metric("pointing_game_small")
+    anns = [{"boxes": [[2, 2, 8, 8]]}, {"boxes": [[0, 0, 20, 20]]}]  # 49/1024 and 441/1024
+    assert small.values(None, None, None, torch.cat([box_map(5, 5)] * 2), anns) == [1.0, None]
+
+
+def test_energy_pointing_game_by_hand():
+    m = torch.zeros(1, H, W)
+    m[0, 2:9, 2:9] = 1.0  # 49 px inside the box
+    m[0, 20:27, 20:27] = 1.0  # 49 px outside
+    m[0, 0, 31] = -5.0  # negative evidence does not count
+    e = build_metric("energy_pointing_game")
+    assert e.values(None, None, None, m, [{"boxes": [[2, 2, 8, 8]]}]) == [pytest.approx(0.5)]
+    mask = np.zeros((H, W), dtype=bool)
+    mask[2:9, 2:9] = True
+    assert e.values(None, None, None, m[:, :, :], [{"mask": mask}]) == [pytest.approx(0.5)]
+
+
+def test_iou_curve_of_the_box_itself():
+    m = torch.zeros(1, H, W)
+    m[0, 2:9, 2:9] = 1.0
+    metric = build_metric("iou_curve", thresholds=10)
+    (value,) = metric.values(None, None, None, m, [{"boxes": [[2, 2, 8, 8]]}])
+    # t = 0 keeps every pixel: IoU = 49/1024; t = 0.1 .. 0.9 keep exactly the box: IoU = 1
+    assert value == pytest.approx((49 / 1024 + 9) / 10)
+
+
+def test_localisation_error_95_percent_energy_box():
+    m = torch.zeros(1, H, W)
+    m[0, 4:13, 4:13] = 1.0  # the energy box is [4,4,12,12]
+    le = build_metric("localisation_error")
+    assert le.values(None, None, None, m, [{"boxes": [[4, 4, 13, 13]]}]) == [0.0]  # IoU .81
+    assert le.values(None, None, None, m, [{"boxes": [[20, 20, 30, 30]]}]) == [1.0]
+    assert le.values(None, None, None, m, [{}]) == [None]
+
+
+def test_landmark_distance():
+    lm = build_metric("landmark_distance")
+    assert lm.values(None, None, None, box_map(10, 10), [{"landmarks": [[13, 14], [30, 0]]}]) == [
+        pytest.approx(5.0)
+    ]
+
+
+class MeanOfChannel0(nn.Module):
+    """logit_0 = alpha * mean of channel 0, logit_1 = 0: P(class 0) = sigmoid(alpha * mean)."""
+
+    def __init__(self, alpha=6.0):
+        super().__init__()
+        self.alpha = alpha
+        self.dummy = nn.Parameter(torch.zeros(1))  # a device to live on
+
+    def forward(self, x):
+        m = x[:, 0].flatten(1).mean(1) * self.alpha
+        return torch.stack([m, torch.zeros_like(m)], 1)
+
+
+def mean_model():
+    pre = Preprocess(size=H, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), policy="squash")
+    return wrap_module(MeanOfChannel0(), pre, id="test:mean", device="cpu", labels=["a", "b"])
+
+
+def _sigmoid(v):
+    return 1 / (1 + math.exp(-v))
+
+
+@pytest.mark.parametrize("kind", ["deletion", "insertion"])
+def test_deletion_insertion_auc_against_hand_computation(kind):
+    model = mean_model()
+    n = H * W
+    values = torch.randperm(n, generator=torch.Generator().manual_seed(0)).float() / n
+    x = values.view(1, 1, H, W).expand(1, 3, H, W).contiguous()
+    saliency = x[:, 0] + 0.3 * torch.rand(1, H, W, generator=torch.Generator().manual_seed(1))
+    steps = 16
+    metric = build_metric(kind, steps=steps, substrate=0.0)  # black: 0 in this model space
+    (auc,) = metric.update(model, x, torch.tensor([0]), saliency, [{}])
+    order = np.argsort(-saliency.flatten().numpy(), kind="stable")
+    v = values.numpy()
+    scores = []
+    for k in range(steps + 1):
+        c = int(round(k * n / steps))
+        touched = order[:c]
+        visible = v.copy()
+        if kind == "deletion":
+            visible[touched] = 0.0
+        else:
+            visible = np.zeros_like(v)
+            visible[touched] = v[touched]
+        scores.append(_sigmoid(6.0 * visible.mean()))
+    by_hand = sum((scores[i] + scores[i + 1]) / 2 for i in range(steps)) / steps
+    assert auc == pytest.approx(by_hand, abs=1e-5)
+    assert metric.forward_passes == steps + 1
+    assert metric.mean_curve() == pytest.approx(scores, abs=1e-5)
+
+
+def test_average_drop_and_increase_in_confidence_eq_10_11(tiny):
+    x = random_images(4, 32, seed=3)
+    t = tiny.predict(x)[1][:, 0]
+    maps = torch.rand(4, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = tiny.module(x).softmax(-1)[torch.arange(4), t]
+        lo = maps.flatten(1).min(1).values[:, None, None]
+        hi = maps.flatten(1).max(1).values[:, None, None]
+        m = ((maps - lo) / (hi - lo))[:, None]
+        black = tiny.preprocess.pixel_value(0.0)
+        o = tiny.module(x * m + black * (1 - m)).softmax(-1)[torch.arange(4), t]
+    drop = build_metric("average_drop")
+    got = drop.update(tiny, x, t, maps, [{}] * 4)
+    assert got == pytest.approx(((y - o).clamp_min(0) / y * 100).tolist(), rel=1e-4)
+    inc = build_metric("increase_in_confidence")
+    assert inc.update(tiny, x, t, maps, [{}] * 4) == [100.0 if b else 0.0 for b in (o > y)]
+    assert drop.compute() == pytest.approx(float(((y - o).clamp_min(0) / y * 100).mean()), rel=1e-4)
+
+
+def test_win_compares_two_explainers_image_by_image():
+    tiny = mean_model()  # P(class 0) grows with the visible brightness of channel 0
+    x = torch.ones(3, 3, H, W)
+    t = torch.zeros(3, dtype=torch.long)
+    good = torch.ones(3, 32, 32)  # keeps all but one pixel (a constant map would keep none)
+    good[:, 31, 31] = 0.0
+    bad = torch.zeros(3, 32, 32)
+    bad[:, 0, 0] = 1.0  # keeps one pixel
+    win = build_metric("win", against="other")
+    assert win.update(tiny, x, t, good, [{}] * 3, maps_by_explainer={"other": bad}) == [100.0] * 3
+    assert win.update(tiny, x, t, good, [{}] * 3, maps_by_explainer={"other": good}) == [50.0] * 3
+
+
+def test_stability_psi_bounds_and_index(tiny):
+    m = torch.rand(2, 32, 32)
+    assert psi(m, m).tolist() == pytest.approx([1.0, 1.0])
+    assert psi(torch.zeros(1, 8, 8), torch.ones(1, 8, 8)).tolist() == pytest.approx([0.0])
+    from pipeline.explainers import build_explainer
+
+    e = build_explainer("gradcam", tiny)
+    x = random_images(2, 32, seed=5)
+    t = tiny.predict(x)[1][:, 0]
+    si = build_metric("stability_index", transforms=["hflip", "rotate"])
+    values = si.update(tiny, x, t, e(x, t), [{}] * 2, explainer=e)
+    assert all(0 <= v <= 1 for v in values)
+    assert set(si.by_transform()) == {"hflip", "rotate"}
+
+
+def _weights_hash(module):
+    h = hashlib.sha256()
+    for v in module.state_dict().values():
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_parameter_randomisation_gradcam_similarity_falls_and_original_untouched(tiny):
+    from pipeline.explainers import build_explainer
+
+    x = random_images(3, 32, seed=6)
+    t = tiny.predict(x)[1][:, 0]
+    before = _weights_hash(tiny.module)
+    e = build_explainer("gradcam", tiny)
+    pr = build_metric("parameter_randomisation", steps=4)
+    pr.update(tiny, x, t, e(x, t), [{}] * 3, explainer=e)
+    report = pr.report()
+    curve = report["spearman_by_step"]
+    assert max(curve) < 0.5 and report["mean_spearman"] < 0.5, curve  # 1.0 before any step
+    assert report["verdict"] == "pass"
+    assert _weights_hash(tiny.module) == before  # worked on a copy
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("pointing_game", {}),
+        ("deletion", {"steps": 8}),
+        ("average_drop", {}),
+        ("iou_curve", {}),
+    ],
+)
+def test_streaming_merge_of_halves_equals_whole(name, params, tiny):
+    x = random_images(6, 32, seed=7)
+    t = tiny.predict(x)[1][:, 0]
+    maps = torch.rand(6, 32, 32, generator=torch.Generator().manual_seed(8))
+    anns = [{"boxes": [[0, 0, 15, 15]]}, {}, {"boxes": [[10, 10, 30, 30]]}] * 2
+    whole = build_metric(name, **params)
+    whole.update(tiny, x, t, maps, anns)
+    a, b = build_metric(name, **params), build_metric(name, **params)
+    a.update(tiny, x[:3], t[:3], maps[:3], anns[:3])
+    b.update(tiny, x[3:], t[3:], maps[3:], anns[3:])
+    merged = type(whole).from_states([a.state(), b.state()], **params)
+    assert merged.compute() == pytest.approx(whole.compute())
+    assert merged.state().keys() == whole.state().keys()
+
+
+def test_every_metric_declares_direction_needs_and_cost():
+    for name, cls in METRICS.items():
+        assert isinstance(cls.higher_is_better, bool), name
+        assert cls.needs in ("none", "boxes", "boxes|mask", "landmarks"), name
+
+
+def test_unknown_metric_and_parameter():
+    with pytest.raises(ValueError, match="did you mean deletion"):
+        build_metric("deletio")
+    with pytest.raises(ValueError, match="no parameter 'stepz'"):
+        build_metric("deletion", stepz=3)
+
+
+def test_sanity_verdicts_of_seed_002_table_3_on_the_builtin(builtin, demo_images):
+    """Gradients and Grad-CAM pass (their maps change with the weights), guided backprop fails
+    (its maps survive randomising the top layers), as in seed 002 Table 3."""
+    from pipeline.explainers import build_explainer
+
+    x = builtin.preprocess(demo_images[:2])
+    t = builtin.predict(x)[1][:, 0]
+    verdicts = {}
+    for name in ("saliency", "gradcam", "guided_backprop"):
+        e = build_explainer(name, builtin)
+        pr = build_metric("parameter_randomisation", steps=4)
+        pr.update(builtin, x, t, e(x, t), [{}] * 2, explainer=e)
+        verdicts[name] = pr.report()
+    assert verdicts["saliency"]["verdict"] == "pass", verdicts["saliency"]
+    assert verdicts["gradcam"]["verdict"] == "pass", verdicts["gradcam"]
+    assert verdicts["guided_backprop"]["verdict"] == "fail", verdicts["guided_backprop"]
+    # and the first step (classifier and top blocks) already separates them
+    assert verdicts["guided_backprop"]["spearman_by_step"][0] > 0.8
+    assert verdicts["gradcam"]["spearman_by_step"][0] < 0.6
