@@ -271,3 +271,60 @@ def test_sanity_verdicts_of_seed_002_table_3_on_the_builtin(builtin, demo_images
     # and the first step (classifier and top blocks) already separates them
     assert verdicts["guided_backprop"]["spearman_by_step"][0] > 0.8
     assert verdicts["gradcam"]["spearman_by_step"][0] < 0.6
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_real_imagenet_table_with_sanity_bounds(builtin, imagenet300):
+    """Grad-CAM, saliency and GLAS with the builtin model on real ImageNet images with their
+    official boxes. Subsets keep it inside CI time: 60 images for the localisation metrics
+    (20 for GLAS at k=6, 73 forwards each) and 12 for deletion/insertion at 32 steps."""
+    from PIL import Image
+
+    from pipeline.explainers import EXPLAINERS, build_explainer
+    from pipeline.sources.annotations import read_imagenet, to_model_space
+
+    items = imagenet300[:60]
+    anns_src = read_imagenet(items)
+    pre = builtin.preprocess
+    images = [Image.open(it["path"]) for it in items]
+    x = pre(images)
+    anns = [
+        to_model_space(anns_src[it["file"]], pre.geometry(*im.size))
+        for it, im in zip(items, images, strict=True)
+    ]
+    t = torch.tensor([it["label_index"] for it in items])
+    # the random baseline: a uniformly random point hits the boxes with P = box area / image
+    from pipeline.metrics.localisation import ground_truth
+
+    random_pg = float(np.mean([float(ground_truth(a, 224, 224).float().mean()) for a in anns]))
+    methods = {"gradcam": {}, "saliency": {}}
+    if "glas" in EXPLAINERS:
+        methods["glas"] = {"k": 6}
+    table = {}
+    for name, params in methods.items():
+        e = build_explainer(name, builtin, **params)
+        n = 20 if name == "glas" else 60
+        maps = torch.cat([e(x[s : s + 10], t[s : s + 10]) for s in range(0, n, 10)])
+        row = {}
+        for metric in ("pointing_game", "energy_pointing_game"):
+            m = build_metric(metric)
+            m.update(builtin, x[:n], t[:n], maps, anns[:n])
+            row[metric] = m.compute()
+        for metric in ("deletion", "insertion"):
+            m = build_metric(metric, steps=32)
+            m.update(builtin, x[:12], t[:12], maps[:12], anns[:12])
+            row[metric] = m.compute()
+        table[name] = row
+    print(f"\nrandom pointing baseline (mean box area fraction): {random_pg:.3f}")
+    print(f"{'method':10s} {'PG':>6s} {'energyPG':>9s} {'deletion':>9s} {'insertion':>9s}")
+    for name, r in table.items():
+        print(
+            f"{name:10s} {r['pointing_game']:6.3f} {r['energy_pointing_game']:9.3f} "
+            f"{r['deletion']:9.3f} {r['insertion']:9.3f}"
+        )
+    g = table["gradcam"]
+    assert g["pointing_game"] > random_pg + 0.15  # well above chance
+    assert g["energy_pointing_game"] > random_pg
+    assert g["insertion"] > g["deletion"]
+    assert table["saliency"]["pointing_game"] > random_pg
