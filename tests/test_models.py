@@ -199,3 +199,12 @@ def test_mlflow_registry_models_by_version_and_alias(tmp_path):
         load_model("models:/pickled/1", registry_uri=uri)
     with pytest.raises(ValueError, match="could not be fetched"):
         load_model("models:/absent/1", registry_uri=uri)
+
+
+def test_random_init_without_weights_is_the_same_in_every_process():
+    """A job loads its model on the driver and in each actor: without a weights file they must
+    still agree (and so must the weights hash recorded in MLflow)."""
+    a = load_model("torchvision:resnet18", num_classes=3)
+    torch.manual_seed(1234)  # the caller's RNG state must not matter
+    b = load_model("torchvision:resnet18", num_classes=3)
+    assert a.weights_hash == b.weights_hash

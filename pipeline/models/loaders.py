@@ -155,7 +155,9 @@ def _torchvision(arch: str, *, weights=None, num_classes=None, **_) -> LoaderRes
     if arch not in tvm.list_models(module=tvm):
         raise ValueError(f"unknown torchvision classification model {arch!r}")
     kwargs = {"num_classes": num_classes} if num_classes else {}
-    module = tvm.get_model(arch, weights=None, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # no weights: the same random init in every process (and hash)
+        module = tvm.get_model(arch, weights=None, **kwargs)
     return (module, Preprocess(size=224), _load_weights(module, weights))
 
 
@@ -164,7 +166,9 @@ def _timm(arch: str, *, weights=None, num_classes=None, **_) -> LoaderResult:
     import timm
 
     kwargs = {"num_classes": num_classes} if num_classes else {}
-    module = timm.create_model(arch, pretrained=False, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # no weights: the same random init in every process (and hash)
+        module = timm.create_model(arch, pretrained=False, **kwargs)
     cfg = module.pretrained_cfg or {}
     size = (cfg.get("input_size") or (3, 224, 224))[-1]
     preprocess = Preprocess(
