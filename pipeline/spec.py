@@ -78,6 +78,7 @@ class ComputeSpec(_Strict):
     block_size: int = Field(64, ge=1, description="Images per output file (the unit of resume)")
     max_batch: int | None = Field(None, ge=1, description="Perturbed copies per forward")
     device: str | None = None
+    autocast: bool = Field(True, description="bf16 autocast for perturbation forwards on CUDA")
 
 
 class TrackingSpec(_Strict):

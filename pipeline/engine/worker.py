@@ -136,6 +136,7 @@ class ExplainWorker:
         self.model = load_job_model(
             self.spec.model, self.spec.compute.device, self.spec.tracking.uri
         )
+        self.model.autocast = self.spec.compute.autocast
         self.explainers = build_explainers(
             self.model, self.spec.explainers, self.spec.compute.max_batch, self.spec.seed
         )

@@ -57,7 +57,7 @@ def perturbed_scores(
     total = b * copies_per_image
     out = torch.empty(total, device=model.device, dtype=torch.float32)
     chunk = min(max_batch or default_max_batch(model), model.max_batch_cap or total)
-    use_amp = autocast and model.device.type == "cuda"
+    use_amp = autocast and model.autocast and model.device.type == "cuda"
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
     start = 0
     with torch.inference_mode():

@@ -33,6 +33,8 @@ class LoadedModel:
     forward_passes: int = 0
     # the largest perturbation chunk that fitted after an out-of-memory split (None: no split)
     max_batch_cap: int | None = None
+    # bf16 autocast for perturbation forwards on CUDA (no effect on CPU); off for exact fp32
+    autocast: bool = True
 
     @property
     def device(self) -> torch.device:
