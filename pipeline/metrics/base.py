@@ -98,6 +98,30 @@ class Metric:
         return m
 
 
+class CurveMetric(Metric):
+    """A metric that also sums one curve per image (deletion/insertion scores, IoU by
+    threshold), so reports can show the mean curve across every worker's images."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.curve = torch.zeros(length, dtype=torch.float64)
+
+    def add_curves(self, curves: torch.Tensor) -> None:
+        """curves [B, length] of the images just scored."""
+        self.curve += curves.detach().double().sum(0).cpu()
+
+    def state(self) -> dict:
+        return {**super().state(), "curve": self.curve.tolist()}
+
+    def merge(self, state: dict) -> Metric:
+        super().merge(state)
+        self.curve += torch.tensor(state["curve"], dtype=torch.float64)
+        return self
+
+    def mean_curve(self) -> list[float]:
+        return (self.curve / max(self.n, 1)).tolist()
+
+
 def positive(maps: torch.Tensor) -> torch.Tensor:
     """Signed maps count only their positive evidence in energy- and area-based metrics."""
     return maps.clamp_min(0)

@@ -9,7 +9,7 @@ import torch
 from torchvision.transforms.functional import gaussian_blur
 
 from ..explainers.perturb import blend, perturbed_scores
-from .base import Metric, normalise01, register
+from .base import CurveMetric, Metric, normalise01, register
 
 
 def explanation_map_scores(model, x, targets, maps, max_batch=None) -> torch.Tensor:
@@ -87,7 +87,7 @@ class Win(AverageDrop):
         return torch.where(mine > theirs, 100.0, torch.where(mine == theirs, 50.0, 0.0)).tolist()
 
 
-class _PixelCurve(Metric):
+class _PixelCurve(CurveMetric):
     """Pixels are removed (deletion) or added (insertion) in order of saliency, `steps` steps of
     H*W/steps pixels; the target's softmax is scored at each of the steps+1 points and the AUC
     taken by the trapezoid rule over x in [0, 1]. steps+1 forwards per image, all batched."""
@@ -97,14 +97,13 @@ class _PixelCurve(Metric):
     def __init__(
         self, steps: int = 224, substrate: str | float | None = None, max_batch: int | None = None
     ):
-        super().__init__()
+        super().__init__(steps + 1)
         if steps < 1:
             raise ValueError(f"{self.name}: steps must be >= 1, got {steps}")
         self.steps, self.max_batch = steps, max_batch
         self.substrate = (
             substrate if substrate is not None else ("black" if self.deletion else "blur")
         )
-        self.curve = torch.zeros(steps + 1, dtype=torch.float64)
 
     @property
     def forward_passes(self) -> int:
@@ -137,20 +136,9 @@ class _PixelCurve(Metric):
 
     def values(self, model, x, targets, maps, annotations, **_):
         c = self.curves(model, x, targets, maps)
-        self.curve += c.sum(0).double().cpu()
+        self.add_curves(c)
         auc = ((c[:, 1:] + c[:, :-1]) / 2).sum(1) / self.steps
         return auc.tolist()
-
-    def state(self):
-        return {**super().state(), "curve": self.curve.tolist()}
-
-    def merge(self, state):
-        super().merge(state)
-        self.curve += torch.tensor(state["curve"], dtype=torch.float64)
-        return self
-
-    def mean_curve(self) -> list[float]:
-        return (self.curve / max(self.n, 1)).tolist()
 
 
 @register

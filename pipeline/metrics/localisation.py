@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from .base import Metric, normalise01, positive, register
+from .base import CurveMetric, Metric, normalise01, positive, register
 
 
 def box_mask(boxes, h: int, w: int, device=None) -> torch.Tensor:
@@ -145,7 +145,7 @@ class EnergyPointingGame(Metric):
 
 
 @register
-class IoUCurve(Metric):
+class IoUCurve(CurveMetric):
     """IoU of the [0,1]-normalised map thresholded at t with the ground truth, for `thresholds`
     evenly spaced t in [0, 1); the value is the mean IoU over t (the curve is kept too)."""
 
@@ -153,9 +153,8 @@ class IoUCurve(Metric):
     needs = "boxes|mask"
 
     def __init__(self, thresholds: int = 20):
-        super().__init__()
+        super().__init__(thresholds)
         self.t = torch.arange(thresholds) / thresholds
-        self.curve = torch.zeros(thresholds, dtype=torch.float64)
 
     def values(self, model, x, targets, maps, annotations, **_):
         out = []
@@ -168,17 +167,9 @@ class IoUCurve(Metric):
             inter = (binary & gt).flatten(1).sum(1).double()
             union = (binary | gt).flatten(1).sum(1).double()
             iou = (inter / union.clamp_min(1)).cpu()
-            self.curve += iou
+            self.add_curves(iou[None])
             out.append(float(iou.mean()))
         return out
-
-    def state(self):
-        return {**super().state(), "curve": self.curve.tolist()}
-
-    def merge(self, state):
-        super().merge(state)
-        self.curve += torch.tensor(state["curve"], dtype=torch.float64)
-        return self
 
 
 def energy_box(m: torch.Tensor, energy: float = 0.95) -> list[int] | None:
