@@ -133,6 +133,17 @@ class JobSpec(_Strict):
     seed: int = 0
     run_id: str | None = Field(None, description="Fixed run id (resume); default: derived")
 
+    @model_validator(mode="after")
+    def _win_needs_its_rival(self):
+        keys = {e.key for e in self.explainers}
+        for i, m in enumerate(self.metrics):
+            if m.name == "win" and m.params.get("against") not in keys:
+                raise ValueError(
+                    f"@metrics.{i}.params.against: 'win' compares with another explainer of "
+                    f"this job; got {m.params.get('against')!r}, have {sorted(keys)}"
+                )
+        return self
+
     @field_validator("run_id")
     @classmethod
     def _safe_run_id(cls, v):
@@ -200,7 +211,7 @@ def parse_spec(data: dict, source: str = "spec") -> JobSpec:
                 msg = "unknown key"
             if msg.startswith("@"):  # a validator that knows the path below its field
                 sub, _, msg = msg[1:].partition(": ")
-                path = f"{path}.{sub}".rstrip(".")
+                path = f"{path}.{sub}".strip(".")
             lines.append(f"{source}: {path or '(top)'}: {msg}")
         raise SpecError("\n".join(lines)) from None
 
