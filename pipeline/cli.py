@@ -169,6 +169,7 @@ def bench_command(
     size: int | None = typer.Option(None, help="Input side in pixels (default: the model's)."),
     device: str | None = typer.Option(None, help="cpu, cuda ...; default: best available."),
     peers: bool = typer.Option(False, help="Also time Captum / pytorch-grad-cam."),
+    rounds: int = typer.Option(3, help="Timed passes over the images; the best counts."),
     param: list[str] = typer.Option([], "--param", "-p", help="METHOD.NAME=VALUE; repeatable."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the rows as JSON here."),
     pipeline: str | None = typer.Option(
@@ -206,7 +207,13 @@ def bench_command(
         params = parse_params(param, names)
         m = load_model(model, device=device, size=size)
         rows = bench.bench(
-            m, bench.demo_batch(m, images), names, batch=batch, peers=peers, params=params
+            m,
+            bench.demo_batch(m, images),
+            names,
+            batch=batch,
+            peers=peers,
+            params=params,
+            rounds=rounds,
         )
     except ValueError as e:
         _fail(str(e))
