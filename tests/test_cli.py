@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -15,7 +17,8 @@ runner = CliRunner()
 
 
 def test_console_script_lists_commands():
-    exe = shutil.which("salient")
+    # the script installed beside this interpreter (the venv need not be on PATH)
+    exe = shutil.which("salient", path=str(Path(sys.executable).parent))
     assert exe, "the console script `salient` is not installed"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("explain", "demo"):
