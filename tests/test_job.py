@@ -307,10 +307,14 @@ def test_job_against_a_real_mlflow_server(ray_local, demo_images, tmp_path):
         ({"targets": {"mode": "classes"}}, "targets: mode 'classes' needs a non-empty"),
         ({"run_id": "../../etc"}, "run_id: run_id may hold only letters"),
         ({"output": {"heatmap_dtype": "int7"}}, "output.heatmap_dtype: Input should be"),
-        ({"metrics": [{"name": "win", "params": {"against": "rise"}}]},
-         "metrics.0.params.against: 'win' compares with another explainer"),
-        ({"metrics": [{"name": "deletion", "params": {"stepz": 3}}]},
-         "metrics.0.params.stepz: metric 'deletion' has no parameter 'stepz'"),
+        (
+            {"metrics": [{"name": "win", "params": {"against": "rise"}}]},
+            "metrics.0.params.against: 'win' compares with another explainer",
+        ),
+        (
+            {"metrics": [{"name": "deletion", "params": {"stepz": 3}}]},
+            "metrics.0.params.stepz: metric 'deletion' has no parameter 'stepz'",
+        ),
     ],
 )
 def test_bad_spec_one_line_with_path_exit_2(patch, expected, tmp_path):
