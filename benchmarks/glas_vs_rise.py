@@ -49,18 +49,29 @@ def main() -> None:
     t = torch.tensor([c[1] for c in chosen], device=model.device)
     anns = [c[2] for c in chosen]
     rows = []
-    for name, params in (("glas", {"k": 15}), ("rise", {"n_masks": args.rise_masks}),
-                         ("gradcam", {})):
+    for name, params in (
+        ("glas", {"k": 15}),
+        ("rise", {"n_masks": args.rise_masks}),
+        ("gradcam", {}),
+    ):
         e = build_explainer(name, model, **params)
         t0 = time.perf_counter()
         maps = torch.cat([e(x[i : i + 1], t[i : i + 1]) for i in range(len(x))])
         seconds = (time.perf_counter() - t0) / len(x)
-        passes = (e.last_forward_passes)
+        passes = e.last_forward_passes
         pg = build_metric("pointing_game", variant="blob")
         pg.update(model, x, t, maps, anns)
-        rows.append({"method": name, "params": params, "images": len(x),
-                     "pointing_game": pg.compute(), "passes_per_image": passes,
-                     "seconds_per_image": seconds, "device": str(model.device)})
+        rows.append(
+            {
+                "method": name,
+                "params": params,
+                "images": len(x),
+                "pointing_game": pg.compute(),
+                "passes_per_image": passes,
+                "seconds_per_image": seconds,
+                "device": str(model.device),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
