@@ -3,54 +3,23 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ..models.loaded import LoadedModel
+from ..registry import Registry
 
-EXPLAINERS: dict[str, type[Explainer]] = {}
-
-
-def register(cls: type[Explainer]) -> type[Explainer]:
-    if cls.name in EXPLAINERS:
-        raise ValueError(f"explainer {cls.name!r} registered twice")
-    EXPLAINERS[cls.name] = cls
-    return cls
-
-
-def explainer_params(name: str) -> dict[str, inspect.Parameter]:
-    """The keyword parameters an explainer accepts (for validating job specs before running)."""
-    cls = explainer_class(name)
-    sig = inspect.signature(cls.__init__)
-    return {k: p for k, p in sig.parameters.items() if k not in ("self", "model")}
-
-
-def explainer_class(name: str) -> type[Explainer]:
-    if name not in EXPLAINERS:
-        import difflib
-
-        close = difflib.get_close_matches(name, EXPLAINERS, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"unknown explainer {name!r}{hint} (known: {', '.join(sorted(EXPLAINERS))})"
-        )
-    return EXPLAINERS[name]
+EXPLAINERS = Registry("explainer", skip=("self", "model"))
+register = EXPLAINERS.register
+explainer_class = EXPLAINERS.lookup
+explainer_params = EXPLAINERS.params
 
 
 def build_explainer(name: str, model: LoadedModel, **params) -> Explainer:
-    cls = explainer_class(name)
-    accepted = explainer_params(name)
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in accepted.values())  # wrappers pass on
-    unknown = [] if takes_any else [k for k in params if k not in accepted]
-    if unknown:
-        raise ValueError(
-            f"explainer {name!r} has no parameter {', '.join(map(repr, unknown))}; "
-            f"it accepts: {', '.join(accepted) or 'none'}"
-        )
-    explainer = cls(model, **params)
+    EXPLAINERS.check_params(name, params)
+    explainer = explainer_class(name)(model, **params)
     explainer.params = dict(params)  # how it was built: sanity checks rebuild it on a copy
     return explainer
 

@@ -9,46 +9,21 @@ non-null values; a metric that needs more (curves, verdicts) extends the state.
 
 from __future__ import annotations
 
-import inspect
 from typing import ClassVar
 
 import torch
 
-METRICS: dict[str, type[Metric]] = {}
+from ..registry import Registry
 
-
-def register(cls: type[Metric]) -> type[Metric]:
-    if cls.name in METRICS:
-        raise ValueError(f"metric {cls.name!r} registered twice")
-    METRICS[cls.name] = cls
-    return cls
-
-
-def metric_class(name: str) -> type[Metric]:
-    if name not in METRICS:
-        import difflib
-
-        close = difflib.get_close_matches(name, METRICS, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown metric {name!r}{hint} (known: {', '.join(sorted(METRICS))})")
-    return METRICS[name]
-
-
-def metric_params(name: str) -> dict[str, inspect.Parameter]:
-    sig = inspect.signature(metric_class(name).__init__)
-    return {k: p for k, p in sig.parameters.items() if k != "self"}
+METRICS = Registry("metric")
+register = METRICS.register
+metric_class = METRICS.lookup
+metric_params = METRICS.params
 
 
 def build_metric(name: str, **params) -> Metric:
-    cls = metric_class(name)
-    accepted = metric_params(name)
-    unknown = [k for k in params if k not in accepted]
-    if unknown:
-        raise ValueError(
-            f"metric {name!r} has no parameter {', '.join(map(repr, unknown))}; "
-            f"it accepts: {', '.join(accepted) or 'none'}"
-        )
-    return cls(**params)
+    METRICS.check_params(name, params)
+    return metric_class(name)(**params)
 
 
 class Metric:
