@@ -260,12 +260,24 @@ def bench_pipeline(spec, address: str | None = None) -> dict:
             "output": spec.output.model_copy(update={"overwrite": "replace"}),
         }
     )
-    job = run_job(fresh, address=address)
+    arrivals: list[tuple[float, int]] = []  # (time a block finished, its inputs)
+
+    def progress(marker, done, total):
+        arrivals.append((_time.perf_counter(), marker["n_inputs"]))
+
+    job = run_job(fresh, address=address, progress=progress)
     ray_ips = job.summary["images_per_s"]
+    # steady state: from the first finished block to the last, so Ray's and the actors'
+    # start-up and the pipeline filling are left out
+    steady = None
+    if len(arrivals) >= 3:
+        steady = sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0])
     return {
         "images": len(x),
         "in_process_images_per_s": in_process,
         "ray_images_per_s": ray_ips,
         "ratio": ray_ips / in_process,
+        "ray_steady_images_per_s": steady,
+        "steady_ratio": steady / in_process if steady else None,
         "run_id": job.run_id,
     }

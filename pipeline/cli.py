@@ -191,8 +191,9 @@ def bench_command(
             _fail(str(e))
         console.print(
             f"{result['images']} images: in-process {result['in_process_images_per_s']:.2f} "
-            f"img/s, Ray job {result['ray_images_per_s']:.2f} img/s, ratio "
-            f"{result['ratio']:.2f}",
+            f"img/s, Ray job {result['ray_images_per_s']:.2f} img/s (ratio "
+            f"{result['ratio']:.2f}), steady state {_fmt(result['ray_steady_images_per_s'])} "
+            f"img/s (ratio {_fmt(result['steady_ratio'])})",
             highlight=False,
         )
         if json_path:
