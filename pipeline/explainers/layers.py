@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from contextlib import contextmanager
 
 import torch
@@ -27,7 +28,11 @@ def resolve_layer(model: LoadedModel, name: str | None = None) -> tuple[str, nn.
     Default: `model.cam_layer` when the loader set one, else the module that finishes last (in
     forward order) with a 4-D output of spatial size > 1 that is not a pooling layer. That is
     `layer4` on torchvision ResNets, `features` on VGG/EfficientNet/MobileNet, and the
-    post-activation head (`bn2`) on timm EfficientNets.
+    post-activation head (`bn2`) on timm EfficientNets. Vision transformers (token outputs
+    [B,T,C] after the last spatial map): the first norm of the last block (`blocks.N.norm1` in
+    timm, `encoder.layers.encoder_layer_N.ln_1` in torchvision), the usual ViT Grad-CAM layer: a
+    class-token head reads only the class token of the last block's output, so patch tokens get
+    gradient only through the last block's attention.
     """
     modules = dict(model.module.named_modules())
     name = name if name is not None else (model.cam_layer or None)
@@ -38,9 +43,19 @@ def resolve_layer(model: LoadedModel, name: str | None = None) -> tuple[str, nn.
             raise ValueError(f"model {model.id!r} has no layer {name!r}{hint}")
         return name, modules[name]
     found: list[str] = []
+    tokens: list[str] = []
     names = {id(m): n for n, m in modules.items()}
 
     def hook(module, _inp, out):
+        name = names.get(id(module), "")
+        if (
+            isinstance(out, torch.Tensor)
+            and out.ndim == 3
+            and name.endswith((".norm1", ".ln_1"))
+            and _token_prefix(out.shape[1]) is not None
+        ):
+            tokens.append(name)
+            found.append(name)
         if (
             isinstance(out, torch.Tensor)
             and out.ndim == 4
@@ -63,9 +78,44 @@ def resolve_layer(model: LoadedModel, name: str | None = None) -> tuple[str, nn.
     return found[-1], modules[found[-1]]
 
 
+def _token_prefix(t: int, max_prefix: int = 8) -> int | None:
+    """Number of leading non-patch tokens (class, distillation, registers) among t tokens: the
+    smallest p <= max_prefix with t - p a perfect square (unambiguous while p < 2 sqrt(t-p) + 1)."""
+    for p in range(max_prefix + 1):
+        n = t - p
+        if n > 0 and math.isqrt(n) ** 2 == n:
+            return p
+    return None
+
+
+def tokens_to_grid(tokens: torch.Tensor, prefix: int | None = None):
+    """[B,T,C] transformer tokens -> (patch tokens as [B,C,h,w], number of prefix tokens dropped).
+
+    Assumes a square patch grid in row-major order after `prefix` class/distillation tokens
+    (timm ViT/DeiT, torchvision VisionTransformer)."""
+    if prefix is None:
+        prefix = _token_prefix(tokens.shape[1])
+        if prefix is None:
+            raise ValueError(f"cannot read {tokens.shape[1]} tokens as a square patch grid")
+    b, t, c = tokens.shape
+    side = math.isqrt(t - prefix)
+    if side * side != t - prefix:
+        raise ValueError(f"{t - prefix} patch tokens do not form a square grid")
+    grid = tokens[:, prefix:].transpose(1, 2).reshape(b, c, side, side)
+    return grid, prefix
+
+
+def grid_to_tokens(grid: torch.Tensor, prefix_tokens: torch.Tensor) -> torch.Tensor:
+    """Inverse of `tokens_to_grid`: [B,C,h,w] + [B,p,C] -> [B,p+h*w,C]."""
+    return torch.cat([prefix_tokens, grid.flatten(2).transpose(1, 2)], 1)
+
+
 @contextmanager
 def record_activations(layer: nn.Module, *, with_grad: bool):
     """Yield a dict that receives the layer's output "A" on the next forward.
+
+    Token outputs [B,T,C] (vision transformers) are given as the patch grid [B,C,h,w] (class and
+    distillation tokens dropped, see `tokens_to_grid`), so every CAM method works on ViTs.
 
     with_grad: the output is replaced by a leaf that requires grad (its clone flows on, so in-place
     ops downstream stay legal), so gradients w.r.t. A exist even though neither the input nor the
@@ -76,6 +126,14 @@ def record_activations(layer: nn.Module, *, with_grad: bool):
     def hook(_module, _inp, out):
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"CAM layer returned {type(out).__name__}, expected a tensor")
+        if out.ndim == 3:  # transformer tokens: CAM methods see the patch grid [B,C,h,w]
+            grid, p = tokens_to_grid(out)
+            if with_grad:
+                leaf = grid.detach().requires_grad_(True)
+                store["A"] = leaf
+                return grid_to_tokens(leaf, out[:, :p].detach())
+            store["A"] = grid
+            return None
         if with_grad:
             leaf = out.detach().requires_grad_(True)
             store["A"] = leaf
