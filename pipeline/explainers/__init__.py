@@ -3,7 +3,16 @@
 One registry (EXPLAINERS); each family's module registers its classes on import.
 """
 
-from . import cam, evet, glas, gradients, perturbation  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    attribution_vis,
+    cam,
+    deeplift,
+    evet,
+    glas,
+    gradients,
+    lrp,
+    perturbation,
+)
 from .base import (
     EXPLAINERS,
     Explainer,
