@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.engine.job import run_job
 from pipeline.engine.outputs import read_table
-from pipeline.engine.worker import shrink
+from pipeline.engine.worker import safe_name, shrink
 from pipeline.explainers import build_explainer
 from pipeline.sources.decode import decode_image
 from pipeline.spec import parse_spec
@@ -328,3 +328,29 @@ def test_bad_spec_one_line_with_path_exit_2(patch, expected, tmp_path):
     assert expected in result.output, result.output
     result = CliRunner().invoke(app, ["run", str(path)])
     assert result.exit_code == 2 and expected in result.output
+
+
+def test_attribution_visualization_pictures_are_written_per_image(ray_local, demo_images, tmp_path):
+    """Image-shaped extras (the synthesised image and its mask) land as PNGs beside the rows."""
+    from PIL import Image
+
+    _local_images(tmp_path / "data", demo_images, 2)
+    params = {"steps": 2, "attr_steps": 2}
+    spec = base_spec(
+        str(tmp_path / "data" / "images"),
+        str(tmp_path / "runs"),
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        explainers=[{"name": "attribution_visualization", "params": params}],
+        run_id="vis",
+    )
+    result = run_job(parse_spec(spec))
+    rows = read_table(result.root, "heatmaps").select(["image_id", "target"]).to_pylist()
+    assert len(rows) == 2
+    folder = Path(result.root) / "pictures" / "attribution_visualization"
+    for row in rows:
+        stem = f"{row['image_id']}.t{row['target']}"
+        image = Image.open(folder / safe_name(f"{stem}.image.png"))
+        mask = Image.open(folder / safe_name(f"{stem}.mask.png"))
+        assert image.mode == "RGB" and image.size == (224, 224)
+        assert mask.mode == "L" and mask.size == (224, 224)
+    assert len(list(folder.iterdir())) == 4

@@ -5,6 +5,8 @@
   metrics/part-<block>.parquet    one row per image x target x explainer x metric
   errors/part-<block>.parquet     one row per input (or per failed step) that went wrong
   _blocks/<block>.json            written last: the block is finished (counts, metric states)
+  overlays/<explainer>/*.png      a few overlays from the first block
+  pictures/<explainer>/*.png      per-pair image extras (Explainer.image_extras)
   summary.json, spec.yaml
 """
 

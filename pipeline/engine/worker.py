@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..explainers import build_explainer, explainer_params
 from ..metrics import build_metric
 from ..models import LoadedModel, load_model
-from ..report.overlay import overlay_png
+from ..report.overlay import overlay_png, picture_png
 from ..spec import JobSpec, MethodSpec, ModelSpec
 from ..storage import configure_retries, write_bytes_atomic
 from .outputs import ERROR_SCHEMA, METRIC_SCHEMA, heatmap_schema, write_block
@@ -198,16 +198,18 @@ class ExplainWorker:
             i: ("targets", "no_label", msg) for i, msg in missing.items()
         }
         maps_by_explainer: dict[str, torch.Tensor] = {}
+        pictures_by_explainer: dict[str, dict[str, torch.Tensor]] = {}
         for key, explainer in self.explainers.items():
             t0 = time.perf_counter()
             before = self.model.forward_passes
-            maps, bad = self._run_explainer(explainer, x, pairs)
+            maps, bad, pictures = self._run_explainer(explainer, x, pairs)
             result.seconds[key] = time.perf_counter() - t0
             result.images[key] = len(ids)
             result.passes[key] = self.model.forward_passes - before
             for i, err in bad.items():
                 failed.setdefault(i, (f"explain:{key}", type(err).__name__, str(err)))
             maps_by_explainer[key] = maps
+            pictures_by_explainer[key] = pictures
         keep = torch.tensor([int(i) not in failed for i in pairs.image], dtype=torch.bool)
         for i, (stage, kind, msg) in failed.items():
             result.errors.append(
@@ -222,6 +224,7 @@ class ExplainWorker:
             )
         if row["block_id"].startswith("000000-"):  # a few overlays from the first block
             self._overlays(maps_by_explainer, pairs, keep, ids, row["pixels"])
+        self._pictures(pictures_by_explainer, pairs, keep, ids)
         kept = _select(pairs, keep)
         for key, maps in maps_by_explainer.items():
             self._heatmap_rows(key, maps[keep], kept, ids, sources, labels, predicted, result)
@@ -243,25 +246,49 @@ class ExplainWorker:
                     endpoint,
                 )
 
+    def _pictures(self, pictures_by_explainer, pairs: Pairs, keep, ids):
+        """The explainers' image extras (e.g. attribution visualization's image and mask), one
+        PNG per kept pair: pictures/<explainer>/<image>.t<target>.<name>.png."""
+        endpoint = self.spec.storage.endpoint_url
+        for key, pictures in pictures_by_explainer.items():
+            for name, tensor in pictures.items():
+                for j in [j for j in range(len(pairs.image)) if keep[j]]:
+                    i, t = int(pairs.image[j]), int(pairs.target[j])
+                    write_bytes_atomic(
+                        f"{self.root}/pictures/{key}/{safe_name(f'{ids[i]}.t{t}.{name}.png')}",
+                        picture_png(tensor[j]),
+                        endpoint,
+                    )
+
     def _run_explainer(self, explainer, x, pairs: Pairs):
-        """Maps for every pair, in chunks of batch_size; a failing chunk is retried pair by pair
-        so that one bad image does not take its neighbours down."""
+        """Maps (and image extras) for every pair, in chunks of batch_size; a failing chunk is
+        retried pair by pair so that one bad image does not take its neighbours down."""
         n = len(pairs.image)
         h, w = x.shape[-2:]
         maps = torch.zeros(n, h, w)
+        pictures: dict[str, torch.Tensor] = {}
         bad: dict[int, Exception] = {}
         bs = self.spec.compute.batch_size
+
+        def run(idx):
+            maps[idx] = explainer(x[pairs.image[idx]], pairs.target[idx]).cpu()
+            for name in explainer.image_extras:
+                got = explainer.extras[name].detach().cpu()
+                if name not in pictures:
+                    pictures[name] = torch.zeros(n, *got.shape[1:])
+                pictures[name][idx] = got
+
         for s in range(0, n, bs):
             idx = torch.arange(s, min(s + bs, n))
             try:
-                maps[idx] = explainer(x[pairs.image[idx]], pairs.target[idx]).cpu()
+                run(idx)
             except Exception:
                 for j in idx.tolist():
                     try:
-                        maps[j] = explainer(x[pairs.image[j : j + 1]], pairs.target[j : j + 1])[0]
+                        run(torch.tensor([j]))
                     except Exception as e:
                         bad[int(pairs.image[j])] = e
-        return maps, bad
+        return maps, bad, pictures
 
     def _heatmap_rows(self, key, maps, pairs: Pairs, ids, sources, labels, predicted, result):
         uris, members = sources

@@ -35,6 +35,9 @@ class Explainer:
     signed: ClassVar[bool] = False
     # "logit" for white-box methods, "prob" for black-box ones (METHODS.md, Conventions)
     default_score: ClassVar[str] = "logit"
+    # extras that are per-image pictures ([B,H,W] in [0,1] or [B,3,H,W] pixels in [0,1]): the job
+    # writes them as PNGs beside the heatmaps (attribution visualization's image and mask)
+    image_extras: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: LoadedModel, *, score: str | None = None):
         self.model = model

@@ -35,6 +35,18 @@ def overlay(image: Image.Image, heatmap, *, signed: bool = False, alpha: float =
     return Image.blend(base, colour, alpha)
 
 
+def picture_png(picture: torch.Tensor) -> bytes:
+    """A [H,W] or [3,H,W] tensor with values in [0,1] -> PNG bytes (grey or RGB)."""
+    import io
+
+    arr = (picture.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    if arr.ndim == 3:
+        arr = np.ascontiguousarray(arr.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def overlay_png(pixels: np.ndarray, heatmap, *, signed: bool = False) -> bytes:
     """uint8 [H,W,3] pixels + a heatmap of the same size -> PNG bytes."""
     import io
