@@ -2,8 +2,11 @@
 
 A method that needs P forward passes per image cannot beat P / (the model's forward throughput):
 we measure that throughput at the same batch size, so `efficiency = bound time / measured time`
-says how much of the hardware a method uses. Peers (Captum, pytorch-grad-cam) run the same
-method at the same settings in the same process; `peer_ratio = ours / peer` images per second.
+says how much of the hardware a method uses. For methods that back-propagate to the input after
+every forward (`Explainer.input_gradient`: the gradient family, LRP, DeepLIFT) the bound is the
+forward+backward throughput instead (`bound` = "forward+backward"). Peers (Captum,
+pytorch-grad-cam) run the same method at the same settings in the same process;
+`peer_ratio = ours / peer` images per second.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class BenchRow:
     peak_memory_mb: float
     batch: int
     device: str
+    bound: str = "forward"  # or "forward+backward" (methods with input gradients)
     peer: str | None = None
     peer_images_per_s: float | None = None
     peer_ratio: float | None = None
@@ -58,14 +62,37 @@ def _peak_mb(device: torch.device) -> float:
 
 
 def forward_throughput(model: LoadedModel, x: torch.Tensor, batch: int, repeats: int = 3) -> float:
-    """Images per second of plain inference forwards (channels_last, inference_mode)."""
+    """Images per second of plain inference forwards (channels_last, inference_mode; compiled
+    when the model is)."""
     xb = x[:batch].repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
+    run = model.compiled if model.compiled is not None else model.module
     with torch.inference_mode():
-        model.module(xb.contiguous(memory_format=torch.channels_last))  # warm-up
+        run(xb.contiguous(memory_format=torch.channels_last))  # warm-up (and compilation)
         _sync(model.device)
         t0 = time.perf_counter()
         for _ in range(repeats):
-            model.module(xb.contiguous(memory_format=torch.channels_last))
+            run(xb.contiguous(memory_format=torch.channels_last))
+        _sync(model.device)
+    return repeats * batch / (time.perf_counter() - t0)
+
+
+def gradient_throughput(model: LoadedModel, x: torch.Tensor, batch: int, repeats: int = 3) -> float:
+    """Images per second of a forward and a backward to the input (one target logit each): the
+    least any method that needs input gradients must do per pass."""
+    xb = x[:batch].repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
+    xb = xb.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        xg = xb.detach().requires_grad_(True)
+        out = model.module(xg)
+        torch.autograd.grad(out.float().amax(1).sum(), xg)
+
+    with torch.enable_grad():
+        step()  # warm-up
+        _sync(model.device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step()
         _sync(model.device)
     return repeats * batch / (time.perf_counter() - t0)
 
@@ -108,7 +135,7 @@ def bench(
 ) -> list[BenchRow]:
     x = x.to(model.device)
     t = model.predict(x)[1][:, 0]
-    throughput: dict[int, float] = {}
+    throughput: dict[tuple[int, bool], float] = {}
     rows = []
     for method in methods:
         p = {**DEFAULT_PARAMS.get(method, {}), **(params or {}).get(method, {})}
@@ -116,14 +143,16 @@ def bench(
         if model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(model.device)
         fb = _forward_batch(e, batch)
-        if fb not in throughput:
-            throughput[fb] = forward_throughput(model, x, fb)
+        key = (fb, bool(e.input_gradient))
+        if key not in throughput:
+            probe = gradient_throughput if e.input_gradient else forward_throughput
+            throughput[key] = probe(model, x, fb)
         before = model.forward_passes
         ips = _time(e, x, t, batch, model.device, rounds=rounds)
         total = model.forward_passes - before
         e(x[:1], t[:1])  # the warm-up image's cost, to take it out of the count
         passes = (total - e.last_forward_passes) / (len(x) * rounds)
-        bound = throughput[fb] / max(passes, 1e-9)
+        bound = throughput[key] / max(passes, 1e-9)
         row = BenchRow(
             method,
             len(x),
@@ -134,6 +163,7 @@ def bench(
             _peak_mb(model.device),
             batch,
             str(model.device),
+            "forward+backward" if e.input_gradient else "forward",
         )
         if peers:
             peer = peer_runner(method, model, p)
@@ -233,7 +263,7 @@ def bench_pipeline(spec, address: str | None = None) -> dict:
     start excluded, decoding, actors and writing included)."""
     import time as _time
 
-    from .engine.job import plan_blocks, run_job
+    from .engine.job import init_ray, plan_blocks, run_job
     from .engine.worker import build_explainers, load_job_model
     from .sources.reader import read_block
 
@@ -260,18 +290,21 @@ def bench_pipeline(spec, address: str | None = None) -> dict:
             "output": spec.output.model_copy(update={"overwrite": "replace"}),
         }
     )
-    arrivals: list[tuple[float, int]] = []  # (time a block finished, its inputs)
+    markers: list[dict] = []
 
     def progress(marker, done, total):
-        arrivals.append((_time.perf_counter(), marker["n_inputs"]))
+        markers.append(marker)
 
+    init_ray(address)  # once per cluster, not per job: outside the timed run
+    submitted = _time.time()
     job = run_job(fresh, address=address, progress=progress)
     ray_ips = job.summary["images_per_s"]
-    # steady state: from the first finished block to the last, so Ray's and the actors'
-    # start-up and the pipeline filling are left out
+    # steady state, by the actors' own clocks: from the first block's end to the last block's
+    # end, so Ray's and the actors' start-up and the first block's warm-up are left out
+    ends = sorted((m["started_at"] + m["wall_seconds"], m["n_inputs"]) for m in markers)
     steady = None
-    if len(arrivals) >= 3:
-        steady = sum(n for _, n in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0])
+    if len(ends) >= 3:
+        steady = sum(n for _, n in ends[1:]) / (ends[-1][0] - ends[0][0])
     return {
         "images": len(x),
         "in_process_images_per_s": in_process,
@@ -279,5 +312,7 @@ def bench_pipeline(spec, address: str | None = None) -> dict:
         "ratio": ray_ips / in_process,
         "ray_steady_images_per_s": steady,
         "steady_ratio": steady / in_process if steady else None,
+        # job submitted -> first block started: tracking set-up, actor start, imports, model load
+        "startup_seconds": min(m["started_at"] for m in markers) - submitted if markers else None,
         "run_id": job.run_id,
     }

@@ -172,6 +172,9 @@ def bench_command(
     rounds: int = typer.Option(3, help="Timed passes over the images; the best counts."),
     param: list[str] = typer.Option([], "--param", "-p", help="METHOD.NAME=VALUE; repeatable."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the rows as JSON here."),
+    compile_model: bool = typer.Option(
+        False, "--compile", help="torch.compile the model for perturbation forwards."
+    ),
     pipeline: str | None = typer.Option(
         None, help="A job spec: compare the Ray job's images/s with in-process on its images."
     ),
@@ -193,7 +196,8 @@ def bench_command(
             f"{result['images']} images: in-process {result['in_process_images_per_s']:.2f} "
             f"img/s, Ray job {result['ray_images_per_s']:.2f} img/s (ratio "
             f"{result['ratio']:.2f}), steady state {_fmt(result['ray_steady_images_per_s'])} "
-            f"img/s (ratio {_fmt(result['steady_ratio'])})",
+            f"img/s (ratio {_fmt(result['steady_ratio'])}), start-up "
+            f"{_fmt(result['startup_seconds'])} s",
             highlight=False,
         )
         if json_path:
@@ -207,6 +211,8 @@ def bench_command(
     try:
         params = parse_params(param, names)
         m = load_model(model, device=device, size=size)
+        if compile_model:
+            m.compile()
         rows = bench.bench(
             m,
             bench.demo_batch(m, images),
@@ -235,7 +241,7 @@ def bench_command(
             r.method,
             f"{r.images_per_s:.2f}",
             f"{r.passes_per_image:.1f}",
-            f"{r.bound_images_per_s:.2f}",
+            f"{r.bound_images_per_s:.2f}" + (" (F+B)" if r.bound != "forward" else ""),
             f"{r.efficiency:.2f}",
             f"{r.peak_memory_mb:.0f}",
             r.peer or "-",

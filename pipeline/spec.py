@@ -74,11 +74,23 @@ class ComputeSpec(_Strict):
     actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(0, ge=0)
     cpus_per_actor: float = Field(0.5, gt=0)
+    threads_per_actor: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads per actor; default: cpus_per_actor when >= 1, else the "
+        "node's cores shared among the actors",
+    )
+    decode_tasks: int | None = Field(
+        None, ge=1, description="Concurrent read+decode tasks; default: 2 per actor"
+    )
     batch_size: int = Field(16, ge=1)
     block_size: int = Field(64, ge=1, description="Images per output file (the unit of resume)")
     max_batch: int | None = Field(None, ge=1, description="Perturbed copies per forward")
     device: str | None = None
     autocast: bool = Field(True, description="bf16 autocast for perturbation forwards on CUDA")
+    compile: bool = Field(
+        False, description="torch.compile the model for perturbation forwards (compiles per actor)"
+    )
 
 
 class TrackingSpec(_Strict):

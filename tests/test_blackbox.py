@@ -465,3 +465,18 @@ def test_glas_pointing_game_on_imagenet_not_below_gradcam(builtin, imagenet300):
         f"({t_glas:.2f} s/image), Grad-CAM {pg_cam:.3f}"
     )
     assert pg_glas >= pg_cam - 0.05
+
+
+def test_compiled_perturbation_forwards_give_the_same_maps():
+    """`LoadedModel.compile()` (compute.compile) swaps only the engine of the perturbation
+    forwards: maps and forward counts are those of the eager model."""
+    x = random_images(3, 32, seed=4)
+    t = torch.tensor([1, 4, 7])
+    eager_model, compiled_model = tiny_model(), tiny_model().compile()
+    for name, params in (("rise", {"n_masks": 24}), ("occlusion", {"window": 8, "stride": 8})):
+        eager = build_explainer(name, eager_model, max_batch=16, **params)
+        compiled = build_explainer(name, compiled_model, max_batch=16, **params)
+        want, got = eager(x, t), compiled(x, t)
+        assert compiled.last_forward_passes == eager.last_forward_passes
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max()), name
+    assert compiled_model.compiled is not None and eager_model.compiled is None

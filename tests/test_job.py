@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.engine.job import run_job
 from pipeline.engine.outputs import read_table
-from pipeline.engine.worker import safe_name, shrink
+from pipeline.engine.worker import safe_name, shrink, torch_threads
 from pipeline.explainers import build_explainer
 from pipeline.sources.decode import decode_image
 from pipeline.spec import parse_spec
@@ -354,3 +354,40 @@ def test_attribution_visualization_pictures_are_written_per_image(ray_local, dem
         assert image.mode == "RGB" and image.size == (224, 224)
         assert mask.mode == "L" and mask.size == (224, 224)
     assert len(list(folder.iterdir())) == 4
+    # the actor runs torch on the threads the spec gives it, not the 1 Ray's OMP_NUM_THREADS
+    # would leave it for a fractional CPU
+    markers = [json.loads(p.read_text()) for p in (Path(result.root) / "_blocks").glob("*.json")]
+    assert {m["torch_threads"] for m in markers} == {os.cpu_count()}  # one actor, 0.5 CPU
+
+
+def test_torch_threads_per_actor():
+    from pipeline.spec import ComputeSpec
+
+    cores = os.cpu_count()
+    assert torch_threads(ComputeSpec()) == cores  # one actor with a fraction: the node's cores
+    assert torch_threads(ComputeSpec(actors=cores * 2)) == 1
+    assert torch_threads(ComputeSpec(cpus_per_actor=3)) == 3  # what Ray reserved for it
+    assert torch_threads(ComputeSpec(cpus_per_actor=3, threads_per_actor=5)) == 5
+
+
+def test_bench_pipeline_compares_the_job_with_in_process(ray_local, demo_images, tmp_path):
+    _local_images(tmp_path / "data", demo_images, 6)
+    spec = base_spec(
+        str(tmp_path / "data" / "images"),
+        str(tmp_path / "runs"),
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        explainers=[{"name": "gradcam"}],
+        compute={"block_size": 2, "batch_size": 2},
+    )
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "pipeline.json"
+    result = CliRunner().invoke(app, ["bench", "--pipeline", str(spec_path), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    got = json.loads(out.read_text())
+    assert got["images"] == 6
+    for key in ("in_process_images_per_s", "ray_images_per_s", "ray_steady_images_per_s"):
+        assert got[key] > 0, key
+    assert got["ratio"] == pytest.approx(got["ray_images_per_s"] / got["in_process_images_per_s"])
+    assert got["startup_seconds"] > 0
+    assert read_table(str(tmp_path / "runs" / got["run_id"]), "heatmaps").num_rows == 6

@@ -183,7 +183,7 @@ def _execute(
 
     from ..sources.reader import read_block
 
-    _init_ray(address)
+    init_ray(address)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the CLI shows its own bar, per finished block
     ctx.max_errored_blocks = 0  # per-input errors are rows; a block error is a real failure
@@ -203,8 +203,10 @@ def _execute(
         }
         return read_block(block, preprocess, annotations, to_model_space, endpoint)
 
-    ds = ds.map(decode, num_cpus=0.25)
     c = spec.compute
+    # a bounded number of decode tasks: unbounded, Ray starts a worker process per 0.25 CPU, and
+    # on a small machine their start-up (each imports torch) delays the actors' first block
+    ds = ds.map(decode, num_cpus=0.25, concurrency=c.decode_tasks or 2 * c.actors)
     ds = ds.map_batches(
         ExplainWorker,
         fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "run_id": run_id, "root": root},
@@ -239,7 +241,7 @@ def _root_cause(error: BaseException) -> str:
     return lines[-1] if lines else f"the Ray job failed ({type(error).__name__})"
 
 
-def _init_ray(address: str | None) -> None:
+def init_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():

@@ -80,6 +80,18 @@ def build_explainers(model: LoadedModel, specs: list[MethodSpec], max_batch: int
     return out
 
 
+def torch_threads(c) -> int:
+    """Threads for torch in an actor. Ray sets OMP_NUM_THREADS to the actor's whole CPUs (1 for
+    the default 0.5), which left a laptop's model on one core: an actor that reserved >= 1 CPU
+    uses what it reserved; with a fraction, the node's cores are shared among the actors (the
+    decode tasks beside them are light)."""
+    if c.threads_per_actor:
+        return c.threads_per_actor
+    if c.cpus_per_actor >= 1:
+        return int(c.cpus_per_actor)
+    return max(1, (os.cpu_count() or 1) // c.actors)
+
+
 def choose_targets(
     spec: JobSpec, model: LoadedModel, probs: torch.Tensor, labels: list
 ) -> tuple[Pairs, dict[int, str]]:
@@ -132,15 +144,20 @@ class ExplainWorker:
         configure_retries(self.spec.storage.retries, self.spec.storage.retry_delay_s)
         # who computed a block: a restarted actor shows up as a new instance in the markers
         self.instance = f"{os.getpid()}-{time.time_ns()}"
+        self.created_at = time.time()
         torch.manual_seed(self.spec.seed)
+        torch.set_num_threads(torch_threads(self.spec.compute))
         self.model = load_job_model(
             self.spec.model, self.spec.compute.device, self.spec.tracking.uri
         )
         self.model.autocast = self.spec.compute.autocast
+        if self.spec.compute.compile:
+            self.model.compile()
         self.explainers = build_explainers(
             self.model, self.spec.explainers, self.spec.compute.max_batch, self.spec.seed
         )
         self.schema = heatmap_schema(self.spec.output.heatmap_size, self.spec.output.heatmap_dtype)
+        self.init_seconds = time.time() - self.created_at  # imports excluded: they came before
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"block_id": [], "marker": []}
@@ -153,7 +170,7 @@ class ExplainWorker:
 
     # -- one block ----------------------------------------------------------------------------
     def process_block(self, row: dict) -> dict:
-        t0 = time.perf_counter()
+        t0, started_at = time.perf_counter(), time.time()
         ids = list(row["image_ids"])
         uris = list(row["uris"])
         members = json.loads(row["members"])
@@ -175,7 +192,11 @@ class ExplainWorker:
             "forward_passes": result.passes,
             "metric_states": result.metric_states,
             "wall_seconds": time.perf_counter() - t0,
+            "started_at": started_at,  # epoch seconds: the pipeline's start-up and steady rate
             "worker": self.instance,
+            "worker_created_at": self.created_at,
+            "worker_init_seconds": self.init_seconds,
+            "torch_threads": torch.get_num_threads(),
             "max_batch_cap": self.model.max_batch_cap,
         }
         write_block(self.root, row["block_id"], tables, marker, self.spec.storage.endpoint_url)

@@ -38,6 +38,9 @@ class Explainer:
     # extras that are per-image pictures ([B,H,W] in [0,1] or [B,3,H,W] pixels in [0,1]): the job
     # writes them as PNGs beside the heatmaps (attribution visualization's image and mask)
     image_extras: ClassVar[tuple[str, ...]] = ()
+    # every forward is followed by a backward to the input (gradient methods, LRP, DeepLIFT): the
+    # benchmark's bound is then forward+backward throughput, not forward alone
+    input_gradient: ClassVar[bool] = False
 
     def __init__(self, model: LoadedModel, *, score: str | None = None):
         self.model = model

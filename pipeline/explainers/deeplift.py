@@ -77,6 +77,7 @@ class DeepLift(Explainer):
 
     name = "deeplift"
     signed = True
+    input_gradient = True
 
     def __init__(self, model, *, reference: float = 0.0, score=None):
         super().__init__(model, score=score)

@@ -26,6 +26,8 @@ warnings.filterwarnings("ignore", message="Input Tensor .* did not already requi
 
 
 class _CaptumExplainer(Explainer):
+    input_gradient = True
+
     def captum_forward(self, inputs: torch.Tensor) -> torch.Tensor:
         out = self.model.forward(inputs)
         return out.float().softmax(-1) if self.score == "prob" else out
@@ -137,6 +139,7 @@ def _rectified_relus(module: nn.Module, use_mask: bool):
 
 class _ModifiedGradient(Explainer):
     use_mask = True
+    input_gradient = True
 
     def input_gradients(self, x, targets) -> torch.Tensor:
         with _rectified_relus(self.model.module, self.use_mask) as n, torch.enable_grad():
@@ -192,6 +195,7 @@ class SmoothGrad(Explainer):
             base_params["score"] = score
         self.base = build_explainer(base, model, **base_params)
         self.signed = self.base.signed
+        self.input_gradient = self.base.input_gradient
         self.n, self.sigma, self.seed = n, sigma, seed
         self.max_batch = max_batch or default_max_batch(model)
 

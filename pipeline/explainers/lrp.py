@@ -336,6 +336,7 @@ class LRP(Explainer):
 
     name = "lrp"
     signed = True
+    input_gradient = True
 
     def __init__(
         self,

@@ -66,7 +66,7 @@ def perturbed_scores(
             img, k = flat // copies_per_image, flat % copies_per_image
             try:
                 with amp:
-                    logits = model.forward(make(img, k))
+                    logits = model.forward_perturbed(make(img, k))
             except torch.OutOfMemoryError:
                 if chunk == 1:
                     raise

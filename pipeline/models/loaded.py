@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,8 @@ class LoadedModel:
     max_batch_cap: int | None = None
     # bf16 autocast for perturbation forwards on CUDA (no effect on CPU); off for exact fp32
     autocast: bool = True
+    # torch.compile'd module for the hook-free perturbation forwards (`compile()`); None: eager
+    compiled: Callable | None = None
 
     @property
     def device(self) -> torch.device:
@@ -57,6 +60,20 @@ class LoadedModel:
         """The one way explainers and metrics run the model: channels_last, counted."""
         self.forward_passes += x.shape[0]
         return self.module(x.contiguous(memory_format=torch.channels_last))
+
+    def compile(self) -> LoadedModel:
+        """Compile the module for perturbation forwards (RISE, GLAS, occlusion, LIME, Score-CAM's
+        masked copies): they run without hooks, so the graph holds. Forwards that hooks or
+        autograd act on (gradients, CAM activations, LRP) stay eager."""
+        self.compiled = torch.compile(self.module, dynamic=False)
+        return self
+
+    def forward_perturbed(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` for batches of perturbed copies: the compiled module when there is one."""
+        if self.compiled is None:
+            return self.forward(x)
+        self.forward_passes += x.shape[0]
+        return self.compiled(x.contiguous(memory_format=torch.channels_last))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Forward without autograd; for prediction, not for gradients."""
