@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .explainers import build_explainer
+from .explainers.perturb import amp_context
 from .models import LoadedModel
 
 # Settings per method that both we and the peer can run; the bench passes them to both sides.
@@ -66,7 +67,7 @@ def forward_throughput(model: LoadedModel, x: torch.Tensor, batch: int, repeats:
     when the model is)."""
     xb = x[:batch].repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
     run = model.compiled if model.compiled is not None else model.module
-    with torch.inference_mode():
+    with torch.inference_mode(), amp_context(model):
         run(xb.contiguous(memory_format=torch.channels_last))  # warm-up (and compilation)
         _sync(model.device)
         t0 = time.perf_counter()

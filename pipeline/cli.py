@@ -172,6 +172,9 @@ def bench_command(
     rounds: int = typer.Option(3, help="Timed passes over the images; the best counts."),
     param: list[str] = typer.Option([], "--param", "-p", help="METHOD.NAME=VALUE; repeatable."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the rows as JSON here."),
+    autocast_cpu: bool = typer.Option(
+        False, "--autocast-cpu", help="bf16 autocast for perturbation forwards on CPU."
+    ),
     compile_model: bool = typer.Option(
         False, "--compile", help="torch.compile the model for perturbation forwards."
     ),
@@ -211,6 +214,7 @@ def bench_command(
     try:
         params = parse_params(param, names)
         m = load_model(model, device=device, size=size)
+        m.autocast_cpu = autocast_cpu
         if compile_model:
             m.compile()
         rows = bench.bench(

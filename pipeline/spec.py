@@ -88,6 +88,11 @@ class ComputeSpec(_Strict):
     max_batch: int | None = Field(None, ge=1, description="Perturbed copies per forward")
     device: str | None = None
     autocast: bool = Field(True, description="bf16 autocast for perturbation forwards on CUDA")
+    autocast_cpu: bool = Field(
+        False,
+        description="bf16 autocast for perturbation forwards on CPU (pays where the CPU has bf16 "
+        "units: AVX512-BF16, AMX)",
+    )
     compile: bool = Field(
         False, description="torch.compile the model for perturbation forwards (compiles per actor)"
     )

@@ -151,6 +151,7 @@ class ExplainWorker:
             self.spec.model, self.spec.compute.device, self.spec.tracking.uri
         )
         self.model.autocast = self.spec.compute.autocast
+        self.model.autocast_cpu = self.spec.compute.autocast_cpu
         if self.spec.compute.compile:
             self.model.compile()
         self.explainers = build_explainers(

@@ -31,6 +31,15 @@ def default_max_batch(model: LoadedModel) -> int:
     return 64
 
 
+def amp_context(model: LoadedModel):
+    """bf16 autocast for perturbation forwards where the model asks for it (CUDA by default, CPU
+    with `autocast_cpu`); a no-op context otherwise."""
+    kind = model.device.type
+    if (kind == "cuda" and model.autocast) or (kind == "cpu" and model.autocast_cpu):
+        return torch.autocast(kind, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def perturbed_scores(
     model: LoadedModel,
     targets: torch.Tensor,
@@ -45,9 +54,10 @@ def perturbed_scores(
     """Score of each image's target on each of its perturbed copies -> [B, copies_per_image].
 
     The flat index space (image, copy) is cut into chunks of at most `max_batch` rows, so one
-    forward mixes copies of several images. On CUDA the forwards run under bf16 autocast unless
-    `autocast=False`. A chunk that runs out of GPU memory is halved and retried, and the model
-    remembers the size that fit (`model.max_batch_cap`), so later calls start there.
+    forward mixes copies of several images. The forwards run under bf16 autocast where the model
+    asks for it (`amp_context`) unless `autocast=False`. A chunk that runs out of GPU memory is
+    halved and retried, and the model remembers the size that fit (`model.max_batch_cap`), so
+    later calls start there.
 
     `on_chunk(img, copy, scores)` is called once per finished chunk, so a method can fold each
     chunk into a running sum (RISE: sum_i score_i * M_i) while the chunk's masks still exist,
@@ -57,8 +67,7 @@ def perturbed_scores(
     total = b * copies_per_image
     out = torch.empty(total, device=model.device, dtype=torch.float32)
     chunk = min(max_batch or default_max_batch(model), model.max_batch_cap or total)
-    use_amp = autocast and model.autocast and model.device.type == "cuda"
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+    amp = amp_context(model) if autocast else nullcontext()
     start = 0
     with torch.inference_mode():
         while start < total:

@@ -34,8 +34,11 @@ class LoadedModel:
     forward_passes: int = 0
     # the largest perturbation chunk that fitted after an out-of-memory split (None: no split)
     max_batch_cap: int | None = None
-    # bf16 autocast for perturbation forwards on CUDA (no effect on CPU); off for exact fp32
+    # bf16 autocast for perturbation forwards on CUDA; off for exact fp32
     autocast: bool = True
+    # the same on CPU: twice as fast where the CPU has bf16 units (AVX512-BF16, AMX), slower
+    # where it has none, hence opt-in
+    autocast_cpu: bool = False
     # torch.compile'd module for the hook-free perturbation forwards (`compile()`); None: eager
     compiled: Callable | None = None
 
