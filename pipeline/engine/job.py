@@ -179,7 +179,7 @@ def _execute(
 ):
     """Stream the Ray Data plan; yield each finished block's marker as it arrives."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
     from ..sources.reader import read_block
 
@@ -206,7 +206,9 @@ def _execute(
     c = spec.compute
     # a bounded number of decode tasks: unbounded, Ray starts a worker process per 0.25 CPU, and
     # on a small machine their start-up (each imports torch) delays the actors' first block
-    ds = ds.map(decode, num_cpus=0.25, concurrency=c.decode_tasks or 2 * c.actors)
+    ds = ds.map(
+        decode, num_cpus=0.25, compute=TaskPoolStrategy(size=c.decode_tasks or 2 * c.actors)
+    )
     ds = ds.map_batches(
         ExplainWorker,
         fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "run_id": run_id, "root": root},
