@@ -62,40 +62,42 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
 
 
-def forward_throughput(model: LoadedModel, x: torch.Tensor, batch: int, repeats: int = 3) -> float:
-    """Images per second of plain inference forwards (channels_last, inference_mode; compiled
-    when the model is)."""
+def _rate(step: Callable[[], object], batch: int, device: torch.device, repeats: int) -> float:
+    """Images per second of `step` (one batch): a warm-up call, then `repeats` timed calls."""
+    step()  # warm-up (and compilation)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    _sync(device)
+    return repeats * batch / (time.perf_counter() - t0)
+
+
+def _probe_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
     xb = x[:batch].repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
+    return xb.contiguous(memory_format=torch.channels_last)
+
+
+def forward_throughput(model: LoadedModel, x: torch.Tensor, batch: int, repeats: int = 3) -> float:
+    """Images per second of plain inference forwards (channels_last, inference_mode; bf16 and
+    compiled when the model's perturbation forwards are)."""
+    xb = _probe_batch(x, batch)
     run = model.compiled if model.compiled is not None else model.module
     with torch.inference_mode(), amp_context(model):
-        run(xb.contiguous(memory_format=torch.channels_last))  # warm-up (and compilation)
-        _sync(model.device)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            run(xb.contiguous(memory_format=torch.channels_last))
-        _sync(model.device)
-    return repeats * batch / (time.perf_counter() - t0)
+        return _rate(lambda: run(xb), batch, model.device, repeats)
 
 
 def gradient_throughput(model: LoadedModel, x: torch.Tensor, batch: int, repeats: int = 3) -> float:
     """Images per second of a forward and a backward to the input (one target logit each): the
     least any method that needs input gradients must do per pass."""
-    xb = x[:batch].repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
-    xb = xb.contiguous(memory_format=torch.channels_last)
+    xb = _probe_batch(x, batch)
 
     def step():
         xg = xb.detach().requires_grad_(True)
-        out = model.module(xg)
-        torch.autograd.grad(out.float().amax(1).sum(), xg)
+        torch.autograd.grad(model.module(xg).float().amax(1).sum(), xg)
 
     with torch.enable_grad():
-        step()  # warm-up
-        _sync(model.device)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        _sync(model.device)
-    return repeats * batch / (time.perf_counter() - t0)
+        return _rate(step, batch, model.device, repeats)
 
 
 def _time(
