@@ -32,41 +32,16 @@ with 4-D outputs and on transformer token layers (read as their patch grid).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from .base import Explainer, generator, image_seeds, register
-from .layers import grid_to_tokens, resolve_layer, tokens_to_grid
+from .layers import record_activations, resolve_layer
 
 # lucid's square root of the ImageNet colour covariance (SVD), columns normalised to max norm 1
 _COLOR = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 _COLOR = _COLOR / _COLOR.norm(dim=0).max()
-
-
-@contextmanager
-def _layer_io(layer, replace=None):
-    """Record the layer's output in store["A"]; if `replace` is given, output that instead.
-
-    Transformer tokens [B,T,C] are seen as their patch grid [B,C,h,w] (`tokens_to_grid`); a
-    replacement grid goes back in as tokens beside the layer's own class/distillation tokens."""
-    store: dict = {}
-
-    def hook(_m, _i, out):
-        if out.ndim == 3:
-            grid, p = tokens_to_grid(out)
-            store["A"] = replace if replace is not None else grid
-            return grid_to_tokens(store["A"], out[:, :p])
-        # the clone flows on, so in-place ops downstream cannot touch what we keep
-        store["A"] = replace if replace is not None else out
-        return store["A"].clone()
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        yield store
-    finally:
-        handle.remove()
 
 
 def otsu_beta(h: torch.Tensor, bins: int = 200) -> torch.Tensor:
@@ -169,7 +144,7 @@ class AttributionVisualization(Explainer):
         self.lam_init = lam_init
 
     def _layer_output(self, x) -> torch.Tensor:
-        with _layer_io(self.layer) as store, torch.no_grad():
+        with record_activations(self.layer) as store, torch.no_grad():
             self.model.forward(x)
         a = store["A"]
         if not isinstance(a, torch.Tensor) or a.ndim != 4:
@@ -185,7 +160,7 @@ class AttributionVisualization(Explainer):
         total = torch.zeros_like(a)
         for k in range(1, self.attr_steps + 1):
             point = (a0 + (k / self.attr_steps) * (a - a0)).requires_grad_(True)
-            with _layer_io(self.layer, replace=point), torch.enable_grad():
+            with record_activations(self.layer, replace=point), torch.enable_grad():
                 s = self.scores(self.model.forward(x), targets)
                 (g,) = torch.autograd.grad(s.sum(), point)
             total += g.float()
@@ -230,7 +205,7 @@ class AttributionVisualization(Explainer):
                     theta = _affine(b, h, gens, dev)
                     grid = F.affine_grid(theta, list(comp.shape), align_corners=False)
                     comp = F.grid_sample(comp, grid, padding_mode="reflection", align_corners=False)
-                with _layer_io(self.layer) as store:
+                with record_activations(self.layer) as store:
                     self.model.forward(comp)
                 gain = (store["A"].float() * r).flatten(1).sum(1)
                 penalty = lam * (m.flatten(1).mean(1) - beta) ** 2

@@ -111,7 +111,9 @@ def grid_to_tokens(grid: torch.Tensor, prefix_tokens: torch.Tensor) -> torch.Ten
 
 
 @contextmanager
-def record_activations(layer: nn.Module, *, with_grad: bool):
+def record_activations(
+    layer: nn.Module, *, with_grad: bool = False, replace: torch.Tensor | None = None
+):
     """Yield a dict that receives the layer's output "A" on the next forward.
 
     Token outputs [B,T,C] (vision transformers) are given as the patch grid [B,C,h,w] (class and
@@ -120,12 +122,21 @@ def record_activations(layer: nn.Module, *, with_grad: bool):
     with_grad: the output is replaced by a leaf that requires grad (its clone flows on, so in-place
     ops downstream stay legal), so gradients w.r.t. A exist even though neither the input nor the
     weights require grad, and the graph is built only from A onwards.
+
+    replace: the layer outputs this [B,C,h,w] tensor instead (for token layers: as patch tokens
+    beside the layer's own class/distillation tokens), and "A" is it (attribution
+    visualization's path integral in the layer's space).
     """
     store: dict[str, torch.Tensor] = {}
 
     def hook(_module, _inp, out):
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"CAM layer returned {type(out).__name__}, expected a tensor")
+        if replace is not None:
+            store["A"] = replace
+            if out.ndim == 3:
+                return grid_to_tokens(replace, out[:, : tokens_to_grid(out)[1]])
+            return replace.clone()  # the clone flows on: in-place ops cannot touch the leaf
         if out.ndim == 3:  # transformer tokens: CAM methods see the patch grid [B,C,h,w]
             grid, p = tokens_to_grid(out)
             if with_grad:
