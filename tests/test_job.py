@@ -398,3 +398,63 @@ def test_bench_pipeline_compares_the_job_with_in_process(ray_local, demo_images,
     assert got["ratio"] == pytest.approx(got["ray_images_per_s"] / got["in_process_images_per_s"])
     assert got["startup_seconds"] > 0
     assert read_table(str(tmp_path / "runs" / got["run_id"]), "heatmaps").num_rows == 6
+
+
+def test_resume_after_inputs_changed_holds_the_rows_of_a_fresh_run(
+    ray_local, demo_images, tmp_path
+):
+    """Between attempts one input is added, one removed and one replaced under its name: the
+    resumed run recomputes only the blocks those touch, leaves no stale part behind, and its
+    tables and summary equal a fresh run's over the final inputs."""
+    folder = tmp_path / "data" / "images"
+    _local_images(tmp_path / "data", demo_images, 6)
+    spec = base_spec(
+        str(folder),
+        str(tmp_path / "runs"),
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        explainers=[{"name": "gradcam"}],
+        metrics=[{"name": "average_drop"}],
+        compute={"block_size": 2, "batch_size": 2},
+    )
+    first = run_job(parse_spec({**spec, "run_id": "changing"}))
+    assert first.summary["blocks_computed"] == 3
+    before = _by_key(read_table(first.root, "heatmaps"))
+
+    (folder / "img00.png").unlink()  # removed: its block (img00, img01) goes
+    crop = demo_images[3][40:200, 60:260]
+    (folder / "img03.png").write_bytes(image_bytes(crop, "PNG"))  # replaced: (img02, img03)
+    (folder / "img99.png").write_bytes(image_bytes(demo_images[0][::2, ::2], "PNG"))  # added
+    resumed = run_job(parse_spec({**spec, "run_id": "changing"}))
+    s = resumed.summary
+    assert (s["inputs"], s["images_ok"], s["lost"]) == (6, 6, 0)
+    # kept: (img04, img05); new blocks: img01, img02, img03 and img99 (two blocks of two)
+    assert (s["blocks_resumed"], s["blocks_computed"]) == (1, 2)
+    assert s["explainers"]["gradcam"]["images"] == 6
+    assert s["explainers"]["gradcam"]["metric_counts"]["average_drop"] == 6
+
+    fresh = run_job(parse_spec({**spec, "run_id": "fresh"}))
+    for table in ("heatmaps", "metrics", "errors"):
+        assert read_table(resumed.root, table).num_rows == read_table(fresh.root, table).num_rows
+    a = _by_key(read_table(resumed.root, "heatmaps"))
+    b = _by_key(read_table(fresh.root, "heatmaps"))
+    assert {k[0] for k in a} == {f"img{i:02d}.png" for i in (1, 2, 3, 4, 5, 99)}
+    assert a.keys() == b.keys()
+    assert max(np.abs(a[k].astype(int) - b[k].astype(int)).max() for k in a) <= 1
+    # the replaced image was recomputed: its map is the new bytes', not the old ones'
+    new = next(k for k in a if k[0] == "img03.png")
+    old = next(k for k in before if k[0] == "img03.png")
+    assert np.abs(a[new].astype(int) - before[old].astype(int)).max() > 10
+    for key in ("images_ok", "errors", "rows"):
+        assert s[key] == fresh.summary[key]
+    assert s["explainers"]["gradcam"]["metrics"] == pytest.approx(
+        fresh.summary["explainers"]["gradcam"]["metrics"]
+    )
+    # one part per table and one marker per block of the plan, nothing left over
+    for folder_name in ("heatmaps", "metrics", "errors", "_blocks"):
+        assert len(list((Path(resumed.root) / folder_name).iterdir())) == s["blocks"]
+
+    # a run with nothing changed computes nothing and reads the same
+    again = run_job(parse_spec({**spec, "run_id": "changing"}))
+    assert (again.summary["blocks_resumed"], again.summary["blocks_computed"]) == (3, 0)
+    assert again.summary["explainers"]["gradcam"]["images"] == 6
+    assert again.summary["explainers"]["gradcam"]["metrics"] == s["explainers"]["gradcam"]["metrics"]

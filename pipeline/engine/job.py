@@ -26,7 +26,7 @@ from ..storage import (
 )
 from ..tracking import JobTracker
 from ..tracking.mlflow_run import code_version
-from .outputs import finished_blocks, run_root
+from .outputs import finished_blocks, remove_stale_outputs, run_root
 from .worker import ExplainWorker, load_job_model
 
 
@@ -50,7 +50,8 @@ def default_run_id(spec: JobSpec) -> str:
     return f"run-{digest}"
 
 
-def plan_blocks(spec: JobSpec) -> list[Block]:
+def list_job_inputs(spec: JobSpec) -> list[InputItem]:
+    """The inputs of the job, sorted, with their annotations and versions."""
     src = spec.source
     items = list_inputs(
         src.uri,
@@ -68,17 +69,67 @@ def plan_blocks(spec: JobSpec) -> list[Block]:
             load_annotations(src.annotations, spec.storage.endpoint_url),
             [it.image_id for it in items],
         )
-        items = [
-            InputItem(
-                it.image_id,
-                it.uri,
-                it.member,
-                it.label,
-                {**it.meta, "annotation": annotations.get(it.image_id)},
-            )
-            for it in items
-        ]
-    return make_blocks(items, spec.compute.block_size)
+        items = [_annotated(it, annotations.get(it.image_id)) for it in items]
+    return items
+
+
+def plan_blocks(spec: JobSpec) -> list[Block]:
+    """The blocks of a fresh run (no earlier attempt)."""
+    return plan_run(spec, list_job_inputs(spec), {}).blocks
+
+
+def _annotated(it: InputItem, annotation: dict | None) -> InputItem:
+    """The item with its annotation; the annotation is part of its version, so a block scored
+    against an edited annotation is recomputed."""
+    digest = hashlib.sha256(json.dumps(annotation, sort_keys=True).encode()).hexdigest()[:12]
+    return InputItem(
+        it.image_id,
+        it.uri,
+        it.member,
+        it.label,
+        {**it.meta, "annotation": annotation},
+        f"{it.version}+a{digest}" if annotation is not None else it.version,
+    )
+
+
+@dataclass
+class Plan:
+    """The blocks of this attempt: those an earlier attempt finished on the same inputs
+    (`done`: block id -> marker) and those to compute; `stale` are finished blocks whose inputs
+    changed or went away, and `stale_images` their image ids (their files must go)."""
+
+    blocks: list[Block]
+    done: dict[str, dict]
+    stale: list[str]
+    stale_images: set[str]
+
+    @property
+    def todo(self) -> list[Block]:
+        return [b for b in self.blocks if b.block_id not in self.done]
+
+
+def plan_run(spec: JobSpec, items: list[InputItem], finished: dict[str, dict]) -> Plan:
+    """Keep every finished block whose inputs are all still listed with the same version; cut
+    the other inputs (new, changed, or left over from a block that changed) into new blocks.
+    The same inputs give the same blocks, so a fresh run and a resumed one hold the same rows."""
+    current = {it.image_id: it for it in items}
+    kept: dict[str, Block] = {}
+    covered: set[str] = set()
+    stale, stale_images = [], set()
+    for bid in sorted(finished):
+        inputs: dict[str, str] = finished[bid].get("inputs") or {}
+        unchanged = bool(inputs) and all(
+            i in current and current[i].version == v for i, v in inputs.items()
+        )
+        if unchanged and not covered & inputs.keys():
+            kept[bid] = Block(bid, tuple(current[i] for i in sorted(inputs)))
+            covered |= inputs.keys()
+        else:
+            stale.append(bid)
+            stale_images |= inputs.keys()
+    fresh = make_blocks([it for it in items if it.image_id not in covered], spec.compute.block_size)
+    blocks = sorted([*kept.values(), *fresh], key=lambda b: b.items[0].image_id)
+    return Plan(blocks, {bid: finished[bid] for bid in kept}, stale, stale_images - covered)
 
 
 def expand_run_id(template: str) -> str:
@@ -112,7 +163,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
     _apply_overwrite_policy(spec, root)
     tracker = JobTracker(spec.tracking.uri, spec.tracking.experiment, run_id, spec.tracking.enabled)
     try:
-        blocks = plan_blocks(spec)
+        items = list_job_inputs(spec)
         # on the driver: fail fast on a bad model, and get the hash and preprocessing
         model = load_job_model(spec.model, "cpu", spec.tracking.uri)
         tags = {
@@ -124,15 +175,19 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
             **spec.tracking.tags,
         }
         tracker.start(flatten(spec), tags)
-        done = finished_blocks(root, endpoint)
-        todo = [b for b in blocks if b.block_id not in done]
+        plan = plan_run(spec, items, finished_blocks(root, endpoint))
+        # parts of blocks that are no longer in the plan (inputs changed or removed, or a block
+        # that never finished) would mix stale rows into every table read
+        remove_stale_outputs(root, {b.block_id for b in plan.blocks}, plan.stale_images, endpoint)
+        blocks, todo = plan.blocks, plan.todo
         write_bytes_atomic(
             f"{root}/spec.yaml", yaml.safe_dump(spec.model_dump(mode="json")).encode(), endpoint
         )
-        markers = dict(done)
+        markers = dict(plan.done)
         t_compute = time.perf_counter()
         if todo:
-            for marker in _execute(spec, run_id, root, model.preprocess, todo, address):
+            first = blocks[0].block_id  # the first block of the plan writes a few overlays
+            for marker in _execute(spec, run_id, root, model.preprocess, todo, first, address):
                 markers[marker["block_id"]] = marker
                 if progress:
                     progress(marker, len(markers), len(blocks))
@@ -175,7 +230,13 @@ def _apply_overwrite_policy(spec: JobSpec, root: str) -> None:
 
 
 def _execute(
-    spec: JobSpec, run_id: str, root: str, preprocess, blocks: list[Block], address: str | None
+    spec: JobSpec,
+    run_id: str,
+    root: str,
+    preprocess,
+    blocks: list[Block],
+    overlay_block: str,
+    address: str | None,
 ):
     """Stream the Ray Data plan; yield each finished block's marker as it arrives."""
     import ray
@@ -201,7 +262,9 @@ def _execute(
         annotations = {
             it.image_id: it.meta["annotation"] for it in block.items if it.meta.get("annotation")
         }
-        return read_block(block, preprocess, annotations, to_model_space, endpoint)
+        decoded = read_block(block, preprocess, annotations, to_model_space, endpoint)
+        decoded["write_overlays"] = block.block_id == overlay_block
+        return decoded
 
     c = spec.compute
     # a bounded number of decode tasks: unbounded, Ray starts a worker process per 0.25 CPU, and
@@ -288,10 +351,11 @@ def summarise(
         for t in ("heatmaps", "metrics", "errors")
     }
     per_explainer: dict[str, dict] = {}
+    current = [markers[b.block_id] for b in blocks]  # never a marker of a block left behind
     for m in spec.explainers:
-        seconds = sum(mk["seconds"].get(m.key, 0.0) for mk in markers.values())
-        images = sum(mk["images"].get(m.key, 0) for mk in markers.values())
-        passes = sum(mk["forward_passes"].get(m.key, 0) for mk in markers.values())
+        seconds = sum(mk["seconds"].get(m.key, 0.0) for mk in current)
+        images = sum(mk["images"].get(m.key, 0) for mk in current)
+        passes = sum(mk["forward_passes"].get(m.key, 0) for mk in current)
         merged = merge_metric_states(
             [markers[b.block_id].get("metric_states", {}).get(m.key, {}) for b in blocks]
         )
@@ -308,6 +372,9 @@ def summarise(
         }
     return {
         "run_id": run_id,
+        # the spec's metrics in its order, with their direction: what the report ranks by and
+        # what every table prints beside a value
+        "metrics": metric_directions(spec),
         "inputs": inputs,
         "images_ok": ok,
         "errors": fatal,
@@ -329,6 +396,19 @@ def summarise(
         ),
         "explainers": per_explainer,
     }
+
+
+def metric_directions(spec: JobSpec) -> list[dict]:
+    from ..metrics import metric_class
+
+    return [
+        {
+            "key": m.key,
+            "name": m.name,
+            "higher_is_better": bool(metric_class(m.name).higher_is_better),
+        }
+        for m in spec.metrics
+    ]
 
 
 def _overlays(root: str, endpoint: str | None) -> dict[str, bytes]:

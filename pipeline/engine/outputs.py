@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -76,6 +77,16 @@ ERROR_SCHEMA = pa.schema(
 )
 
 
+def safe_name(name: str) -> str:
+    """A file name from an image id: no separators, no '..', nothing but [A-Za-z0-9._-]."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("/", "__")).lstrip(".")
+    return cleaned[:200] or "image"
+
+
+# overlays/<explainer>/<id>.t<target>.png and pictures/<explainer>/<id>.t<target>.<name>.png
+_PAIR_FILE = re.compile(r"^(.*)\.t\d+\.(?:[A-Za-z0-9_-]+\.)?png$")
+
+
 def run_root(output_uri: str, run_id: str) -> str:
     return posixpath.join(output_uri.rstrip("/"), run_id)
 
@@ -124,6 +135,43 @@ def finished_blocks(root: str, endpoint_url: str | None = None) -> dict[str, dic
             with fs.open(name, "rb") as f:
                 out[posixpath.basename(name)[: -len(".json")]] = json.loads(f.read())
     return out
+
+
+def remove_stale_outputs(
+    root: str, keep: set[str], stale_images: set[str], endpoint_url: str | None = None
+) -> None:
+    """Remove every part and marker whose block is not in `keep`, and the per-image pictures
+    and overlays of `stale_images`. Markers go first: a crash half-way leaves data files
+    without a marker, which the next attempt removes or replaces."""
+    fs, path = filesystem(root, endpoint_url)
+    fs.invalidate_cache(path)
+
+    def block_of(name: str, prefix: str, suffix: str) -> str | None:
+        base = posixpath.basename(name)
+        if base.startswith(prefix) and base.endswith(suffix):
+            return base[len(prefix) : -len(suffix)]
+        return None
+
+    doomed = []
+    for folder, prefix, suffix in [("_blocks", "", ".json")] + [
+        (t, "part-", ".parquet") for t in TABLES
+    ]:
+        try:
+            names = fs.ls(f"{path}/{folder}", detail=False)
+        except FileNotFoundError:
+            continue
+        doomed += [n for n in names if (b := block_of(n, prefix, suffix)) and b not in keep]
+    # per-pair files are named `<safe image id>.t<target>.<...>.png`
+    stale_names = {safe_name(image) for image in stale_images}
+    for folder in ("pictures", "overlays"):
+        if stale_names and fs.exists(f"{path}/{folder}"):
+            doomed += [
+                p
+                for p in fs.find(f"{path}/{folder}")
+                if (m := _PAIR_FILE.match(posixpath.basename(p))) and m[1] in stale_names
+            ]
+    for name in doomed:
+        fs.rm_file(name)
 
 
 def read_table(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -25,7 +24,7 @@ from ..models import LoadedModel, load_model
 from ..report.overlay import overlay_png, picture_png
 from ..spec import JobSpec, MethodSpec, ModelSpec
 from ..storage import configure_retries, write_bytes_atomic
-from .outputs import ERROR_SCHEMA, METRIC_SCHEMA, heatmap_schema, write_block
+from .outputs import ERROR_SCHEMA, METRIC_SCHEMA, heatmap_schema, safe_name, write_block
 
 
 @dataclass
@@ -185,6 +184,8 @@ class ExplainWorker:
         marker = {
             "block_id": row["block_id"],
             "n_inputs": int(row["n_inputs"]),
+            # image id -> version: a resume keeps this block only while these are unchanged
+            "inputs": json.loads(row["inputs"]),
             "images_ok": len({r["image_id"] for r in result.heatmaps}),
             "fatal_errors": sum(1 for e in result.errors if e["fatal"]),
             "rows": {name: tables[name].num_rows for name in tables},
@@ -226,13 +227,15 @@ class ExplainWorker:
             before = self.model.forward_passes
             maps, bad, pictures = self._run_explainer(explainer, x, pairs)
             result.seconds[key] = time.perf_counter() - t0
-            result.images[key] = len(ids)
             result.passes[key] = self.model.forward_passes - before
             for i, err in bad.items():
                 failed.setdefault(i, (f"explain:{key}", type(err).__name__, str(err)))
             maps_by_explainer[key] = maps
             pictures_by_explainer[key] = pictures
         keep = torch.tensor([int(i) not in failed for i in pairs.image], dtype=torch.bool)
+        explained = len({int(i) for i in pairs.image[keep]})
+        for key in self.explainers:  # images with a heatmap: 0 when every image failed
+            result.images[key] = explained
         for i, (stage, kind, msg) in failed.items():
             result.errors.append(
                 {
@@ -244,7 +247,7 @@ class ExplainWorker:
                     "fatal": True,
                 }
             )
-        if row["block_id"].startswith("000000-"):  # a few overlays from the first block
+        if row["write_overlays"]:  # a few overlays from the first block of the plan
             self._overlays(maps_by_explainer, pairs, keep, ids, row["pixels"])
         self._pictures(pictures_by_explainer, pairs, keep, ids)
         kept = _select(pairs, keep)
@@ -439,12 +442,6 @@ class ExplainWorker:
             schema=ERROR_SCHEMA,
         )
         return {"heatmaps": heatmaps, "metrics": metrics, "errors": errors}
-
-
-def safe_name(name: str) -> str:
-    """A file name from an image id: no separators, no '..', nothing but [A-Za-z0-9._-]."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("/", "__")).lstrip(".")
-    return cleaned[:200] or "image"
 
 
 def _select(p: Pairs, keep: torch.Tensor) -> Pairs:

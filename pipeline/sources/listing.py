@@ -1,7 +1,8 @@
 """What a job reads: the list of inputs under a source URI, cut into deterministic blocks.
 
-A block is the unit of work, of output files and of resume: the same inputs and block size give
-the same blocks with the same ids, so a re-run finds the blocks it already finished.
+A block is the unit of work, of output files and of resume. Its id is a digest of its inputs'
+ids and versions (size + ETag or mtime), never of its position: the same inputs give the same
+blocks, and a block whose inputs changed gets a new id, so a re-run can tell what it finished.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class InputItem:
     member: str | None = None
     label: int | str | None = None
     meta: dict = field(default_factory=dict, hash=False, compare=False)
+    # what the bytes were when listed (size + ETag/mtime): a changed input is a new input
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,21 +65,33 @@ def list_inputs(
 
 
 def make_blocks(items: list[InputItem], block_size: int) -> list[Block]:
-    blocks = []
-    for start in range(0, len(items), block_size):
-        chunk = tuple(items[start : start + block_size])
-        digest = hashlib.sha256("\n".join(it.image_id for it in chunk).encode()).hexdigest()[:10]
-        blocks.append(Block(f"{start // block_size:06d}-{digest}", chunk))
-    return blocks
+    """Consecutive runs of `block_size` items, each named by the digest of its inputs."""
+    return [
+        Block(block_id(chunk), chunk)
+        for chunk in (tuple(items[s : s + block_size]) for s in range(0, len(items), block_size))
+    ]
+
+
+def block_id(items: tuple[InputItem, ...]) -> str:
+    text = "\n".join(f"{it.image_id}\t{it.version}" for it in items)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def file_version(info: dict) -> str:
+    """size + ETag (object stores) or mtime (file systems) from an fsspec info dict."""
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return f"{info.get('size')}:{str(tag).strip(chr(34))}"
 
 
 def _files_under(uri: str, endpoint_url: str | None):
+    """(fs, root, {path: info}) for every file under `uri` (or the one file it names)."""
     fs, root = filesystem(uri, endpoint_url)
     if not fs.exists(root):
         raise FileNotFoundError(f"source {uri!r} does not exist")
     if fs.isfile(root):
-        return fs, posixpath.dirname(root), [root]
-    return fs, root.rstrip("/"), sorted(fs.find(root))
+        return fs, posixpath.dirname(root), {root: fs.info(root)}
+    found = fs.find(root, detail=True)
+    return fs, root.rstrip("/"), {p: found[p] for p in sorted(found)}
 
 
 def _unstrip(uri: str, fs, path: str) -> str:
@@ -86,22 +101,26 @@ def _unstrip(uri: str, fs, path: str) -> str:
 
 
 def _list_image_files(uri: str, endpoint_url: str | None) -> list[InputItem]:
-    fs, root, paths = _files_under(uri, endpoint_url)
+    fs, root, files = _files_under(uri, endpoint_url)
     items = []
-    for p in paths:
+    for p, info in files.items():
         if not p.lower().endswith(IMAGE_EXTENSIONS):
             continue
         rel = posixpath.relpath(p, root)
         folder = posixpath.basename(posixpath.dirname(p)) if "/" in rel else None
-        items.append(InputItem(rel, _unstrip(uri, fs, p), meta={"folder": folder}))
+        items.append(
+            InputItem(
+                rel, _unstrip(uri, fs, p), meta={"folder": folder}, version=file_version(info)
+            )
+        )
     return items
 
 
 def _list_webdataset(uri: str, endpoint_url: str | None) -> list[InputItem]:
     """WebDataset shards: members sharing a key (`a/b/0001.jpg`, `a/b/0001.cls`) are one sample."""
-    fs, _, paths = _files_under(uri, endpoint_url)
+    fs, _, files = _files_under(uri, endpoint_url)
     items = []
-    for shard in (p for p in paths if p.endswith(".tar")):
+    for shard in (p for p in files if p.endswith(".tar")):
         with fs.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             members = {m.name: m for m in tar.getmembers() if m.isfile()}
             for name in members:
@@ -118,7 +137,13 @@ def _list_webdataset(uri: str, endpoint_url: str | None) -> list[InputItem]:
                     label = meta.get("label", meta.get("label_index"))
                 shard_name = posixpath.basename(shard)
                 items.append(
-                    InputItem(f"{shard_name}/{key}", _unstrip(uri, fs, shard), name, label)
+                    InputItem(
+                        f"{shard_name}/{key}",
+                        _unstrip(uri, fs, shard),
+                        name,
+                        label,
+                        version=file_version(files[shard]),
+                    )
                 )
     return items
 
@@ -128,9 +153,9 @@ def _list_parquet(
 ) -> list[InputItem]:
     import pyarrow.parquet as pq
 
-    fs, _, paths = _files_under(uri, endpoint_url)
+    fs, _, files = _files_under(uri, endpoint_url)
     items = []
-    for path in (p for p in paths if p.endswith(".parquet")):
+    for path in (p for p in files if p.endswith(".parquet")):
         with fs.open(path, "rb") as f:
             table = pq.read_table(io.BytesIO(f.read()), columns=None)
         if image_column not in table.column_names:
@@ -154,6 +179,7 @@ def _list_parquet(
                     str(row),
                     label,
                     {"image_column": image_column},
+                    version=file_version(files[path]),
                 )
             )
     return items

@@ -62,6 +62,7 @@ def read_block(
     return {
         "block_id": block.block_id,
         "n_inputs": len(block.items),
+        "inputs": json.dumps({it.image_id: it.version for it in block.items}),
         "image_ids": ok_ids,
         "uris": uris,
         "members": json.dumps(members),
