@@ -330,14 +330,24 @@ def compare(
     """Compare a run's metrics with a baseline; exit 3 when a metric regressed beyond tolerance."""
     import mlflow
 
-    from .tracking.compare import compare_metrics, find_baseline, gate, resolve_run
+    from .tracking.compare import (
+        compare_metrics,
+        directions_from_tags,
+        find_baseline,
+        gate,
+        parse_tolerance,
+        resolve_run,
+    )
 
     tolerances = {}
     for item in tolerance:
         key, sep, value = item.partition("=")
-        if not sep:
-            _fail(f"--tolerance {item!r}: expected METRIC=TOL")
-        tolerances[key] = value
+        if not sep or not key:
+            _fail(f"--tolerance {item!r}: expected METRIC=TOL (a number or N%)")
+        try:
+            tolerances[key] = parse_tolerance(value, f"--tolerance {item!r}")
+        except ValueError as e:
+            _fail(str(e))
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     try:
         current = resolve_run(client, run)
@@ -349,7 +359,13 @@ def compare(
         _fail(str(e))
     if base is None:
         _fail(f"no earlier successful run to compare {run} with; pass --baseline")
-    changes = compare_metrics(current.data.metrics, base.data.metrics, tolerances)
+    directions = {**directions_from_tags(base.data.tags), **directions_from_tags(current.data.tags)}
+    try:
+        changes = compare_metrics(
+            current.data.metrics, base.data.metrics, tolerances, directions=directions
+        )
+    except ValueError as e:
+        _fail(str(e))
     verdict = {
         "gate": gate(changes),
         "baseline": base.info.run_id,
@@ -362,9 +378,10 @@ def compare(
 
 def print_changes(verdict: dict) -> None:
     table = Table(
-        title=f"Compared with {verdict['baseline'] or '(no baseline)'}: {verdict['gate'].upper()}"
+        title=f"Compared with {verdict['baseline'] or '(no baseline)'}: {verdict['gate'].upper()}",
+        caption=DIRECTION_LEGEND,
     )
-    for col in ("metric", "baseline", "current", "delta", "tolerance", "status"):
+    for col in ("metric", "better", "baseline", "current", "delta", "tolerance", "status"):
         table.add_column(col)
     style = {"regressed": "red", "missing": "red", "improved": "green", "ok": ""}
     for c in verdict["changes"]:
@@ -372,6 +389,7 @@ def print_changes(verdict: dict) -> None:
             continue
         table.add_row(
             c["metric"],
+            _arrow(c["higher_is_better"]),
             _fmt(c["baseline"]),
             _fmt(c["current"]),
             _fmt(c["delta"]),
@@ -381,6 +399,15 @@ def print_changes(verdict: dict) -> None:
             else c["status"],
         )
     console.print(table)
+    if verdict.get("note"):
+        console.print(verdict["note"], highlight=False)
+
+
+DIRECTION_LEGEND = "↑ higher is better, ↓ lower is better"
+
+
+def _arrow(higher_is_better: bool | None) -> str:
+    return {True: "↑", False: "↓"}.get(higher_is_better, "?")
 
 
 def print_summary(summary: dict) -> None:
@@ -394,14 +421,18 @@ def print_summary(summary: dict) -> None:
             key, str(e["images"]), _fmt(e["images_per_s"]), _fmt(e["forward_passes_per_image"])
         )
     console.print(table)
-    metrics = sorted({m for e in explainers.values() for m in e["metrics"]})
+    directions = {m["key"]: m["higher_is_better"] for m in summary.get("metrics", [])}
+    metrics = list(directions) or sorted({m for e in explainers.values() for m in e["metrics"]})
     if metrics:
-        mt = Table(title="Metric means")
+        mt = Table(title="Metric means", caption=DIRECTION_LEGEND)
         mt.add_column("metric")
         for key in explainers:
             mt.add_column(key)
         for m in metrics:
-            mt.add_row(m, *[_fmt(e["metrics"].get(m)) for e in explainers.values()])
+            mt.add_row(
+                f"{m} {_arrow(directions.get(m))}",
+                *[_fmt(e["metrics"].get(m)) for e in explainers.values()],
+            )
         console.print(mt)
     console.print(
         f"inputs {summary['inputs']} = images {summary['images_ok']} + errors "

@@ -123,16 +123,13 @@ class CompareSpec(_Strict):
     @field_validator("tolerances")
     @classmethod
     def _tolerance_values(cls, v: dict):
+        from .tracking.compare import parse_tolerance
+
         for key, tol in v.items():
-            text = str(tol).strip()
             try:
-                value = float(text[:-1]) if text.endswith("%") else float(text)
-            except ValueError:
-                raise ValueError(
-                    f"@{key}: tolerance must be a number or 'N%', got {tol!r}"
-                ) from None
-            if value < 0:
-                raise ValueError(f"@{key}: tolerance must be >= 0, got {tol!r}")
+                parse_tolerance(tol)
+            except ValueError as e:
+                raise ValueError(f"@{key}: {e}") from None
         return v
 
 
@@ -158,6 +155,31 @@ class JobSpec(_Strict):
                 raise ValueError(
                     f"@metrics.{i}.params.against: 'win' compares with another explainer of "
                     f"this job; got {m.params.get('against')!r}, have {sorted(keys)}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _tolerances_name_metrics_of_this_job(self):
+        """A tolerance that matches none of the job's metrics would gate nothing."""
+        import fnmatch
+
+        from .tracking.compare import RUN_METRICS
+
+        if not self.compare_to:
+            return self
+        if not self.compare_to.tolerances and not self.metrics:
+            raise ValueError(
+                "@compare_to.tolerances: with no tolerances the gate compares the job's "
+                "metrics, and this job has none; add metrics or name tolerances"
+            )
+        keys = set(RUN_METRICS)
+        for e in self.explainers:
+            keys |= {f"{e.key}.images_per_s", *(f"{e.key}.{m.key}" for m in self.metrics)}
+        for pattern in self.compare_to.tolerances:
+            if not any(fnmatch.fnmatchcase(k, pattern) for k in keys):
+                raise ValueError(
+                    f"@compare_to.tolerances.{pattern}: matches no metric of this job "
+                    f"(it has: {', '.join(sorted(keys))})"
                 )
         return self
 

@@ -10,7 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.tracking.compare import compare_metrics, gate
+from pipeline.spec import SpecError, parse_spec
+from pipeline.tracking.compare import DEFAULT_TOLERANCE, compare_metrics, gate
 
 
 def test_compare_metrics_directions_and_tolerances():
@@ -100,3 +101,84 @@ def test_nightly_job_tags_pass_then_fails_against_a_better_pinned_baseline(
     assert client.get_run(runs[0].info.run_id).data.tags["salient.gate"] == "pass"
     latest = client.search_runs([exp], filter_string="tags.`salient.gate` = 'fail'")
     assert len(latest) == 1 and latest[0].data.tags["salient.baseline_run"] == better
+
+
+def test_gate_without_tolerances_compares_every_shared_metric_in_its_direction():
+    base = {"gradcam.deletion": 0.20, "gradcam.insertion": 0.60, "gradcam.images_per_s": 9.0}
+    # deletion is lower-is-better: up 10% is a regression, down 10% an improvement
+    worse = compare_metrics({**base, "gradcam.deletion": 0.22}, base, {})
+    by_key = {c.metric: c for c in worse}
+    assert by_key["gradcam.deletion"].status == "regressed" and gate(worse) == "fail"
+    assert by_key["gradcam.deletion"].tolerance == DEFAULT_TOLERANCE
+    assert by_key["gradcam.images_per_s"].tolerance is None  # throughput is not gated by default
+    better = {
+        c.metric: c.status for c in compare_metrics({**base, "gradcam.deletion": 0.18}, base, {})
+    }
+    assert better["gradcam.deletion"] == "improved"
+    # insertion is higher-is-better: down 4% is within the default 5%, down 6% is not
+    assert gate(compare_metrics({**base, "gradcam.insertion": 0.576}, base, {})) == "pass"
+    assert gate(compare_metrics({**base, "gradcam.insertion": 0.564}, base, {})) == "fail"
+    # a labelled metric's direction comes from the run's tags, not from its name
+    labelled = {"gradcam.del_fine": 0.2}
+    up = compare_metrics({"gradcam.del_fine": 0.3}, labelled, {}, directions={"del_fine": False})
+    assert up[0].status == "regressed" and up[0].higher_is_better is False
+
+
+@pytest.mark.parametrize(
+    "current, baseline, tolerances, message",
+    [
+        ({"a.deletion": 1.0}, {"a.deletion": 1.0}, {"*.pointing_game": 0.1}, "matches no metric"),
+        ({"a.deletion": 1.0}, {"a.deletion": 1.0}, {"*.deletion": "abc"}, "must be a number"),
+        ({"a.deletion": 1.0}, {"a.deletion": 1.0}, {"*.deletion": -0.1}, "must be >= 0"),
+        ({"a.deletion": 1.0}, {"b.insertion": 1.0}, {}, "nothing to compare"),
+        ({"errors": 1.0}, {"errors": 1.0}, {}, "nothing to compare"),
+    ],
+)
+def test_gate_refuses_to_compare_nothing(current, baseline, tolerances, message):
+    with pytest.raises(ValueError, match=message):
+        compare_metrics(current, baseline, tolerances)
+
+
+def test_compare_cli_gates_without_tolerances_and_gives_one_line_errors(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("cmp")
+    direction = {"salient.direction.deletion": "lower_is_better"}
+    base = _log_run(client, exp, {"gradcam.deletion": 0.20, "errors": 0}, direction)
+    worse = _log_run(client, exp, {"gradcam.deletion": 0.25, "errors": 0}, direction)
+    runner = CliRunner(env={"COLUMNS": "200"})  # one table row per line
+    args = ["compare", worse, "--baseline", base, "--tracking-uri", uri]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3, result.output
+    assert "gradcam.deletion" in result.output and "regressed" in result.output
+    assert "↓" in result.output  # the direction beside the metric
+    for tol, message in [
+        ("*.pointing_game=0.1", "matches no metric"),
+        ("*.deletion=abc", "must be a number"),
+        ("*.deletion=-1", "must be >= 0"),
+        ("deletion", "expected METRIC=TOL"),
+    ]:
+        result = runner.invoke(app, [*args, "-t", tol])
+        assert result.exit_code == 2, (tol, result.output)
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and message in lines[0], (tol, result.output)
+    assert runner.invoke(app, [*args, "-t", "*.deletion=0.1"]).exit_code == 0
+
+
+def test_spec_tolerances_must_name_a_metric_of_the_job():
+    spec = {
+        "source": {"uri": "data/"},
+        "explainers": [{"name": "gradcam"}],
+        "metrics": [{"name": "deletion"}],
+        "compare_to": {"tolerances": {"*.deletion": 0.01}},
+    }
+    parse_spec(spec)
+    for tolerances, message in [
+        ({"*.pointing_game": 0.1}, "matches no metric of this job"),
+        ({"*.deletion": "abc"}, "must be a number"),
+        ({"*.deletion": -1}, "must be >= 0"),
+    ]:
+        with pytest.raises(SpecError, match=message):
+            parse_spec({**spec, "compare_to": {"tolerances": tolerances}})
+    with pytest.raises(SpecError, match="this job has none"):
+        parse_spec({**spec, "metrics": [], "compare_to": {}})

@@ -25,6 +25,7 @@ from ..storage import (
     write_bytes_atomic,
 )
 from ..tracking import JobTracker
+from ..tracking.compare import direction_tags
 from ..tracking.mlflow_run import code_version
 from .outputs import finished_blocks, remove_stale_outputs, run_root
 from .worker import ExplainWorker, load_job_model
@@ -172,6 +173,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
             "salient.data_uri": spec.source.uri,
             "salient.output_uri": root,
             "salient.code_version": code_version(),
+            **direction_tags({m["key"]: m["higher_is_better"] for m in metric_directions(spec)}),
+            "mlflow.note.content": _run_description(spec),
             **spec.tracking.tags,
         }
         tracker.start(flatten(spec), tags)
@@ -409,6 +412,18 @@ def metric_directions(spec: JobSpec) -> list[dict]:
         }
         for m in spec.metrics
     ]
+
+
+def _run_description(spec: JobSpec) -> str:
+    """The MLflow run's description: what ran, and which way each metric is better."""
+    lines = [
+        f"Salient job over `{spec.source.uri}` with `{spec.model.uri}`: "
+        + ", ".join(e.key for e in spec.explainers)
+    ]
+    for m in metric_directions(spec):
+        better = "higher" if m["higher_is_better"] else "lower"
+        lines.append(f"- `<explainer>.{m['key']}`: {better} is better")
+    return "\n".join(lines)
 
 
 def _overlays(root: str, endpoint: str | None) -> dict[str, bytes]:

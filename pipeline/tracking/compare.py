@@ -2,8 +2,11 @@
 
 Tolerances are per metric key (globs allowed: `*.pointing_game`): a number is an absolute
 tolerance, "5%" a relative one. Only metrics that match a tolerance are gated; the others are
-reported. The direction of each metric (higher or lower is better) comes from the metric
-registry; unknown metrics fail on a change beyond tolerance in either direction.
+reported. With no tolerances at all, every evaluation metric both runs have
+(`<explainer>.<metric>`) is gated at DEFAULT_TOLERANCE. A gate never passes on nothing: a pattern
+that matches no metric, or runs that share no gated metric, are errors. The direction of each
+metric (higher or lower is better) comes from the run's `salient.direction.<metric>` tags, else
+the metric registry; unknown metrics fail on a change beyond tolerance in either direction.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict, dataclass
 
-# Run-level metrics that are not in the metric registry.
-_DIRECTIONS = {
+# Run-level metrics (not in the metric registry) and their direction.
+RUN_METRICS = {
     "images_per_s": True,
     "images_ok": True,
     "inputs": None,
@@ -20,6 +23,44 @@ _DIRECTIONS = {
     "lost": False,
     "actor_restarts": False,
 }
+
+
+DEFAULT_TOLERANCE = "5%"
+DIRECTION_TAG = "salient.direction."
+
+
+def parse_tolerance(text: str | float, what: str = "tolerance") -> str | float:
+    """A tolerance as given (a number, or 'N%'), checked: a non-number or a negative value is a
+    ValueError that names it."""
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise ValueError(f"{what}: must be a number or 'N%', got {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise ValueError(f"{what}: must be >= 0, got {text!r}")
+    return raw if raw.endswith("%") else value
+
+
+def is_evaluation_metric(key: str) -> bool:
+    """`<explainer>.<metric>` aggregates, not run counters or throughput (hardware-dependent)."""
+    return "." in key and not key.endswith(".images_per_s")
+
+
+def directions_from_tags(tags: dict[str, str]) -> dict[str, bool]:
+    """metric key -> higher is better, from the `salient.direction.<metric>` tags of a run."""
+    return {
+        k[len(DIRECTION_TAG) :]: v == "higher_is_better"
+        for k, v in tags.items()
+        if k.startswith(DIRECTION_TAG)
+    }
+
+
+def direction_tags(directions: dict[str, bool]) -> dict[str, str]:
+    return {
+        f"{DIRECTION_TAG}{k}": "higher_is_better" if hib else "lower_is_better"
+        for k, hib in directions.items()
+    }
 
 
 @dataclass
@@ -33,10 +74,12 @@ class Change:
     status: str  # ok | regressed | improved | missing | info
 
 
-def higher_is_better(key: str) -> bool | None:
+def higher_is_better(key: str, directions: dict[str, bool] | None = None) -> bool | None:
     name = key.rsplit(".", 1)[-1]
-    if name in _DIRECTIONS:
-        return _DIRECTIONS[name]
+    if directions and name in directions:
+        return directions[name]
+    if name in RUN_METRICS:
+        return RUN_METRICS[name]
     try:
         from ..metrics import METRICS
     except ImportError:
@@ -67,12 +110,26 @@ def compare_metrics(
     baseline: dict[str, float],
     tolerances: dict[str, str | float],
     fail_on_missing: bool = False,
+    directions: dict[str, bool] | None = None,
 ) -> list[Change]:
+    """One Change per metric of either run. Raises ValueError when the gate would compare
+    nothing: a tolerance pattern that matches no metric, or no gated metric in both runs."""
+    keys = sorted(set(current) | set(baseline))
+    for pattern, tol in tolerances.items():
+        parse_tolerance(tol, f"tolerance {pattern!r}")
+        if not any(k == pattern or fnmatch.fnmatchcase(k, pattern) for k in keys):
+            raise ValueError(
+                f"tolerance {pattern!r} matches no metric of the runs (they have: "
+                f"{', '.join(k for k in keys if is_evaluation_metric(k)) or ', '.join(keys)})"
+            )
+    if not tolerances:
+        shared = set(current) & set(baseline)
+        tolerances = {k: DEFAULT_TOLERANCE for k in keys if k in shared and is_evaluation_metric(k)}
     changes = []
-    for key in sorted(set(current) | set(baseline)):
+    for key in keys:
         cur, base = current.get(key), baseline.get(key)
         tol = _tolerance_for(key, tolerances)
-        hib = higher_is_better(key)
+        hib = higher_is_better(key, directions)
         if cur is None or base is None:
             status = "missing" if tol is not None and fail_on_missing and cur is None else "info"
             changes.append(Change(key, base, cur, None, _s(tol), hib, status))
@@ -90,6 +147,11 @@ def compare_metrics(
         else:
             status = "ok"
         changes.append(Change(key, base, cur, delta, _s(tol), hib, status))
+    if not any(c.tolerance is not None and c.delta is not None for c in changes):
+        raise ValueError(
+            "nothing to compare: the two runs share no gated metric "
+            f"(current has {len(current)} metrics, baseline {len(baseline)})"
+        )
     return changes
 
 

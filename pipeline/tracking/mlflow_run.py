@@ -72,7 +72,9 @@ class JobTracker:
         if found:
             self.mlflow_run_id = found[0].info.run_id
             self.client.update_run(self.mlflow_run_id, status="RUNNING")
-            self.client.set_tag(self.mlflow_run_id, "salient.resumed", "true")
+            self.set_tags({**tags, "salient.resumed": "true"})
+            if "salient.error" in found[0].data.tags:  # the failure this attempt resumes from
+                self.client.delete_tag(self.mlflow_run_id, "salient.error")
         else:
             run = self.client.create_run(
                 self.experiment_id,
@@ -128,7 +130,14 @@ class JobTracker:
         """Compare this (finished) run with its baseline; tag it pass/fail and log the table."""
         import json
 
-        from .compare import as_dicts, compare_metrics, find_baseline, gate, resolve_run
+        from .compare import (
+            as_dicts,
+            compare_metrics,
+            directions_from_tags,
+            find_baseline,
+            gate,
+            resolve_run,
+        )
 
         if not self.enabled:
             raise ValueError("compare_to needs tracking.enabled: the baseline lives in MLflow")
@@ -145,14 +154,18 @@ class JobTracker:
                 "note": "no earlier successful run to compare with: this run is the first",
             }
         else:
-            changes = compare_metrics(
-                current.data.metrics, base.data.metrics, compare.tolerances, compare.fail_on_missing
-            )
-            verdict = {
-                "gate": gate(changes),
-                "baseline": base.info.run_id,
-                "changes": as_dicts(changes),
-            }
+            try:
+                changes = compare_metrics(
+                    current.data.metrics,
+                    base.data.metrics,
+                    compare.tolerances,
+                    compare.fail_on_missing,
+                    directions_from_tags(current.data.tags),
+                )
+                verdict = {"gate": gate(changes), "changes": as_dicts(changes)}
+            except ValueError as e:  # a gate that compared nothing must not pass
+                verdict = {"gate": "fail", "changes": [], "note": str(e)}
+            verdict["baseline"] = base.info.run_id
         self.set_tags(
             {"salient.gate": verdict["gate"], "salient.baseline_run": verdict["baseline"] or ""}
         )
