@@ -49,6 +49,7 @@ def audit_spec(
     endpoint_url: str | None,
     trust_pickle: bool,
     size: int | None,
+    random_init: bool = False,
     run_id: str | None = None,
 ) -> JobSpec:
     metrics = [{"name": m, "params": {"steps": steps}} for m in ("deletion", "insertion")]
@@ -58,7 +59,12 @@ def audit_spec(
     return parse_spec(
         {
             "source": {"uri": data, "annotations": annotations, "limit": limit},
-            "model": {"uri": model, "trust_pickle": trust_pickle, "size": size},
+            "model": {
+                "uri": model,
+                "trust_pickle": trust_pickle,
+                "size": size,
+                "random_init": random_init,
+            },
             "targets": {"mode": "predicted"},
             "explainers": [{"name": m} for m in methods],
             "metrics": metrics,
@@ -190,6 +196,12 @@ def sanity_verdicts(spec: JobSpec, methods: list[str], n_images: int, endpoint_u
     return out
 
 
+def _is_architecture(uri: str) -> bool:
+    from .models.loaders import WEIGHTLESS_SCHEMES
+
+    return uri.partition(":")[0] in WEIGHTLESS_SCHEMES
+
+
 def run_audit(
     model: str,
     data: str,
@@ -207,6 +219,7 @@ def run_audit(
     trust_pickle: bool = False,
     size: int | None = None,
     address: str | None = None,
+    random_init: bool = False,
 ) -> AuditResult:
     methods = methods or ["gradcam", "saliency"]
     common = dict(
@@ -221,13 +234,19 @@ def run_audit(
         trust_pickle=trust_pickle,
         size=size,
     )
-    spec = audit_spec(model, data, **common)
+    # both specs before any work: a mistake in the second model must not cost the first job
+    spec = audit_spec(model, data, **common, random_init=random_init and _is_architecture(model))
+    other_spec = (
+        audit_spec(against, data, **common, random_init=random_init and _is_architecture(against))
+        if against
+        else None
+    )
     result = run_job(spec, address=address)
     acc = accuracy(result.root, endpoint_url)
     sanity = sanity_verdicts(spec, methods, sanity_images, endpoint_url) if sanity_images else {}
     other, drift_section = None, None
     if against:
-        other = run_job(audit_spec(against, data, **common), address=address)
+        other = run_job(other_spec, address=address)
         drift_section = drift(result.root, other.root, against, endpoint_url)
     _record(spec, result, acc, sanity, drift_section, model, endpoint_url)
     return AuditResult(result, other, acc, sanity, drift_section)

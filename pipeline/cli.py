@@ -273,6 +273,11 @@ def audit(
     endpoint_url: str | None = typer.Option(None, help="S3-compatible endpoint."),
     trust_pickle: bool = typer.Option(False, help="Allow pickled models (runs their code)."),
     address: str | None = typer.Option(None, help="Ray cluster address."),
+    random_weights: bool = typer.Option(
+        False,
+        "--random-weights",
+        help="Allow torchvision:/timm: architectures without weights (random init, on purpose).",
+    ),
 ) -> None:
     """Audit a model: accuracy, explanations, faithfulness, localisation, stability, sanity,
     and with --against the drift between two model versions."""
@@ -297,6 +302,7 @@ def audit(
             trust_pickle=trust_pickle,
             size=size,
             address=address,
+            random_init=random_weights,
         )
     except (SpecError, ValueError, PermissionError, FileNotFoundError) as e:
         _fail(str(e))

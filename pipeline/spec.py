@@ -39,6 +39,16 @@ class ModelSpec(_Strict):
     size: int | None = Field(None, ge=8, le=2048, description="Input side in pixels")
     num_classes: int | None = Field(None, ge=1)
     trust_pickle: bool = False
+    random_init: bool = Field(
+        False, description="Run a torchvision:/timm: architecture without weights, on purpose"
+    )
+
+    @model_validator(mode="after")
+    def _weights_chosen(self):
+        from .models.loaders import check_weights
+
+        check_weights(self.uri, self.weights, self.random_init)
+        return self
 
 
 class TargetsSpec(_Strict):

@@ -39,6 +39,7 @@ def test_audit_with_drift_against_a_second_model(ray_local, demo_images, tmp_pat
             "2",
             "--size",
             "96",
+            "--random-weights",  # resnet18 has no weights here: random on purpose
         ],
     )
     assert result.exit_code == 0, result.output

@@ -137,7 +137,7 @@ def test_bad_model_uris():
     with pytest.raises(ValueError, match="no known scheme"):
         load_model("resnet18")
     with pytest.raises(ValueError, match="unknown torchvision"):
-        load_model("torchvision:resnet_does_not_exist")
+        load_model("torchvision:resnet_does_not_exist", random_init=True)
     with pytest.raises(ValueError, match="unknown builtin"):
         load_model("builtin:nope")
 
@@ -147,7 +147,7 @@ def test_bad_model_uris():
     [("resnet18", "layer4"), ("vgg11", "features"), ("mobilenet_v3_small", "features")],
 )
 def test_default_cam_layer_for_torchvision(arch, expected):
-    m = load_model(f"torchvision:{arch}", num_classes=5)
+    m = load_model(f"torchvision:{arch}", num_classes=5, random_init=True)
     assert resolve_layer(m)[0] == expected
 
 
@@ -204,7 +204,34 @@ def test_mlflow_registry_models_by_version_and_alias(tmp_path):
 def test_random_init_without_weights_is_the_same_in_every_process():
     """A job loads its model on the driver and in each actor: without a weights file they must
     still agree (and so must the weights hash recorded in MLflow)."""
-    a = load_model("torchvision:resnet18", num_classes=3)
+    a = load_model("torchvision:resnet18", num_classes=3, random_init=True)
     torch.manual_seed(1234)  # the caller's RNG state must not matter
-    b = load_model("torchvision:resnet18", num_classes=3)
+    b = load_model("torchvision:resnet18", num_classes=3, random_init=True)
     assert a.weights_hash == b.weights_hash
+
+
+def test_weights_are_never_silently_random_or_ignored(tmp_path):
+    with pytest.raises(ValueError, match="'torchvision:resnet18' has no weights.*random-weights"):
+        load_model("torchvision:resnet18")
+    with pytest.raises(ValueError, match="'timm:resnet18' has no weights"):
+        load_model("timm:resnet18")
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(ValueError, match="carries its own weights.*would be ignored"):
+        load_model("builtin:efficientnet-lite0", weights=str(tmp_path / "w.pt"))
+    with pytest.raises(ValueError, match="not both"):
+        load_model("torchvision:resnet18", weights=str(tmp_path / "w.pt"), random_init=True)
+    with pytest.raises(ValueError, match="random_init applies to"):
+        load_model("builtin:efficientnet-lite0", random_init=True)
+    # a state dict of another architecture: one line naming the file, no torch traceback
+    with pytest.raises(ValueError, match=r"do not fit 'torchvision:resnet34'") as err:
+        load_model("torchvision:resnet34", weights=str(tmp_path / "w.pt"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"do not fit 'torchvision:resnet18': .*size mismatch"):
+        load_model("torchvision:resnet18", weights=str(tmp_path / "w.pt"), num_classes=5)
+    # the spec refuses the same, so `salient validate` does too
+    from pipeline.spec import SpecError, parse_spec
+
+    spec = {"source": {"uri": "x"}, "explainers": [{"name": "gradcam"}]}
+    with pytest.raises(SpecError, match="model: model 'torchvision:resnet18' has no weights"):
+        parse_spec({**spec, "model": {"uri": "torchvision:resnet18"}})
+    assert parse_spec({**spec, "model": {"uri": "torchvision:resnet18", "random_init": True}})

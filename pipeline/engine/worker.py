@@ -63,6 +63,7 @@ def load_job_model(
         num_classes=m.num_classes,
         trust_pickle=m.trust_pickle,
         registry_uri=registry_uri,
+        random_init=m.random_init,
     )
 
 

