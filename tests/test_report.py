@@ -76,3 +76,203 @@ def test_run_report_renders_offline_with_expected_sections(ray_local, demo_image
     for section in ("summary", "thumbnails", "distributions", "errors"):
         assert f'id="{section}"' in dom
     assert "broken.jpg" in dom and "gradcam" in dom and "saliency" in dom
+
+
+# --- ranking and metric directions, on a hand-built run folder (no model, a second or two) ---
+
+IMAGES = ["a", "b", "c", "d", "e"]
+SCORE = {"a": 0.6, "b": 0.9, "c": 0.4, "d": 0.8, "e": 0.2}
+# three orderings that differ from each other and from deletion sorted descending (what ranking
+# by the alphabetically first metric, always descending, would show)
+DELETION = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4, "e": 0.5}  # lower is better
+ENERGY = {"a": 0.7, "b": 0.3, "c": 0.9, "d": 0.1, "e": 0.5}  # energy_pointing_game: higher
+
+
+def _tiny_run(tmp_path, metric_values: dict[str, dict[str, float]]) -> str:
+    """A run folder with one explainer, the five images (small PNGs) and the given metric rows
+    (metric key -> image -> value), written as the job writes a block."""
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    from pipeline.engine.outputs import ERROR_SCHEMA, METRIC_SCHEMA, heatmap_schema, write_block
+
+    root = tmp_path / "run"
+    images = tmp_path / "images"
+    images.mkdir(parents=True)
+    size = 8
+    schema = heatmap_schema(size, "uint8")
+    rows = []
+    for i, image_id in enumerate(IMAGES):
+        Image.new("RGB", (16, 16), (40 * i, 90, 200 - 40 * i)).save(images / f"{image_id}.png")
+        rows.append(
+            {
+                "run_id": "r",
+                "image_id": image_id,
+                "source_uri": str(images / f"{image_id}.png"),
+                "source_member": None,
+                "model_id": "m",
+                "explainer": "gradcam",
+                "method": "gradcam",
+                "target": 1,
+                "target_name": "cat",
+                "target_rank": 0,
+                "score": SCORE[image_id],
+                "predicted": 1,
+                "predicted_name": "cat",
+                "label": None,
+                "h": 16,
+                "w": 16,
+                "map_min": 0.0,
+                "map_max": 1.0,
+                "forward_passes": 1,
+            }
+        )
+    columns = {n: [r[n] for r in rows] for n in schema.names if n != "heatmap"}
+    flat = np.arange(len(rows) * size * size, dtype=np.uint8)
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(flat), size * size)
+    columns["heatmap"] = pa.ExtensionArray.from_storage(schema.field("heatmap").type, storage)
+    metrics = [
+        {"run_id": "r", "image_id": i, "explainer": "gradcam", "target": 1, "metric": k, "value": v}
+        for k, per_image in metric_values.items()
+        for i, v in per_image.items()
+    ]
+    write_block(
+        str(root),
+        "b0",
+        {
+            "heatmaps": pa.table({n: columns[n] for n in schema.names}, schema=schema),
+            "metrics": pa.Table.from_pylist(metrics, schema=METRIC_SCHEMA),
+            "errors": ERROR_SCHEMA.empty_table(),
+        },
+        {"block_id": "b0"},
+    )
+    return str(root)
+
+
+def _summary(metric_values: dict, directions: list[dict] | None) -> dict:
+    """A run summary; `directions` is the "metrics" list (None: a summary from an older run)."""
+    summary = {
+        "run_id": "r",
+        "inputs": 5,
+        "images_ok": 5,
+        "errors": 0,
+        "lost": 0,
+        "explainers": {
+            "gradcam": {
+                "method": "gradcam",
+                "images": 5,
+                "images_per_s": 10.0,
+                "forward_passes_per_image": 1.0,
+                "metrics": {k: sum(v.values()) / len(v) for k, v in sorted(metric_values.items())},
+                "metric_details": {},
+            }
+        },
+    }
+    if directions is not None:
+        summary["metrics"] = directions
+    return summary
+
+
+# the spec's order: energy_pointing_game first, so it is the default rank metric
+SPEC_METRICS = [
+    {"key": "energy_pointing_game", "name": "energy_pointing_game", "higher_is_better": True},
+    {"key": "deletion", "name": "deletion", "higher_is_better": False},
+]
+
+
+def _render(tmp_path, metric_values, directions, rank_metric=None) -> str:
+    from pipeline.models.preprocess import Preprocess
+    from pipeline.report.html import ReportInputs, render_report
+
+    root = _tiny_run(tmp_path, metric_values)
+    return render_report(
+        ReportInputs(
+            root,
+            _summary(metric_values, directions),
+            preprocess=Preprocess(size=16),
+            rank_metric=rank_metric,
+            n_thumbs=2,
+        )
+    )
+
+
+def _groups(page: str) -> dict[str, list[str]]:
+    """Image ids shown under "best" and "worst" (one explainer: one line per group)."""
+    out = {}
+    for line in page.splitlines():
+        if m := re.match(r"<p>(best|worst)</p>", line):
+            out[m[1]] = re.findall(r"<img alt='([^']*)'", line)
+    return out
+
+
+def _section(page: str, name: str) -> str:
+    start = page.index(f"<h2 id={name}>")
+    end = page.find("<h2 ", start + 1)
+    return page[start : end if end >= 0 else None]
+
+
+@pytest.mark.parametrize(
+    "rank_metric, best, worst, note",
+    [
+        # lower is better: the lowest deletion values are the best images
+        ("deletion", ["a", "b"], ["e", "d"], "ranked by deletion (lower is better)"),
+        # higher is better
+        (
+            "energy_pointing_game",
+            ["c", "a"],
+            ["d", "b"],
+            "ranked by energy_pointing_game (higher is better)",
+        ),
+        # default: the spec's first metric, not the alphabetically first
+        (None, ["c", "a"], ["d", "b"], "ranked by energy_pointing_game (higher is better)"),
+    ],
+)
+def test_thumbnails_rank_best_and_worst_in_the_metrics_direction(
+    tmp_path, rank_metric, best, worst, note
+):
+    values = {"deletion": DELETION, "energy_pointing_game": ENERGY}
+    page = _render(tmp_path, values, SPEC_METRICS, rank_metric)
+    assert _groups(page) == {"best": best, "worst": worst}
+    assert note in _section(page, "thumbnails")
+
+
+def test_every_metric_header_states_its_direction(tmp_path):
+    values = {"deletion": DELETION, "energy_pointing_game": ENERGY}
+    page = _render(tmp_path, values, SPEC_METRICS)
+    summary = _section(page, "summary")
+    assert "↑ higher is better, ↓ lower is better" in summary
+    assert "<th><span title='lower is better'>deletion ↓</span></th>" in summary
+    assert "<th><span title='higher is better'>energy_pointing_game ↑</span></th>" in summary
+    # columns in the spec's order
+    assert summary.index("energy_pointing_game ↑") < summary.index("deletion ↓")
+    dist = _section(page, "distributions")
+    assert "<h3>gradcam &middot; <span title='lower is better'>deletion ↓</span></h3>" in dist
+    assert (
+        "<h3>gradcam &middot; <span title='higher is better'>energy_pointing_game ↑</span></h3>"
+        in dist
+    )
+
+
+def test_unknown_rank_metric_is_refused_naming_the_metrics_that_exist(tmp_path):
+    values = {"deletion": DELETION, "energy_pointing_game": ENERGY}
+    with pytest.raises(ValueError, match="'insertion'.*energy_pointing_game, deletion"):
+        _render(tmp_path, values, SPEC_METRICS, "insertion")
+
+
+def test_older_summary_falls_back_to_the_metric_class_and_refuses_unknown_directions(tmp_path):
+    # no "metrics" list: registered names get their class's direction; a label has none
+    values = {"deletion": DELETION, "my_score": ENERGY}
+    page = _render(tmp_path, values, None)
+    assert _groups(page) == {"best": ["a", "b"], "worst": ["e", "d"]}  # default: deletion
+    summary = _section(page, "summary")
+    assert "deletion ↓" in summary
+    assert "<span title='direction unknown'>my_score</span>" in summary  # no arrow
+    with pytest.raises(ValueError, match="'my_score'.*direction.*unknown"):
+        _render(tmp_path / "again", values, None, "my_score")
+
+
+def test_without_metrics_thumbnails_rank_by_target_score(tmp_path):
+    page = _render(tmp_path, {}, [])
+    assert _groups(page) == {"best": ["b", "d"], "worst": ["e", "c"]}
+    assert "ranked by target score (higher is better) (the run has no metrics)" in page

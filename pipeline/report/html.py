@@ -1,8 +1,9 @@
 """report.html: one self-contained page per run (images inlined, no scripts, opens offline).
 
-Sections: summary per explainer; overlay thumbnails (best, worst and random images by a chosen
-metric); deletion/insertion curves (when the metrics stored them); metric distributions per
-class; sanity verdicts (when present); errors; and for audits the drift between two models.
+Sections: summary per explainer (each metric with its direction); overlay thumbnails (best,
+worst and random images by a chosen metric, in its direction); deletion/insertion curves (when
+the metrics stored them); metric distributions per class; sanity verdicts (when present);
+errors; and for audits the drift between two models.
 Everything is read from the run's outputs, so a report can be rebuilt later from any run folder.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..engine.outputs import read_table
+from ..metrics import METRICS
 from ..models.preprocess import Preprocess
 from ..sources.decode import decode_image
 from ..sources.listing import InputItem
@@ -42,7 +44,8 @@ class ReportInputs:
     title: str = "Salient run"
     preprocess: Preprocess | None = None
     endpoint_url: str | None = None
-    rank_metric: str | None = None  # thumbnails ranked by this metric (default: the first one)
+    # thumbnails ranked by this metric key (default: the spec's first metric)
+    rank_metric: str | None = None
     drift: dict | None = None  # audit: {"rows": [...], "per_class": [...], "most_changed": [...]}
     sanity: dict | None = None  # {explainer: {"verdict": ..., "similarity": [...]}}
     curves: dict = field(default_factory=dict)  # {explainer: {"deletion": [...], ...}}
@@ -52,6 +55,7 @@ class ReportInputs:
 
 def render_report(inp: ReportInputs) -> str:
     s = inp.summary
+    rank = _rank_metric(s, inp.rank_metric)  # a bad rank metric fails before any work
     for key, e in s["explainers"].items():  # curves and verdicts the metrics carried
         for metric, d in e.get("metric_details", {}).items():
             if "curve" in d and metric in ("deletion", "insertion"):
@@ -68,7 +72,7 @@ def render_report(inp: ReportInputs) -> str:
         f"<p>run <b>{_e(s['run_id'])}</b> &middot; inputs {s['inputs']} = images "
         f"{s['images_ok']} + errors {s['errors']} (lost {s['lost']})</p>",
         _summary_section(s),
-        _thumbs_section(inp),
+        _thumbs_section(inp, rank),
         _curves_section(inp.curves),
         _distribution_section(inp),
         _sanity_section(inp.sanity),
@@ -92,18 +96,78 @@ def _f(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else _e(v)
 
 
+def higher_is_better(summary: dict, key: str) -> bool | None:
+    """Direction of the metric stored under `key`: True (higher is better), False (lower is
+    better) or None (unknown). The run's summary says (spec order, labels resolved); summaries
+    of older runs do not, so a key that is a registered metric name falls back to its class."""
+    for m in summary.get("metrics") or []:
+        if m.get("key") == key:
+            hib = m.get("higher_is_better")
+            return None if hib is None else bool(hib)
+    cls = METRICS.get(key)
+    return None if cls is None else bool(cls.higher_is_better)
+
+
+def _metric_keys(summary: dict) -> list[str]:
+    """The run's metric keys: the spec's order when the summary lists them, else sorted."""
+    keys = [m["key"] for m in summary.get("metrics") or []]
+    extra = {k for e in summary["explainers"].values() for k in e.get("metrics", {})}
+    return keys + sorted(extra - set(keys))
+
+
+def _direction_words(hib: bool) -> str:
+    return "higher is better" if hib else "lower is better"
+
+
+def _metric_label(summary: dict, key: str) -> str:
+    """`key` with its arrow, and the direction in words on hover."""
+    hib = higher_is_better(summary, key)
+    if hib is None:  # no arrow rather than a guessed one
+        return f"<span title='direction unknown'>{_e(key)}</span>"
+    return f"<span title='{_direction_words(hib)}'>{_e(key)} {'↑' if hib else '↓'}</span>"
+
+
+def _rank_metric(summary: dict, requested: str | None) -> tuple[str | None, bool]:
+    """(metric key, higher is better) the thumbnails are ranked by; (None, True) ranks by
+    target score. Without a request: the first metric whose direction is known."""
+    keys = _metric_keys(summary)
+    if requested is None:
+        known = [k for k in keys if higher_is_better(summary, k) is not None]
+        if not known:
+            return None, True
+        return known[0], bool(higher_is_better(summary, known[0]))
+    if requested not in keys:
+        raise ValueError(
+            f"rank metric {requested!r} is not a metric of this run; it has: "
+            f"{', '.join(keys) or 'none'}"
+        )
+    hib = higher_is_better(summary, requested)
+    if hib is None:
+        # ranking in an unknown direction could call the worst images "best"
+        known = [k for k in keys if higher_is_better(summary, k) is not None]
+        raise ValueError(
+            f"rank metric {requested!r}: its direction (higher or lower is better) is unknown "
+            "(the run summary predates metric directions and it is not a registered metric "
+            f"name); choose one of: {', '.join(known) or 'none'}"
+        )
+    return requested, hib
+
+
 def _summary_section(s: dict) -> str:
-    metrics = sorted({m for e in s["explainers"].values() for m in e["metrics"]})
+    metrics = _metric_keys(s)
     head = "".join(
-        f"<th>{_e(h)}</th>"
-        for h in ["explainer", "method", "images", "images/s", "passes/image", *metrics]
-    )
+        f"<th>{_e(h)}</th>" for h in ["explainer", "method", "images", "images/s", "passes/image"]
+    ) + "".join(f"<th>{_metric_label(s, m)}</th>" for m in metrics)
     rows = []
     for key, e in s["explainers"].items():
         cells = [key, e["method"], e["images"], e["images_per_s"], e["forward_passes_per_image"]]
         cells += [e["metrics"].get(m) for m in metrics]
         rows.append("<tr>" + "".join(f"<td>{_f(c)}</td>" for c in cells) + "</tr>")
-    return f"<h2 id=summary>Summary per explainer</h2><table><tr>{head}</tr>{''.join(rows)}</table>"
+    legend = "<p class=muted>↑ higher is better, ↓ lower is better</p>"
+    return (
+        f"<h2 id=summary>Summary per explainer</h2>{legend if metrics else ''}"
+        f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    )
 
 
 def _jpeg_data_uri(image: Image.Image) -> str:
@@ -112,7 +176,7 @@ def _jpeg_data_uri(image: Image.Image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _thumbs_section(inp: ReportInputs) -> str:
+def _thumbs_section(inp: ReportInputs, rank: tuple[str | None, bool]) -> str:
     heat = read_table(
         inp.root,
         "heatmaps",
@@ -129,17 +193,25 @@ def _thumbs_section(inp: ReportInputs) -> str:
     )
     if heat.num_rows == 0:
         return "<h2 id=thumbnails>Overlays</h2><p class=muted>no heatmaps</p>"
-    metrics = read_table(inp.root, "metrics", inp.endpoint_url)
-    metric = inp.rank_metric or (
-        sorted(set(metrics.column("metric").to_pylist()))[0] if metrics.num_rows else None
-    )
+    metric, hib = rank
     out = ["<h2 id=thumbnails>Overlays: best, worst and random images</h2>"]
-    out.append(f"<p class=muted>ranked by {_e(metric or 'target score')}</p>")
+    why = ""
+    if metric is None:
+        why = (
+            " (no metric of this run has a known direction)"
+            if _metric_keys(inp.summary)
+            else " (the run has no metrics)"
+        )
+    out.append(
+        f"<p class=muted>ranked by {_e(metric or 'target score')} ({_direction_words(hib)})"
+        f"{why}</p>"
+    )
     rng = random.Random(inp.seed)
     rows = heat.to_pylist()
     values = {}
     if metric:
-        for r in metrics.to_pylist():
+        metrics = read_table(inp.root, "metrics", inp.endpoint_url)
+        for r in metrics.to_pylist() if metrics.num_rows else []:
             if r["metric"] == metric and r["value"] is not None:
                 values[(r["image_id"], r["explainer"], r["target"])] = r["value"]
     for explainer in sorted({r["explainer"] for r in rows}):
@@ -150,7 +222,11 @@ def _thumbs_section(inp: ReportInputs) -> str:
                 return values.get((r["image_id"], explainer, r["target"]), np.nan)
             return r["score"]
 
-        ranked = sorted((r for r in mine if np.isfinite(key(r))), key=key, reverse=True)
+        # best first in the metric's direction; ties by image id, so the page is reproducible
+        ranked = sorted(
+            (r for r in mine if np.isfinite(key(r))),
+            key=lambda r, key=key: (-key(r) if hib else key(r), r["image_id"]),
+        )
         n = inp.n_thumbs
         groups = {
             "best": ranked[:n],
@@ -248,7 +324,8 @@ def _distribution_section(inp: ReportInputs) -> str:
             for c, v in top
         )
         out.append(
-            f"<h3>{_e(explainer)} &middot; {_e(metric)}</h3><table><tr><th>class</th>"
+            f"<h3>{_e(explainer)} &middot; {_metric_label(inp.summary, metric)}</h3>"
+            "<table><tr><th>class</th>"
             f"<th>n</th><th>mean</th><th>std</th><th>histogram</th></tr>{rows}</table>"
         )
     return "\n".join(out)
