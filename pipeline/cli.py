@@ -102,11 +102,15 @@ def demo(
 
 @app.command()
 def validate(spec: str = typer.Argument(..., help="Job spec (YAML), local path or URI.")) -> None:
-    """Check a job spec; touches nothing. Exit 2 with one line per problem."""
+    """Check a job spec as `run` would before starting Ray: the schema, the model (loaded on
+    the CPU), every explainer and metric built with its parameters, the source and the ground
+    truth the metrics and targets need. Writes nothing. Exit 2 with one line per problem."""
+    from .engine.preflight import preflight
     from .spec import SpecError, load_spec
 
     try:
         job = load_spec(spec)
+        preflight(job, where=spec)
     except SpecError as e:
         _fail(str(e))
     names = ", ".join(m.key for m in job.explainers)
@@ -146,6 +150,8 @@ def run(
 
         try:
             result = run_job(job, address=address, progress=progress)
+        except SpecError as e:
+            _fail(str(e))
         except (JobFailed, FileNotFoundError, PermissionError, ConnectionError) as e:
             _fail(f"job failed: {e}", code=1)
     print_summary(result.summary)
@@ -440,6 +446,8 @@ def print_summary(summary: dict) -> None:
                 *[_fmt(e["metrics"].get(m)) for e in explainers.values()],
             )
         console.print(mt)
+    for warning in summary.get("warnings", []):
+        errors.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     console.print(
         f"inputs {summary['inputs']} = images {summary['images_ok']} + errors "
         f"{summary['errors']} (lost {summary['lost']}); blocks computed "

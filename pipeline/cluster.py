@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
 import shlex
 import sys
 import tempfile
@@ -28,9 +26,6 @@ from rich.markup import escape
 PACKAGE_DIR = Path(__file__).resolve().parent
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 SPEC_NAME = "spec.yaml"  # the spec's name inside the job's working_dir
-# the same notion of "secret-looking" as the MLflow redaction (tracking/mlflow_run.py); kept
-# here so that importing the CLI does not import MLflow
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|session_key)", re.I)
 
 console = Console(highlight=False)
 errors = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -74,7 +69,8 @@ def build_submission(
     from .spec import SpecError, load_spec
     from .storage import read_bytes
 
-    spec = load_spec(spec_uri)  # raises SpecError with one line per problem
+    # one line per problem; relative paths stay as written (they resolve on the cluster)
+    spec = load_spec(spec_uri, resolve_paths=False)
     if run_id:
         try:
             type(spec).model_validate({**spec.model_dump(), "run_id": run_id})
@@ -121,12 +117,13 @@ def relative_path_warnings(spec) -> list[str]:
 
 
 def _refuse_secrets(text: str, where: str) -> None:
-    for key, value in os.environ.items():
-        if _SECRET_KEY.search(key) and len(value) >= 4 and value in text:
-            raise SubmitError(
-                f"{where} contains the value of ${key}; credentials come from the cluster "
-                "nodes' environment, never from the submission"
-            )
+    from .secrets import find_secret
+
+    if key := find_secret(text):
+        raise SubmitError(
+            f"{where} contains the value of ${key}; credentials come from the cluster "
+            "nodes' environment, never from the submission"
+        )
 
 
 def client(address: str | None):

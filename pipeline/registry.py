@@ -34,6 +34,25 @@ class Registry(dict):
         sig = inspect.signature(self.lookup(name).__init__)
         return {k: p for k, p in sig.parameters.items() if k not in self.skip}
 
+    def check_types(self, name: str, params: dict) -> None:
+        """Each value against its constructor annotation (strict: 'abc' is no int, True is no
+        int, 3 is a float), so a text where a number belongs is refused before anything runs."""
+        import typing
+
+        from pydantic import TypeAdapter, ValidationError
+
+        hints = typing.get_type_hints(self.lookup(name).__init__)
+        for key, value in params.items():
+            if key not in hints:
+                continue
+            try:
+                TypeAdapter(hints[key]).validate_python(value, strict=True)
+            except ValidationError:
+                expected = getattr(hints[key], "__name__", None) or str(hints[key])
+                raise ValueError(
+                    f"{self.kind} {name!r}: {key} must be {expected}, got {value!r}"
+                ) from None
+
     def check_params(self, name: str, params: dict) -> None:
         accepted = self.params(name)
         if any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
@@ -44,3 +63,4 @@ class Registry(dict):
                 f"{self.kind} {name!r} has no parameter {', '.join(map(repr, unknown))}; "
                 f"it accepts: {', '.join(accepted) or 'none'}"
             )
+        self.check_types(name, params)

@@ -156,6 +156,13 @@ class JobSpec(_Strict):
     compare_to: CompareSpec | None = None
     seed: int = 0
     run_id: str | None = Field(None, description="Fixed run id (resume); default: derived")
+    max_error_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="The run fails when more than this share of inputs are error rows (it "
+        "always fails when no image is explained)",
+    )
 
     @model_validator(mode="after")
     def _win_needs_its_rival(self):
@@ -207,9 +214,9 @@ class JobSpec(_Strict):
     @field_validator("explainers")
     @classmethod
     def _known_explainers(cls, methods: list[MethodSpec]):
-        from .explainers import explainer_params
+        from .explainers.base import EXPLAINERS
 
-        _check_methods(methods, explainer_params, "explainer")
+        _check_methods(methods, EXPLAINERS, "explainer")
         return methods
 
     @field_validator("metrics")
@@ -217,17 +224,17 @@ class JobSpec(_Strict):
     def _known_metrics(cls, methods: list[MethodSpec]):
         if not methods:
             return methods
-        from .metrics import metric_params
+        from .metrics import METRICS
 
-        _check_methods(methods, metric_params, "metric")
+        _check_methods(methods, METRICS, "metric")
         return methods
 
 
-def _check_methods(methods: list[MethodSpec], params_of, kind: str) -> None:
+def _check_methods(methods: list[MethodSpec], registry, kind: str) -> None:
     seen = set()
     for i, m in enumerate(methods):
         try:
-            accepted = params_of(m.name)
+            accepted = registry.params(m.name)
         except ValueError as e:
             raise ValueError(f"@{i}.name: {e}") from None
         takes_any = any(p.kind == p.VAR_KEYWORD for p in accepted.values())
@@ -237,6 +244,10 @@ def _check_methods(methods: list[MethodSpec], params_of, kind: str) -> None:
                     f"@{i}.params.{key}: {kind} {m.name!r} has no parameter {key!r} "
                     f"(accepts: {', '.join(k for k in accepted if k != 'kwargs') or 'none'})"
                 )
+            try:
+                registry.check_types(m.name, {key: m.params[key]})
+            except ValueError as e:
+                raise ValueError(f"@{i}.params.{key}: {e}") from None
         if m.key in seen:
             raise ValueError(f"@{i}: two {kind}s named {m.key!r}; give one a distinct 'label'")
         seen.add(m.key)
@@ -265,18 +276,57 @@ def parse_spec(data: dict, source: str = "spec") -> JobSpec:
         raise SpecError("\n".join(lines)) from None
 
 
-def load_spec(path: str | Path) -> JobSpec:
+def load_spec(path: str | Path, *, resolve_paths: bool = True) -> JobSpec:
+    """A spec from a YAML file. Local relative paths in it (source, annotations, weights,
+    output, an sqlite tracking store) resolve against the spec's folder, not the working
+    directory, unless `resolve_paths` is False (a spec that will run elsewhere). A spec that
+    holds the value of a secret environment variable is refused."""
+    from .secrets import find_secret
     from .storage import read_bytes
 
     try:
         text = read_bytes(str(path)).decode()
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a folder, not a job spec (YAML)") from None
+    if key := find_secret(text):
+        raise SpecError(
+            f"{path}: contains the value of ${key}; credentials come from the environment or a "
+            "profile, never from a spec"
+        )
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if resolve_paths and isinstance(data, dict) and "://" not in str(path):
+        data = _resolve_paths(data, Path(path).resolve().parent)
     return parse_spec(data, str(path))
+
+
+def _resolve_paths(data: dict, folder: Path) -> dict:
+    """Relative local paths written in the spec -> absolute, against `folder` (defaults such
+    as `runs/` stay relative to the working directory)."""
+
+    def local(value):
+        if not isinstance(value, str) or not value or "://" in value or value.startswith("/"):
+            return value
+        if ":" in value.split("/")[0]:  # a scheme such as skimage: or builtin:
+            return value
+        resolved = str((folder / value).resolve())
+        return resolved + "/" if value.endswith("/") else resolved
+
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for section, key in (("source", "uri"), ("source", "annotations"), ("model", "weights")):
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section][key] = local(out[section][key])
+    if isinstance(out.get("output"), dict) and "uri" in out["output"]:
+        out["output"]["uri"] = local(out["output"]["uri"])
+    tracking = out.get("tracking")
+    uri = tracking.get("uri") if isinstance(tracking, dict) else None
+    if isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        tracking["uri"] = "sqlite:///" + local(uri[len("sqlite:///") :])
+    return out
 
 
 def flatten(spec: JobSpec) -> dict[str, str]:

@@ -457,4 +457,78 @@ def test_resume_after_inputs_changed_holds_the_rows_of_a_fresh_run(
     again = run_job(parse_spec({**spec, "run_id": "changing"}))
     assert (again.summary["blocks_resumed"], again.summary["blocks_computed"]) == (3, 0)
     assert again.summary["explainers"]["gradcam"]["images"] == 6
-    assert again.summary["explainers"]["gradcam"]["metrics"] == s["explainers"]["gradcam"]["metrics"]
+    assert (
+        again.summary["explainers"]["gradcam"]["metrics"] == s["explainers"]["gradcam"]["metrics"]
+    )
+
+
+def test_a_run_that_explains_too_little_fails_loudly_and_keeps_its_rows(
+    ray_local, demo_images, tmp_path
+):
+    import mlflow
+
+    from pipeline.engine.job import JobFailed
+
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    for i in range(2):
+        (images / f"good{i}.png").write_bytes(image_bytes(demo_images[i][::4, ::4], "PNG"))
+    for i in range(3):
+        (images / f"bad{i}.jpg").write_bytes(b"not a picture %d" % i)
+    annotations = tmp_path / "data" / "annotations.json"  # labels, but no boxes to point at
+    annotations.write_text(json.dumps([{"file": f"good{i}.png", "label_index": 1} for i in (0, 1)]))
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = base_spec(
+        str(images),
+        str(tmp_path / "runs"),
+        tracking,
+        explainers=[{"name": "gradcam"}],
+        metrics=[{"name": "pointing_game"}],
+        run_id="too-little",
+    )
+    spec["source"]["annotations"] = str(annotations)
+    spec["tracking"]["tags"] = {"deploy_token": "plain-value-never-copied"}
+    with pytest.raises(JobFailed, match=r"3 of 5 inputs failed \(60%\), more than max_error_share"):
+        run_job(parse_spec(spec))
+    root = tmp_path / "runs" / "too-little"
+    summary = json.loads((root / "summary.json").read_text())  # kept for a look
+    assert (summary["images_ok"], summary["errors"]) == (2, 3)
+    assert summary["warnings"] == ["gradcam: metric 'pointing_game' produced no values"]
+    client = mlflow.MlflowClient(tracking)
+    run = client.search_runs(
+        [client.get_experiment_by_name("tests").experiment_id],
+        filter_string="tags.`salient.run_id` = 'too-little'",
+    )[0]
+    assert run.info.status == "FAILED" and "max_error_share" in run.data.tags["salient.error"]
+    # secret-named values are hidden in the spec's copies as in the tags
+    assert "plain-value-never-copied" not in (root / "spec.yaml").read_text()
+    assert run.data.tags["deploy_token"] == "***"
+    artifact = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="spec.yaml", tracking_uri=tracking
+    )
+    assert "plain-value-never-copied" not in Path(artifact).read_text()
+
+    # the same run accepting more errors: resumed (nothing recomputed), passes with a warning,
+    # and the failure it resumed from is cleared
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**spec, "max_error_share": 0.8}))
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "warning: gradcam: metric 'pointing_game' produced no values" in result.output
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and "salient.error" not in run.data.tags
+
+    # nothing explained at all: exit 1 with the first error, no throughput for 0 images
+    for i in range(2):
+        (images / f"good{i}.png").unlink()
+    spec_none = {**spec, "run_id": "nothing", "metrics": []}
+    path.write_text(yaml.safe_dump(spec_none))
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["run", str(path)])
+    assert result.exit_code == 1
+    assert "no image was explained: all 3 inputs are error rows; first error: bad0.jpg" in (
+        " ".join(result.output.split())
+    )
+    summary = json.loads((tmp_path / "runs" / "nothing" / "summary.json").read_text())
+    assert summary["images_per_s"] is None
+    assert summary["explainers"]["gradcam"]["images"] == 0
+    assert summary["explainers"]["gradcam"]["images_per_s"] is None

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from ..report.html import ReportInputs, render_report
+from ..secrets import redact
 from ..sources.annotations import load_annotations, to_model_space
 from ..sources.listing import Block, InputItem, list_inputs, make_blocks
 from ..spec import JobSpec, flatten
@@ -28,7 +29,8 @@ from ..tracking import JobTracker
 from ..tracking.compare import direction_tags
 from ..tracking.mlflow_run import code_version
 from .outputs import finished_blocks, remove_stale_outputs, run_root
-from .worker import ExplainWorker, load_job_model
+from .preflight import preflight
+from .worker import ExplainWorker
 
 
 class JobFailed(RuntimeError):
@@ -165,8 +167,9 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
     tracker = JobTracker(spec.tracking.uri, spec.tracking.experiment, run_id, spec.tracking.enabled)
     try:
         items = list_job_inputs(spec)
-        # on the driver: fail fast on a bad model, and get the hash and preprocessing
-        model = load_job_model(spec.model, "cpu", spec.tracking.uri)
+        # on the driver, before Ray starts: what `salient validate` checks (the model loaded on
+        # the CPU, every explainer and metric built); the model gives the hash and preprocessing
+        model = preflight(spec, items=items)
         tags = {
             "salient.model_uri": spec.model.uri,
             "salient.model_weights_sha256": model.weights_hash,
@@ -183,9 +186,9 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
         # that never finished) would mix stale rows into every table read
         remove_stale_outputs(root, {b.block_id for b in plan.blocks}, plan.stale_images, endpoint)
         blocks, todo = plan.blocks, plan.todo
-        write_bytes_atomic(
-            f"{root}/spec.yaml", yaml.safe_dump(spec.model_dump(mode="json")).encode(), endpoint
-        )
+        # the copy beside the outputs hides secrets as the MLflow params and tags do
+        spec_yaml = yaml.safe_dump(redact(spec.model_dump(mode="json"))).encode()
+        write_bytes_atomic(f"{root}/spec.yaml", spec_yaml, endpoint)
         markers = dict(plan.done)
         t_compute = time.perf_counter()
         if todo:
@@ -206,7 +209,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
         write_bytes_atomic(f"{root}/report.html", report.encode(), endpoint)
         tracker.log_artifacts(
             {
-                "spec.yaml": yaml.safe_dump(spec.model_dump(mode="json")).encode(),
+                "spec.yaml": spec_yaml,
                 "summary.json": json.dumps(summary, indent=2).encode(),
                 "summary.csv": _summary_csv(summary).encode(),
                 "report.html": report.encode(),
@@ -215,6 +218,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
         )
         if summary["lost"] != 0:
             raise JobFailed(f"{summary['lost']} inputs are neither in heatmaps nor in errors")
+        check_outcome(spec, summary)
         tracker.finish()
         gate = tracker.regression_gate(spec.compare_to) if spec.compare_to else None
         return JobResult(run_id, root, tracker.mlflow_run_id, summary, gate)
@@ -365,7 +369,7 @@ def summarise(
         per_explainer[m.key] = {
             "method": m.name,
             "images": images,
-            "images_per_s": images / seconds if seconds else None,
+            "images_per_s": images / seconds if seconds and images else None,
             "forward_passes_per_image": passes / images if images else None,
             "metrics": {k: metric.compute() for k, metric in sorted(merged.items())},
             "metric_counts": {k: metric.n for k, metric in sorted(merged.items())},
@@ -373,6 +377,7 @@ def summarise(
                 k: d for k, metric in sorted(merged.items()) if (d := metric_details(metric))
             },
         }
+    explained = sum(markers[b.block_id]["images_ok"] for b in computed)  # this attempt's
     return {
         "run_id": run_id,
         # the spec's metrics in its order, with their direction: what the report ranks by and
@@ -394,10 +399,15 @@ def summarise(
         ),
         "wall_seconds": wall_seconds,
         "compute_seconds": compute_seconds,
-        "images_per_s": (
-            sum(len(b.items) for b in computed) / compute_seconds if computed else None
-        ),
+        "images_per_s": explained / compute_seconds if explained and compute_seconds else None,
         "explainers": per_explainer,
+        "first_error": next((mk["first_error"] for mk in current if mk.get("first_error")), None),
+        "warnings": [
+            f"{key}: metric {metric!r} produced no values"
+            for key, e in per_explainer.items()
+            for metric, n in e["metric_counts"].items()
+            if n == 0
+        ],
     }
 
 
@@ -412,6 +422,21 @@ def metric_directions(spec: JobSpec) -> list[dict]:
         }
         for m in spec.metrics
     ]
+
+
+def check_outcome(spec: JobSpec, summary: dict) -> None:
+    """A run that explained nothing, or fewer inputs than the spec accepts, has failed (its
+    rows, summary and report are kept for a look)."""
+    inputs, ok, errors = summary["inputs"], summary["images_ok"], summary["errors"]
+    first = summary.get("first_error")
+    why = f"; first error: {first['image_id']}: {first['message'][:300]}" if first else ""
+    if ok == 0:
+        raise JobFailed(f"no image was explained: all {inputs} inputs are error rows{why}")
+    if errors / inputs > spec.max_error_share:
+        raise JobFailed(
+            f"{errors} of {inputs} inputs failed ({errors / inputs:.0%}), more than "
+            f"max_error_share {spec.max_error_share:.0%}{why}"
+        )
 
 
 def _run_description(spec: JobSpec) -> str:

@@ -189,6 +189,14 @@ class ExplainWorker:
             "inputs": json.loads(row["inputs"]),
             "images_ok": len({r["image_id"] for r in result.heatmaps}),
             "fatal_errors": sum(1 for e in result.errors if e["fatal"]),
+            "first_error": next(
+                (
+                    {k: e[k] for k in ("image_id", "stage", "error_type", "message")}
+                    for e in result.errors
+                    if e["fatal"]
+                ),
+                None,
+            ),
             "rows": {name: tables[name].num_rows for name in tables},
             "seconds": result.seconds,
             "images": result.images,

@@ -7,28 +7,17 @@ of a secret-looking environment variable wherever it would appear.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import tempfile
 from pathlib import Path
 
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|session_key)", re.I)
-
-
-def _secret_values() -> list[str]:
-    return [v for k, v in os.environ.items() if _SECRET_KEY.search(k) and len(v) >= 4]
+from ..secrets import redact as redact_tree
 
 
 def redact(values: dict[str, str]) -> dict[str, str]:
-    secrets = _secret_values()
-    out = {}
-    for k, v in values.items():
-        v = "***" if _SECRET_KEY.search(k) else str(v)
-        for s in secrets:
-            v = v.replace(s, "***")
-        out[k] = v
-    return out
+    """Flat name -> text (params, tags) with secrets hidden (see pipeline/secrets.py)."""
+    return {k: str(v) for k, v in redact_tree({k: str(v) for k, v in values.items()}).items()}
 
 
 def code_version() -> str:

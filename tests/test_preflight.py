@@ -1,0 +1,135 @@
+"""`salient validate` (and `run`, before Ray starts) finds what a job would trip on: parameter
+values, layers, the source, the ground truth metrics and targets need, weights, secrets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+import yaml
+from conftest import image_bytes
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+
+@pytest.fixture
+def folder(tmp_path, demo_images):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, img in enumerate(demo_images[:2]):
+        (images / f"img{i}.png").write_bytes(image_bytes(img[::4, ::4], "PNG"))
+    return images
+
+
+def _validate(tmp_path, spec: dict):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    return result, lines, str(path)
+
+
+def test_validate_builds_everything_and_reports_every_problem_on_its_line(tmp_path, folder):
+    spec = {
+        "source": {"uri": str(folder)},
+        "targets": {"mode": "label"},
+        "explainers": [
+            {"name": "glas", "params": {"k": 0}},
+            {"name": "rise", "params": {"n_masks": -5}},
+            {"name": "gradcam", "params": {"layer": "bn9"}},
+            {"name": "saliency"},
+        ],
+        "metrics": [
+            {"name": "insertion", "params": {"steps": 0}},
+            {"name": "pointing_game"},
+            {"name": "deletion"},
+        ],
+    }
+    result, lines, path = _validate(tmp_path, spec)
+    assert result.exit_code == 2, result.output
+    expected = [
+        "explainers.0 (glas): glas: k must be a positive integer, got 0",
+        "explainers.1 (rise): rise: n_masks must be a positive integer, got -5",
+        "explainers.2 (gradcam): model 'builtin:efficientnet-lite0' has no layer 'bn9'",
+        "metrics.0 (insertion): insertion: steps must be >= 1, got 0",
+        "metrics.1 (pointing_game): needs boxes or mask from source.annotations",
+        "targets.mode: 'label' needs ground-truth labels and no image has one",
+    ]
+    assert len(lines) == len(expected), result.output
+    for line, want in zip(lines, expected, strict=True):
+        assert line.removeprefix("error: ").startswith(f"{path}: {want}"), (line, want)
+    assert "Traceback" not in result.output
+
+    # the same spec, mended, is ok
+    fixed = {
+        **spec,
+        "targets": {"mode": "predicted"},
+        "explainers": [{"name": "glas", "params": {"k": 3}}, {"name": "gradcam"}],
+        "metrics": [{"name": "deletion", "params": {"steps": 4}}],
+    }
+    result, lines, _ = _validate(tmp_path, fixed)
+    assert result.exit_code == 0
+    assert "ok (2 explainers: glas, gradcam; 1 metrics)" in " ".join(result.output.split())
+
+
+def test_validate_types_source_weights_and_secrets(tmp_path, folder, monkeypatch):
+    base = {"source": {"uri": str(folder)}, "explainers": [{"name": "gradcam"}]}
+    cases = [
+        (
+            {**base, "explainers": [{"name": "scorecam", "params": {"top_k": "abc"}}]},
+            "explainers.0.params.top_k: explainer 'scorecam': top_k must be int | None, got 'abc'",
+        ),
+        ({**base, "source": {"uri": str(tmp_path / "absent")}}, "source.uri: "),
+        (
+            {**base, "model": {"uri": "torchvision:resnet18", "weights": str(tmp_path / "no.pt")}},
+            "model: ",
+        ),
+        ({**base, "model": {"uri": "torchvision:resnet18"}}, "has no weights"),
+        ({**base, "targets": {"mode": "classes", "classes": [5000]}}, "targets.classes: 5000"),
+    ]
+    for spec, want in cases:
+        result, lines, _ = _validate(tmp_path, spec)
+        assert result.exit_code == 2 and len(lines) == 1 and want in lines[0], (want, result.output)
+    result, lines, _ = _validate(tmp_path, {**base, "source": {"uri": str(tmp_path / "absent")}})
+    assert "does not exist" in lines[0]
+    # a state dict of another architecture is a model problem, not a traceback
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "w.pt")
+    spec = {**base, "model": {"uri": "torchvision:resnet34", "weights": str(tmp_path / "w.pt")}}
+    result, lines, _ = _validate(tmp_path, spec)
+    assert result.exit_code == 2 and len(lines) == 1 and "do not fit" in lines[0], result.output
+    # a secret environment value anywhere in the spec is refused, as `submit` refuses it
+    monkeypatch.setenv("DEPLOY_TOKEN", "tok-5f3a9c")
+    spec = {**base, "tracking": {"tags": {"note": "tok-5f3a9c"}}}
+    result, lines, _ = _validate(tmp_path, spec)
+    assert result.exit_code == 2 and "contains the value of $DEPLOY_TOKEN" in lines[0]
+    assert "tok-5f3a9c" not in result.output
+
+
+def test_validate_a_folder_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["validate", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder, not a job spec" in result.output
+
+
+def test_relative_paths_resolve_against_the_specs_folder(tmp_path, folder, monkeypatch):
+    from pipeline.spec import load_spec
+
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    (jobs / "job.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "source": {"uri": "../images"},
+                "explainers": [{"name": "gradcam"}],
+                "output": {"uri": "out/"},
+                "tracking": {"uri": "sqlite:///../mlflow.db"},
+            }
+        )
+    )
+    monkeypatch.chdir(folder)  # anywhere but the spec's folder
+    spec = load_spec("../jobs/job.yaml")
+    assert spec.source.uri == str(folder)
+    assert spec.output.uri == str(jobs / "out") + "/"
+    assert spec.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    kept = load_spec("../jobs/job.yaml", resolve_paths=False)  # submit: resolved on the cluster
+    assert kept.source.uri == "../images"
