@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import typer
@@ -14,13 +17,15 @@ from rich.table import Table
 
 from . import cluster
 
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no table-creation lines on the console
+
 app = typer.Typer(
     help="Salient: explain image classifiers at dataset scale.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(soft_wrap=True)  # a path or a long line is never cut in two
 errors = Console(stderr=True, soft_wrap=True)  # one line per error, never wrapped
 
 DEMO_IMAGES = ("chelsea", "coffee", "astronaut", "rocket")
@@ -47,37 +52,93 @@ def parse_params(items: list[str], methods: list[str]) -> dict[str, dict]:
 
 @app.command()
 def explain(
-    images: list[str] = typer.Argument(..., help="Image files or URIs (any fsspec URI)."),
+    images: list[str] = typer.Argument(
+        ..., help="Image files, folders (every image in them) or globs; any fsspec URI."
+    ),
     method: list[str] = typer.Option(["gradcam"], "--method", "-m", help="Explainer; repeatable."),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="Folder for overlays and maps."),
     model: str = typer.Option("builtin:efficientnet-lite0", help="Model URI."),
     weights: str | None = typer.Option(None, help="State dict for torchvision:/timm: models."),
-    target: str | None = typer.Option(None, help="Class index or name; default: predicted."),
+    target: str | None = typer.Option(
+        None, help="Class index or name (any case); default: predicted."
+    ),
     param: list[str] = typer.Option([], "--param", "-p", help="METHOD.NAME=VALUE; repeatable."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ...; default: best available."),
     trust_pickle: bool = typer.Option(False, help="Allow pickle: model URIs (runs their code)."),
+    batch_size: int = typer.Option(16, min=1, help="Images per forward batch."),
 ) -> None:
-    """Explain images on this machine: one PNG overlay and one .npy map per image and method."""
-    from .engine.local import explain_images, load_image_uris
+    """Explain images on this machine: one PNG overlay and one .npy map per image and method,
+    named <name>.<method>.t<target>; unreadable images are skipped with one line each."""
+    from .engine.local import expand_inputs, explain_files
+
+    def skipped(message: str) -> None:
+        errors.print(f"[yellow]skipped[/yellow] {escape(message)}", highlight=False)
 
     try:
         params = parse_params(param, method)
-        pil_images = load_image_uris(images)
-        rows = explain_images(
-            pil_images,
-            [Path(u).stem for u in images],
+        rows = explain_files(
+            expand_inputs(images, exclude=out),
             method,
             out,
+            on_skip=skipped,
             model_uri=model,
             weights=weights,
             target=target,
             params=params,
             device=device,
             trust_pickle=trust_pickle,
+            batch_size=batch_size,
         )
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
         _fail(str(e))
     _print_rows(rows, out)
+
+
+@app.command(name="methods")
+def methods_command() -> None:
+    """List every explainer and metric with its parameters and their defaults."""
+    import inspect
+
+    from .explainers import EXPLAINERS, explainer_params
+    from .metrics import METRICS, metric_params
+
+    def described(cls, params: dict[str, inspect.Parameter]) -> str:
+        shown = []
+        for name, p in params.items():
+            if p.kind == p.VAR_KEYWORD:
+                shown.append(f"**{name}")
+            elif p.default is p.empty:
+                shown.append(f"{name} (required)")
+            elif name == "score" and p.default is None:
+                # None stands for the class's own default: show what it resolves to
+                shown.append(f"score={cls.default_score!r}")
+            else:
+                shown.append(f"{name}={p.default!r}")
+        return ", ".join(shown) or "(no parameters)"
+
+    def summary(cls, width: int = 160) -> str:
+        """The docstring's first paragraph (where the cost and signedness are stated), cut."""
+        text = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
+        return text if len(text) <= width else text[:width].rsplit(" ", 1)[0] + " ..."
+
+    def show(name: str, tags: str, cls, params) -> None:
+        console.print(f"  {name}  [{tags}]  {described(cls, params)}", **plain)
+        if doc := summary(cls):
+            console.print(f"      {doc}", **plain)
+
+    plain = {"markup": False, "highlight": False, "soft_wrap": True}
+    console.print(
+        "Explainers  (salient explain -m NAME -p NAME.PARAM=VALUE; spec: explainers[].params)",
+        **plain,
+    )
+    for name in sorted(EXPLAINERS):
+        cls = EXPLAINERS[name]
+        show(name, "signed" if cls.signed else ">= 0", cls, explainer_params(name))
+    console.print("Metrics  (spec: metrics[].params)", **plain)
+    for name in sorted(METRICS):
+        cls = METRICS[name]
+        tags = f"{'higher' if cls.higher_is_better else 'lower'} is better, needs {cls.needs}"
+        show(name, tags, cls, metric_params(name))
 
 
 @app.command()
@@ -128,32 +189,47 @@ def run(
     ),
     run_id: str | None = typer.Option(None, help="Run id (default: derived from the spec)."),
 ) -> None:
-    """Run a dataset-wide explanation job on Ray: Parquet out, an MLflow run, a summary table."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    from .engine.job import JobFailed, run_job
+    """Run a dataset-wide explanation job on Ray: Parquet out, an MLflow run, a summary table.
+    Ctrl-C keeps the finished blocks: the same command resumes."""
+    from .engine.job import JobFailed, JobInterrupted, run_job
     from .spec import SpecError, load_spec
 
     try:
         job = load_spec(spec)
         if run_id:
-            job = job.model_copy(update={"run_id": run_id})
-            job = type(job).model_validate(job.model_dump())
-    except (SpecError, ValueError) as e:
+            job = job.model_validate({**job.model_dump(), "run_id": run_id})
+    except SpecError as e:
         _fail(str(e))
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("blocks", total=None)
+    except ValueError as e:  # pydantic's, for --run-id
+        _fail(f"--run-id {run_id!r}: {e.errors()[0]['msg'].removeprefix('Value error, ')}")
+    state = {"t0": time.perf_counter(), "images": 0}
 
-        def progress(marker, done, total):
-            bar.update(task, completed=done, total=total)
+    def on_plan(done, total):
+        console.print(f"{total} blocks, {done} finished by an earlier attempt", highlight=False)
 
-        try:
-            result = run_job(job, address=address, progress=progress)
-        except SpecError as e:
-            _fail(str(e))
-        except (JobFailed, FileNotFoundError, PermissionError, ConnectionError) as e:
-            _fail(f"job failed: {e}", code=1)
+    def progress(marker, done, total):
+        state["images"] += marker["n_inputs"]
+        seconds = time.perf_counter() - state["t0"]
+        console.print(
+            f"block {done}/{total}: {marker['images_ok']}/{marker['n_inputs']} images explained; "
+            f"{state['images']} inputs in {seconds:.0f} s ({state['images'] / seconds:.2f}/s)",
+            highlight=False,
+        )
+
+    log_path = _log_path(job.run_id or "run")
+    try:
+        with ray_output_to(log_path):
+            result = run_job(job, address=address, progress=progress, on_plan=on_plan)
+    except SpecError as e:
+        _fail(str(e))
+    except JobInterrupted as e:
+        _fail(f"{e}; run the same command to resume", code=130)
+    except (JobFailed, FileNotFoundError, PermissionError, ConnectionError) as e:
+        if e.__cause__ is not None:  # a Ray failure: the root cause here, the trace in the log
+            with open(log_path, "a") as f:
+                f.write("".join(traceback.format_exception(e)))
+            _fail(f"job failed: {e} (full trace: {log_path})", code=1)
+        _fail(f"job failed: {e}", code=1)
     print_summary(result.summary)
     if result.gate is not None:
         print_changes(result.gate)
@@ -161,9 +237,59 @@ def run(
         f"run id: {result.run_id}  output: {result.root}  mlflow run: {result.mlflow_run_id}",
         highlight=False,
     )
+    console.print(f"report: {result.root}/report.html", highlight=False)
     if result.gate is not None and result.gate["gate"] == "fail":
         errors.print("[red]regression gate failed[/red]: a metric regressed beyond its tolerance")
         raise typer.Exit(3)
+
+
+def _log_path(run_id: str) -> Path:
+    """Where Ray's own output goes (~/.cache/salient/logs): kept out of the console, kept for
+    a look when something fails."""
+    folder = Path(os.environ.get("SALIENT_LOG_DIR", Path.home() / ".cache" / "salient" / "logs"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{run_id}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+@contextlib.contextmanager
+def ray_output_to(path: Path):
+    """Send what Ray writes to the process's stderr (its C++ core worker's lines, the raylet's
+    on Ctrl-C, Python warnings) to `path`; Salient's own lines keep the terminal."""
+    import logging
+    import warnings
+
+    import ray
+    import ray.data  # noqa: F401  (its logging set-up runs on import: before ours)
+
+    for name in ("ray", "ray.data", "ray._private.authentication.authentication_token_setup"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    log = open(path, "ab")  # noqa: SIM115 - closed below, after fd 2 is restored
+    sys.stderr.flush()
+    saved = os.dup(2)
+    real_stderr = sys.stderr
+    ours = not ray.is_initialized()  # a Ray this command starts, it also stops
+    try:
+        os.dup2(log.fileno(), 2)
+        if _is_fd(real_stderr, 2):  # a terminal or file: our lines go to the saved fd
+            sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1)
+        yield
+    finally:
+        if ours and ray.is_initialized():
+            ray.shutdown()  # inside the redirection: its shutdown lines go to the log too
+        if sys.stderr is not real_stderr:
+            sys.stderr.close()
+            sys.stderr = real_stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+        log.close()
+
+
+def _is_fd(stream, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 @app.command(name="bench")

@@ -41,6 +41,15 @@ def storage_options(uri: str, endpoint_url: str | None = None) -> dict:
     return {}
 
 
+def absolute_uri(uri: str) -> str:
+    """A local relative path made absolute (what a record such as an MLflow tag should hold);
+    URIs with a scheme are returned as they are."""
+    if _protocol(uri) != "file" or uri.startswith("file://"):
+        return uri
+    trailing = "/" if uri.endswith("/") else ""
+    return os.path.abspath(uri) + trailing
+
+
 @lru_cache(maxsize=16)
 def _filesystem(protocol: str, endpoint_url: str | None) -> fsspec.AbstractFileSystem:
     opts = storage_options(f"{protocol}://", endpoint_url)

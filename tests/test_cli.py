@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import image_bytes
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -48,11 +50,12 @@ def test_explain_writes_overlay_and_map_per_image_and_method(tmp_path, demo_imag
     )
     assert result.exit_code == 0, result.output
     assert "espresso" in result.output  # the predicted class of the coffee photo is printed
-    for stem in ("chelsea", "coffee"):
+    for name in ("chelsea.png", "coffee.png"):
         for method in ("gradcam", "saliency"):
-            heat = np.load(out / f"{stem}.{method}.npy")
+            (npy,) = out.glob(f"{name}.{method}.t*.npy")  # the explained target is in the name
+            heat = np.load(npy)
             assert heat.shape == (224, 224) and np.isfinite(heat).all()
-            assert Image.open(out / f"{stem}.{method}.png").size == (224, 224)
+            assert Image.open(npy.with_suffix(".png")).size == (224, 224)
 
 
 def test_explain_bad_inputs_exit_2_with_the_name(tmp_path):
@@ -60,6 +63,7 @@ def test_explain_bad_inputs_exit_2_with_the_name(tmp_path):
     bad.write_text("not an image")
     result = runner.invoke(app, ["explain", str(bad), "--out", str(tmp_path)])
     assert result.exit_code == 2 and "notes.png: not a recognised image format" in result.output
+    assert "skipped" in result.output and "none of the 1 inputs could be read" in result.output
     result = runner.invoke(app, ["explain", str(tmp_path / "missing.jpg")])
     assert result.exit_code == 2 and "missing.jpg" in result.output
     good = tmp_path / "g.png"
@@ -68,3 +72,87 @@ def test_explain_bad_inputs_exit_2_with_the_name(tmp_path):
     assert result.exit_code == 2 and "no parameter 'lyr'" in result.output
     result = runner.invoke(app, ["explain", str(good), "--target", "not a class"])
     assert result.exit_code == 2 and "not a class" in result.output
+
+
+def _outputs(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir())
+
+
+def test_explain_folder_keeps_same_stems_apart_and_skips_a_corrupt_file(tmp_path, demo_images):
+    src = tmp_path / "photos"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a" / "cat.jpg").write_bytes(image_bytes(demo_images[0][::4, ::4]))
+    (src / "b" / "cat.png").write_bytes(image_bytes(demo_images[1][::4, ::4], "PNG"))
+    (src / "broken.jpg").write_bytes(image_bytes(demo_images[2][::4, ::4])[:300])  # truncated
+    (src / "notes.txt").write_text("not an image file name: not an input")
+    out = src / "explained"  # inside the folder: a second run must not explain these overlays
+    for _ in range(2):
+        result = runner.invoke(app, ["explain", str(src), "--out", str(out), "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    assert "skipped broken.jpg: cannot decode" in result.output
+    assert "notes.txt" not in result.output
+    files = _outputs(out)
+    assert len(files) == 4, files  # one overlay and one map per good image
+    for name in ("a__cat.jpg", "b__cat.png"):
+        (npy,) = out.glob(f"{name}.gradcam.t*.npy")
+        assert np.load(npy).shape == (224, 224) and npy.with_suffix(".png").exists()
+    assert not np.array_equal(*(np.load(p) for p in sorted(out.glob("*.npy"))))
+
+
+def test_explain_glob_and_files_with_the_same_name(tmp_path, demo_images):
+    for sub, i in (("x", 0), ("y", 1)):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "cat.jpg").write_bytes(image_bytes(demo_images[i][::4, ::4]))
+    out = tmp_path / "out"
+    pattern = str(tmp_path / "*" / "cat.jpg")  # quoted, as a shell passes it: salient expands it
+    result = runner.invoke(app, ["explain", pattern, "-o", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert len(list(out.glob("x__cat.jpg.gradcam.t*.npy"))) == 1
+    assert len(list(out.glob("y__cat.jpg.gradcam.t*.npy"))) == 1
+    # the same two files named one by one: their parent folders tell them apart
+    out2 = tmp_path / "out2"
+    files = [str(tmp_path / "x" / "cat.jpg"), str(tmp_path / "y" / "cat.jpg")]
+    result = runner.invoke(app, ["explain", *files, "-o", str(out2), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert [p.split(".gradcam")[0] for p in _outputs(out2)[::2]] == ["x__cat.jpg", "y__cat.jpg"]
+    result = runner.invoke(app, ["explain", str(tmp_path / "*.webp")])
+    assert result.exit_code == 2 and "no image files match" in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(app, ["explain", str(empty)])
+    assert result.exit_code == 2 and "folder has no image files" in result.output
+
+
+def test_explain_target_any_case_and_close_suggestions(tmp_path, demo_images):
+    img = tmp_path / "chelsea.jpg"
+    img.write_bytes(image_bytes(demo_images[0][::2, ::2]))
+    out = tmp_path / "out"
+    args = ["explain", str(img), "-o", str(out), "--device", "cpu", "--target"]
+    result = runner.invoke(app, [*args, "TABBY"])
+    assert result.exit_code == 0, result.output
+    assert (out / "chelsea.jpg.gradcam.t281.npy").exists()  # 281 = tabby in ImageNet
+    result = runner.invoke(app, [*args, "tabbbby"])
+    assert result.exit_code == 2
+    assert "target 'tabbbby' is not a class of the model; did you mean 'tabby'" in result.output
+
+
+def test_methods_lists_every_explainer_and_metric_with_defaults():
+    from pipeline.explainers import EXPLAINERS, explainer_class
+    from pipeline.metrics import METRICS, metric_class
+
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+
+    def line_of(name: str) -> str:
+        (line,) = [x for x in lines if x.split() and x.split()[0] == name]
+        return line
+
+    for name in (*EXPLAINERS, *METRICS):
+        line_of(name)  # each is listed exactly once
+    k = inspect.signature(explainer_class("glas").__init__).parameters["k"].default
+    assert f"k={k!r}," in line_of("glas") and "[>= 0]" in line_of("glas")
+    assert "[signed]" in line_of("integrated_gradients")
+    steps = inspect.signature(metric_class("deletion").__init__).parameters["steps"].default
+    assert f"steps={steps!r}," in line_of("deletion") and "lower is better" in line_of("deletion")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -532,3 +533,67 @@ def test_a_run_that_explains_too_little_fails_loudly_and_keeps_its_rows(
     assert summary["images_per_s"] is None
     assert summary["explainers"]["gradcam"]["images"] == 0
     assert summary["explainers"]["gradcam"]["images_per_s"] is None
+
+
+def test_console_carries_only_salients_lines_and_ctrl_c_says_how_to_resume(demo_images, tmp_path):
+    """The CLI as a user runs it (its own local Ray, real stderr): progress per block, no Ray
+    or MLflow lines; Ctrl-C (SIGINT to the process group) says what was saved; the same
+    command resumes and ends with the report's path."""
+    _local_images(tmp_path / "data", demo_images, 8)
+    spec = base_spec(
+        "data/images",  # relative: resolved against the spec's folder, not the working dir
+        "runs/",
+        "sqlite:///mlflow.db",
+        explainers=[{"name": "gradcam"}, {"name": "scorecam", "params": {"top_k": 24}}],
+        compute={"block_size": 2, "batch_size": 2},
+        run_id="console",
+    )
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["SALIENT_LOG_DIR"] = str(tmp_path / "logs")
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "job.yaml")]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=elsewhere,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    markers = tmp_path / "runs" / "console" / "_blocks"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(markers.glob("*.json"))) < 1:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"error: interrupted: [1-3]/4 blocks saved; run the same command to resume", last
+    ), err
+    noise = ("raylet", "core_worker", "Token authentication", "MLflow database", "WARNING")
+    for text in (out, err):
+        assert not any(n in text for n in noise), text
+
+    done = subprocess.run(cmd, env=env, cwd=elsewhere, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert re.fullmatch(r"4 blocks, [1-3] finished by an earlier attempt", lines[0]), lines[0]
+    assert any(re.match(r"block 4/4: 2/2 images explained", ln) for ln in lines), done.stdout
+    assert lines[-1] == f"report: {tmp_path / 'runs' / 'console'}/report.html"
+    assert (tmp_path / "runs" / "console" / "report.html").exists()
+    assert done.stderr == "" and not any(n in done.stdout for n in noise), done.stderr
+    # MLflow: the run resumed to success, the interruption's error cleared, absolute URIs
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs(
+        [client.get_experiment_by_name("tests").experiment_id],
+        filter_string="tags.`salient.run_id` = 'console'",
+    )[0]
+    assert run.info.status == "FINISHED" and "salient.error" not in run.data.tags
+    assert run.data.tags["salient.data_uri"] == str(tmp_path / "data" / "images")
+    assert run.data.tags["salient.output_uri"] == str(tmp_path / "runs" / "console")

@@ -21,6 +21,7 @@ from ..sources.listing import Block, InputItem, list_inputs, make_blocks
 from ..spec import JobSpec, flatten
 from ..storage import (
     StorageUnavailable,
+    absolute_uri,
     configure_retries,
     filesystem,
     write_bytes_atomic,
@@ -35,6 +36,14 @@ from .worker import ExplainWorker
 
 class JobFailed(RuntimeError):
     """The job could not complete; the message says why. Finished blocks are kept for resume."""
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C: `saved` of `total` blocks are finished on storage; the same spec resumes."""
+
+    def __init__(self, saved: int, total: int):
+        super().__init__(f"interrupted: {saved}/{total} blocks saved")
+        self.saved, self.total = saved, total
 
 
 @dataclass
@@ -157,7 +166,9 @@ def _by_image_id(annotations: dict[str, dict], ids: list[str]) -> dict[str, dict
     return out
 
 
-def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobResult:
+def run_job(spec: JobSpec, *, address: str | None = None, progress=None, on_plan=None) -> JobResult:
+    """Run (or resume) the job. `on_plan(finished, total)` is called once the blocks are known,
+    `progress(marker, finished, total)` as each block finishes."""
     run_id = expand_run_id(spec.run_id) if spec.run_id else default_run_id(spec)
     root = run_root(spec.output.uri, run_id)
     endpoint = spec.storage.endpoint_url
@@ -165,6 +176,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
     configure_retries(spec.storage.retries, spec.storage.retry_delay_s)
     _apply_overwrite_policy(spec, root)
     tracker = JobTracker(spec.tracking.uri, spec.tracking.experiment, run_id, spec.tracking.enabled)
+    blocks: list[Block] = []
     try:
         items = list_job_inputs(spec)
         # on the driver, before Ray starts: what `salient validate` checks (the model loaded on
@@ -173,8 +185,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
         tags = {
             "salient.model_uri": spec.model.uri,
             "salient.model_weights_sha256": model.weights_hash,
-            "salient.data_uri": spec.source.uri,
-            "salient.output_uri": root,
+            "salient.data_uri": absolute_uri(spec.source.uri),
+            "salient.output_uri": absolute_uri(root),
             "salient.code_version": code_version(),
             **direction_tags({m["key"]: m["higher_is_better"] for m in metric_directions(spec)}),
             "mlflow.note.content": _run_description(spec),
@@ -186,6 +198,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
         # that never finished) would mix stale rows into every table read
         remove_stale_outputs(root, {b.block_id for b in plan.blocks}, plan.stale_images, endpoint)
         blocks, todo = plan.blocks, plan.todo
+        if on_plan:
+            on_plan(len(plan.done), len(blocks))
         # the copy beside the outputs hides secrets as the MLflow params and tags do
         spec_yaml = yaml.safe_dump(redact(spec.model_dump(mode="json"))).encode()
         write_bytes_atomic(f"{root}/spec.yaml", spec_yaml, endpoint)
@@ -222,6 +236,11 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None) -> JobR
         tracker.finish()
         gate = tracker.regression_gate(spec.compare_to) if spec.compare_to else None
         return JobResult(run_id, root, tracker.mlflow_run_id, summary, gate)
+    except KeyboardInterrupt as e:
+        tracker.fail(e)
+        # what is on storage now: an actor may have finished a block the driver never heard of
+        saved = finished_blocks(root, endpoint).keys() & {b.block_id for b in blocks}
+        raise JobInterrupted(len(saved), len(blocks)) from e
     except BaseException as e:
         tracker.fail(e)
         raise
@@ -256,7 +275,6 @@ def _execute(
     ctx.enable_progress_bars = False  # the CLI shows its own bar, per finished block
     ctx.max_errored_blocks = 0  # per-input errors are rows; a block error is a real failure
     ctx.issue_detectors_config.detectors = []
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     endpoint = spec.storage.endpoint_url
     items = [{"block": json.dumps(_block_to_json(b))} for b in blocks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
