@@ -66,6 +66,11 @@ def explain(
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ...; default: best available."),
     trust_pickle: bool = typer.Option(False, help="Allow pickle: model URIs (runs their code)."),
     batch_size: int = typer.Option(16, min=1, help="Images per forward batch."),
+    random_weights: bool = typer.Option(
+        False,
+        "--random-weights",
+        help="Allow a torchvision:/timm: architecture without weights (random init, on purpose).",
+    ),
 ) -> None:
     """Explain images on this machine: one PNG overlay and one .npy map per image and method,
     named <name>.<method>.t<target>; unreadable images are skipped with one line each."""
@@ -87,6 +92,7 @@ def explain(
             params=params,
             device=device,
             trust_pickle=trust_pickle,
+            random_init=random_weights,
             batch_size=batch_size,
         )
     except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:

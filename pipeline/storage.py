@@ -108,6 +108,15 @@ def with_retries(fn, *, what: str, attempts: int | None = None, first_delay: flo
     raise AssertionError("unreachable")
 
 
+def describe_error(e: BaseException) -> str:
+    """One line for a storage error a person can act on (type, first line, what to do)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    line = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    if type(e).__name__ == "NoCredentialsError":
+        line += "; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+    return line
+
+
 class StorageUnavailable(ConnectionError):
     """Storage did not answer after all retries."""
 

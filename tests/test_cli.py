@@ -156,3 +156,64 @@ def test_methods_lists_every_explainer_and_metric_with_defaults():
     assert "[signed]" in line_of("integrated_gradients")
     steps = inspect.signature(metric_class("deletion").__init__).parameters["steps"].default
     assert f"steps={steps!r}," in line_of("deletion") and "lower is better" in line_of("deletion")
+
+
+def _one_line_error(result, code: int = 2) -> str:
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == code and len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_user_mistakes_are_one_line_each(tmp_path, demo_images, monkeypatch):
+    import socket
+
+    import torch
+    import yaml
+
+    image = tmp_path / "cat.png"
+    Image.fromarray(demo_images[0][::4, ::4]).save(image)
+    with socket.socket() as s:  # a port nothing listens on: an offline URL
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    line = _one_line_error(runner.invoke(app, ["explain", f"http://127.0.0.1:{port}/cat.jpg"]))
+    assert "cannot be reached (ClientConnectorError" in line and "not found" not in line
+    # S3 without credentials (and no instance metadata to fall back on)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    line = _one_line_error(runner.invoke(app, ["explain", "s3://bucket/cat.jpg"]))
+    assert "NoCredentialsError" in line and "AWS_ACCESS_KEY_ID" in line
+    # a text where a number belongs
+    line = _one_line_error(
+        runner.invoke(app, ["explain", str(image), "-m", "glas", "-p", "glas.k=abc"])
+    )
+    assert "explainer 'glas': k must be int, got 'abc'" in line
+    if not torch.cuda.is_available():
+        line = _one_line_error(runner.invoke(app, ["explain", str(image), "--device", "cuda"]))
+        assert "no usable CUDA GPU; use --device cpu" in line
+    line = _one_line_error(runner.invoke(app, ["explain", str(image), "--model", "timm:resnet18"]))
+    assert "has no weights" in line and "--random-weights" in line
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"source": {"uri": "x"}, "explainers": [{"name": "gradcam"}]}))
+    line = _one_line_error(runner.invoke(app, ["run", str(spec), "--run-id", "../x"]))
+    assert line.startswith("error: --run-id '../x': run_id may hold only letters")
+
+
+def test_explain_random_weights_only_on_purpose(tmp_path, demo_images):
+    image = tmp_path / "cat.png"
+    Image.fromarray(demo_images[0][::4, ::4]).save(image)
+    out = tmp_path / "out"
+    args = ["explain", str(image), "--model", "torchvision:resnet18", "-o", str(out)]
+    result = runner.invoke(app, [*args, "--random-weights"])
+    assert result.exit_code == 0, result.output
+    assert len(list(out.glob("cat.png.gradcam.t*.npy"))) == 1
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    line = _one_line_error(
+        runner.invoke(app, ["explain", str(image), "--weights", str(weights), "-o", str(out)])
+    )
+    assert "carries its own weights" in line

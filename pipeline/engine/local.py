@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import posixpath
@@ -18,7 +19,7 @@ from ..models import load_model
 from ..report.overlay import overlay
 from ..sources.decode import BadImage, decode_image
 from ..sources.listing import IMAGE_EXTENSIONS, _unstrip, list_inputs
-from ..storage import filesystem, read_bytes
+from ..storage import describe_error, filesystem, read_bytes
 from .outputs import safe_name
 
 BATCH_SIZE = 16
@@ -57,40 +58,56 @@ def expand_inputs(args: list[str], exclude: Path | None = None) -> list[ImageInp
         return skip is not None and local and Path(path).resolve().is_relative_to(skip)
 
     for arg in args:
-        fs, path = filesystem(arg)
-        if _is_glob(path) and not fs.exists(path):
-            matches = fs.glob(path, detail=True)
-            files = sorted(
-                p
-                for p, info in matches.items()
-                if info.get("type") == "file" and p.lower().endswith(IMAGE_EXTENSIONS)
-            )
-            if not files:
-                raise ValueError(f"{arg}: no image files match ({', '.join(IMAGE_EXTENSIONS)})")
-            files = [p for p in files if not excluded(fs, p)]
-            if not files:
-                raise ValueError(f"{arg}: matches only files in the output folder {exclude}")
-            root = _glob_root(path)
-            for p in files:
-                name = posixpath.relpath(p, root) if root else p
-                found.setdefault(_unstrip(arg, fs, p), (name, p))
-        elif fs.isdir(path):
-            items = [(it, fs._strip_protocol(it.uri)) for it in list_inputs(arg, "images")]
-            items = [(it, p) for it, p in items if not excluded(fs, p)]
-            if not items:
-                raise ValueError(
-                    f"{arg}: folder has no image files ({', '.join(IMAGE_EXTENSIONS)})"
-                )
-            for it, p in items:
-                found.setdefault(it.uri, (it.image_id, p))
-        elif fs.exists(path):
-            # a file named by itself is read whatever its extension: the decoder judges it
-            found.setdefault(arg, (posixpath.basename(path.rstrip("/")), path))
-        else:
-            raise FileNotFoundError(f"image not found: {arg}")
+        try:
+            _expand_one(arg, found, excluded, exclude)
+        except (ValueError, FileNotFoundError, PermissionError):
+            raise
+        except Exception as e:  # offline URL, no credentials, endpoint away: say which
+            raise ConnectionError(f"{arg}: cannot be reached ({describe_error(e)})") from None
     uris = list(found)
     names = _distinct_names([found[u][0] for u in uris], [found[u][1] for u in uris])
     return [ImageInput(u, n) for u, n in zip(uris, names, strict=True)]
+
+
+def _expand_one(arg: str, found: dict, excluded, exclude) -> None:
+    """One argument -> its inputs, added to `found` (uri -> (name, full path))."""
+    fs, path = filesystem(arg)
+    if _is_glob(path) and not fs.exists(path):
+        matches = fs.glob(path, detail=True)
+        files = sorted(
+            p
+            for p, info in matches.items()
+            if info.get("type") == "file" and p.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not files:
+            raise ValueError(f"{arg}: no image files match ({', '.join(IMAGE_EXTENSIONS)})")
+        files = [p for p in files if not excluded(fs, p)]
+        if not files:
+            raise ValueError(f"{arg}: matches only files in the output folder {exclude}")
+        root = _glob_root(path)
+        for p in files:
+            name = posixpath.relpath(p, root) if root else p
+            found.setdefault(_unstrip(arg, fs, p), (name, p))
+    elif fs.isdir(path):
+        items = [(it, fs._strip_protocol(it.uri)) for it in list_inputs(arg, "images")]
+        items = [(it, p) for it, p in items if not excluded(fs, p)]
+        if not items:
+            raise ValueError(f"{arg}: folder has no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        for it, p in items:
+            found.setdefault(it.uri, (it.image_id, p))
+    elif fs.exists(path):
+        # a file named by itself is read whatever its extension: the decoder judges it
+        found.setdefault(arg, (posixpath.basename(path.rstrip("/")), path))
+    else:
+        _raise_missing(fs, path, arg)
+
+
+def _raise_missing(fs, path: str, arg: str) -> None:
+    """`exists` answers False for a store it cannot reach too: ask again, so that an absent
+    image and an unreachable one are told apart (the latter raises from `info`)."""
+    with contextlib.suppress(FileNotFoundError):
+        fs.info(path)
+    raise FileNotFoundError(f"image not found: {arg}")
 
 
 def _distinct_names(names: list[str], paths: list[str]) -> list[str]:
@@ -196,6 +213,7 @@ def explain_stream(
     params: dict[str, dict] | None = None,
     device: str | None = None,
     trust_pickle: bool = False,
+    random_init: bool = False,
     batch_size: int = BATCH_SIZE,
 ) -> list[dict]:
     """Predict, explain with each method, write `<name>.<method>.t<target>.png` (overlay) and
@@ -208,7 +226,13 @@ def explain_stream(
     first = next(batches, None)
     if first is None:  # nothing readable: no reason to load the model
         return []
-    model = load_model(model_uri, weights=weights, device=device, trust_pickle=trust_pickle)
+    model = load_model(
+        model_uri,
+        weights=weights,
+        device=device,
+        trust_pickle=trust_pickle,
+        random_init=random_init,
+    )
     params = params or {}
     explainers = {m: build_explainer(m, model, **params.get(m, {})) for m in methods}
     fixed = resolve_target(target, model.labels)

@@ -14,7 +14,7 @@ from ..models import LoadedModel
 from ..secrets import find_secret
 from ..sources.listing import InputItem, list_inputs
 from ..spec import JobSpec, SpecError
-from ..storage import filesystem, with_retries
+from ..storage import describe_error, filesystem, with_retries
 from .worker import build_explainers, load_job_model, resolve_label
 
 
@@ -82,7 +82,7 @@ def _exists(uri: str, field: str, endpoint: str | None, problems: list[str]) -> 
             return True
         problems.append(f"{field}: {uri!r} does not exist")
     except Exception as e:  # no credentials, no such bucket, endpoint away: say which
-        problems.append(f"{field}: {uri!r} cannot be read: {_line(e)}")
+        problems.append(f"{field}: {uri!r} cannot be read: {describe_error(e)}")
     return False
 
 

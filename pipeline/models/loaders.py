@@ -128,6 +128,11 @@ def wrap_module(
 ) -> LoadedModel:
     """An in-memory nn.Module as a LoadedModel (eval, channels_last, frozen weights)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {str(device)!r} asked for, but this machine has no usable CUDA GPU; use "
+            "--device cpu (compute.device: cpu) or leave the device unset"
+        )
     module = module.eval().to(device).to(memory_format=torch.channels_last)
     for p in module.parameters():
         p.requires_grad_(False)  # explainers take gradients w.r.t. inputs, never weights
