@@ -328,3 +328,26 @@ def test_real_imagenet_table_with_sanity_bounds(builtin, imagenet300):
     assert g["energy_pointing_game"] > random_pg
     assert g["insertion"] > g["deletion"]
     assert table["saliency"]["pointing_game"] > random_pg
+
+
+def test_every_metric_states_the_direction_its_definition_gives():
+    """Written out from the definitions (METHODS.md), not read from the classes: the report,
+    the console and the regression gate all rank and gate by these."""
+    from pipeline.metrics import METRICS
+
+    higher_is_better = {
+        "average_drop": False,  # a drop in confidence
+        "increase_in_confidence": True,  # a share of images
+        "win": True,  # 100 where this explainer keeps more confidence than its rival
+        "deletion": False,  # the score falls fast when the important pixels go first
+        "insertion": True,
+        "pointing_game": True,
+        "pointing_game_small": True,
+        "energy_pointing_game": True,
+        "iou_curve": True,
+        "localisation_error": False,
+        "landmark_distance": False,
+        "parameter_randomisation": False,  # similarity to the randomised model's maps
+        "stability_index": True,
+    }
+    assert {name: cls.higher_is_better for name, cls in METRICS.items()} == higher_is_better

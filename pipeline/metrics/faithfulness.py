@@ -66,6 +66,7 @@ class Win(AverageDrop):
     50 on a tie, else 0. Needs the other explainer's maps (context `maps_by_explainer`)."""
 
     name = "win"
+    higher_is_better = True  # a win rate, not a drop (the base class's direction)
 
     def __init__(self, against: str = "", max_batch: int | None = None):
         super().__init__(max_batch)
