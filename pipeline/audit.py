@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .engine.job import JobResult, run_job
-from .engine.outputs import read_table
+from .engine.outputs import decode_heatmaps, read_table
 from .engine.worker import load_job_model
 from .report.html import ReportInputs, render_report
 from .spec import JobSpec, parse_spec
@@ -104,11 +104,13 @@ def _maps(root: str, endpoint_url: str | None) -> dict[tuple[str, str], tuple[np
             "target_name",
             "predicted",
             "heatmap",
+            "map_min",
+            "map_max",
         ],
     )
     if t.num_rows == 0:
         return {}
-    maps = np.concatenate([c.to_numpy_ndarray() for c in t.column("heatmap").chunks])
+    maps = decode_heatmaps(t)
     meta = t.drop_columns(["heatmap"]).to_pylist()
     return {
         (m["image_id"], m["explainer"]): (maps[i].astype(np.float64), m)

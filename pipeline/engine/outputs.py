@@ -17,8 +17,11 @@ import json
 import posixpath
 import re
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
 
 from ..storage import filesystem, write_bytes_atomic
 
@@ -85,6 +88,46 @@ def safe_name(name: str) -> str:
 
 # overlays/<explainer>/<id>.t<target>.png and pictures/<explainer>/<id>.t<target>.<name>.png
 _PAIR_FILE = re.compile(r"^(.*)\.t\d+\.(?:[A-Za-z0-9_-]+\.)?png$")
+
+
+# -- the heatmap codec: one encoder (the worker), one decoder (every reader) ------------------
+def shrink(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """[N,H,W] -> [N,size,size]: area averaging when shrinking (keeps energy), bilinear else."""
+    if maps.shape[-1] == size and maps.shape[-2] == size:
+        return maps.float()
+    mode = "area" if size < maps.shape[-1] else "bilinear"
+    kwargs = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(maps[:, None].float(), size=(size, size), mode=mode, **kwargs)[:, 0]
+
+
+def encode_heatmaps(
+    maps: torch.Tensor, size: int, dtype: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N,H,W] float maps -> (stored [N,size,size], map_min [N], map_max [N]). uint8 stores each
+    map min-max quantised (a constant map is all 0); float16 stores the values themselves."""
+    small = shrink(maps, size)
+    lo = small.flatten(1).amin(1) if len(small) else small.new_zeros(0)
+    hi = small.flatten(1).amax(1) if len(small) else small.new_zeros(0)
+    if dtype == "uint8":
+        scale = (hi - lo).clamp_min(1e-12)[:, None, None]
+        stored = ((small - lo[:, None, None]) / scale * 255).round().to(torch.uint8)
+    else:
+        stored = small.to(torch.float16)
+    return stored, lo, hi
+
+
+def decode_heatmaps(table: pa.Table) -> np.ndarray:
+    """The `heatmap` column of any number of rows (and parts) -> float32 [N,size,size] in the
+    maps' own units (uint8 needs the table's map_min and map_max)."""
+    column = table.column("heatmap")
+    if column.num_chunks == 0 or table.num_rows == 0:
+        return np.zeros((0, 0, 0), np.float32)
+    q = column.combine_chunks().to_numpy_ndarray()
+    if q.dtype != np.uint8:
+        return q.astype(np.float32)
+    lo = table.column("map_min").to_numpy().astype(np.float32)[:, None, None]
+    hi = table.column("map_max").to_numpy().astype(np.float32)[:, None, None]
+    return lo + q.astype(np.float32) / 255 * (hi - lo)
 
 
 def run_root(output_uri: str, run_id: str) -> str:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
 from ..explainers import build_explainer, explainer_params
 from ..metrics import build_metric
@@ -24,7 +23,15 @@ from ..models import LoadedModel, load_model
 from ..report.overlay import overlay_png, picture_png
 from ..spec import JobSpec, MethodSpec, ModelSpec
 from ..storage import configure_retries, write_bytes_atomic
-from .outputs import ERROR_SCHEMA, METRIC_SCHEMA, heatmap_schema, safe_name, write_block
+from .outputs import (
+    ERROR_SCHEMA,
+    METRIC_SCHEMA,
+    encode_heatmaps,
+    heatmap_schema,
+    safe_name,
+    shrink,  # noqa: F401  (part of this module's interface: tests and the bench use it)
+    write_block,
+)
 
 
 @dataclass
@@ -327,14 +334,7 @@ class ExplainWorker:
     def _heatmap_rows(self, key, maps, pairs: Pairs, ids, sources, labels, predicted, result):
         uris, members = sources
         size, dtype = self.spec.output.heatmap_size, self.spec.output.heatmap_dtype
-        small = shrink(maps, size)
-        lo = small.flatten(1).amin(1) if len(small) else small.new_zeros(0)
-        hi = small.flatten(1).amax(1) if len(small) else small.new_zeros(0)
-        if dtype == "uint8":
-            scale = (hi - lo).clamp_min(1e-12)[:, None, None]
-            stored = ((small - lo[:, None, None]) / scale * 255).round().to(torch.uint8)
-        else:
-            stored = small.to(torch.float16)
+        stored, lo, hi = encode_heatmaps(maps, size, dtype)
         explainer = self.explainers[key]
         passes = result.passes[key] // max(1, len(ids))
         for j in range(len(pairs.image)):
@@ -455,12 +455,3 @@ class ExplainWorker:
 
 def _select(p: Pairs, keep: torch.Tensor) -> Pairs:
     return Pairs(p.image[keep], p.target[keep], p.rank[keep], p.score[keep])
-
-
-def shrink(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """[N,H,W] -> [N,size,size]: area averaging when shrinking (keeps energy), bilinear else."""
-    if maps.shape[-1] == size and maps.shape[-2] == size:
-        return maps.float()
-    mode = "area" if size < maps.shape[-1] else "bilinear"
-    kwargs = {} if mode == "area" else {"align_corners": False}
-    return F.interpolate(maps[:, None].float(), size=(size, size), mode=mode, **kwargs)[:, 0]

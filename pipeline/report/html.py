@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from ..engine.outputs import read_table
+from ..engine.outputs import decode_heatmaps, read_table
 from ..metrics import METRICS
 from ..models.preprocess import Preprocess
 from ..sources.decode import decode_image
@@ -245,14 +245,14 @@ def _thumb(inp: ReportInputs, row: dict, value) -> str:
         inp.root,
         "heatmaps",
         inp.endpoint_url,
-        columns=["heatmap"],
+        columns=["heatmap", "map_min", "map_max"],
         filters=[
             ("image_id", "=", row["image_id"]),
             ("explainer", "=", row["explainer"]),
             ("target", "=", row["target"]),
         ],
     )
-    heat = np.concatenate([c.to_numpy_ndarray() for c in maps.column("heatmap").chunks])[0]
+    heat = decode_heatmaps(maps)[0]
     pre = inp.preprocess or Preprocess()
     try:
         item = InputItem(row["image_id"], row["source_uri"], row["source_member"])

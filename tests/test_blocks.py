@@ -1,0 +1,423 @@
+"""The engine without Ray, fast and exact: block ids, the resume plan, a block's writes with a
+fault injected at each step, stale outputs, the heatmap codec, target choice in every mode (a
+real worker in this process), the summary and the run's outcome."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from conftest import image_bytes
+
+from pipeline.engine import outputs
+from pipeline.engine.job import JobFailed, check_outcome, plan_run, summarise
+from pipeline.engine.outputs import (
+    METRIC_SCHEMA,
+    decode_heatmaps,
+    encode_heatmaps,
+    finished_blocks,
+    heatmap_schema,
+    read_table,
+    remove_stale_outputs,
+    shrink,
+    write_block,
+)
+from pipeline.engine.worker import ExplainWorker, choose_targets, resolve_label
+from pipeline.sources.annotations import to_model_space
+from pipeline.sources.listing import Block, InputItem, block_id, make_blocks
+from pipeline.sources.reader import read_block
+from pipeline.spec import parse_spec
+
+
+def _items(*pairs: tuple[str, str]) -> list[InputItem]:
+    return [InputItem(i, f"/data/{i}", version=v) for i, v in pairs]
+
+
+def _spec(**extra) -> object:
+    return parse_spec({"source": {"uri": "x"}, "explainers": [{"name": "gradcam"}], **extra})
+
+
+# -- block ids and the resume plan -----------------------------------------------------------
+def test_block_id_is_the_digest_of_ids_and_versions_never_of_position():
+    a, b, c = _items(("a", "1:x"), ("b", "2:y"), ("c", "3:z"))
+    want = hashlib.sha256(b"a\t1:x\nb\t2:y").hexdigest()[:20]
+    assert block_id((a, b)) == want
+    assert [blk.block_id for blk in make_blocks([a, b, c], 2)] == [want, block_id((c,))]
+    assert [len(blk.items) for blk in make_blocks([a, b, c], 2)] == [2, 1]
+    assert block_id((a, InputItem("b", "/data/b", version="2:CHANGED"))) != want
+    assert make_blocks([], 2) == []
+
+
+def _marker(block: Block) -> dict:
+    return {"inputs": {it.image_id: it.version for it in block.items}}
+
+
+def test_plan_keeps_unchanged_blocks_and_recuts_the_rest():
+    before = _items(("a", "1"), ("b", "1"), ("c", "1"), ("d", "1"), ("e", "1"), ("f", "1"))
+    finished = {blk.block_id: _marker(blk) for blk in make_blocks(before, 2)}
+    ab, cd, ef = (blk.block_id for blk in make_blocks(before, 2))
+    finished["legacy"] = {"n_inputs": 2}  # a marker from before versions were recorded
+    # a removed, d replaced, g added
+    now = _items(("b", "1"), ("c", "1"), ("d", "2"), ("e", "1"), ("f", "1"), ("g", "1"))
+    plan = plan_run(_spec(compute={"block_size": 2}), now, finished)
+    assert list(plan.done) == [ef]
+    assert sorted(plan.stale) == sorted([ab, cd, "legacy"])
+    assert plan.stale_images == {"a", "b", "c", "d"}
+    assert [[it.image_id for it in blk.items] for blk in plan.blocks] == [
+        ["b", "c"],
+        ["d", "g"],
+        ["e", "f"],
+    ]
+    assert [blk.block_id for blk in plan.todo] == [
+        block_id(tuple(now[:2])),
+        block_id((now[2], now[5])),
+    ]
+    # nothing changed: everything is done, nothing to compute, nothing stale
+    again = plan_run(
+        _spec(compute={"block_size": 2}), now, {blk.block_id: _marker(blk) for blk in plan.blocks}
+    )
+    assert (len(again.done), again.todo, again.stale) == (3, [], [])
+
+
+def test_plan_never_counts_an_image_twice():
+    items = _items(("a", "1"), ("b", "1"), ("c", "1"))
+    small = make_blocks(items, 1)
+    big = make_blocks(items, 3)
+    finished = {blk.block_id: _marker(blk) for blk in [*small, *big]}
+    plan = plan_run(_spec(compute={"block_size": 3}), items, finished)
+    counted = [it.image_id for blk in plan.blocks for it in blk.items]
+    assert sorted(counted) == ["a", "b", "c"] and plan.todo == []
+    assert len(plan.stale) == len(finished) - len(plan.done)
+    assert plan.stale_images == set()  # every stale block's images are covered by a kept one
+
+
+# -- a block's writes, with a fault at each step ----------------------------------------------
+def _tables(n: int, size: int = 4) -> dict[str, pa.Table]:
+    schema = heatmap_schema(size, "uint8")
+    cols = {f.name: [None] * n for f in schema if f.name != "heatmap"}
+    cols["image_id"] = [f"img{i}" for i in range(n)]
+    cols["explainer"] = ["gradcam"] * n
+    cols["target"] = list(range(n))
+    flat = np.arange(n * size * size, dtype=np.uint8)
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(flat), size * size)
+    cols["heatmap"] = pa.ExtensionArray.from_storage(schema.field("heatmap").type, storage)
+    heat = pa.table({name: cols[name] for name in schema.names}, schema=schema)
+    metrics = pa.Table.from_pylist(
+        [{"image_id": f"img{i}", "metric": "deletion", "value": 0.5} for i in range(n)],
+        schema=METRIC_SCHEMA,
+    )
+    errors = pa.Table.from_pylist([], schema=outputs.ERROR_SCHEMA)
+    return {"heatmaps": heat, "metrics": metrics, "errors": errors}
+
+
+@pytest.mark.parametrize("fail_at", [0, 1, 2, 3, None])
+def test_a_block_is_finished_only_when_its_marker_is_written_last(tmp_path, monkeypatch, fail_at):
+    """Writes: heatmaps, metrics, errors, then the marker. A fault before, between or after the
+    data files leaves no marker, so the block is recomputed and its files replaced whole."""
+    root = str(tmp_path / "run")
+    items = _items(("img0", "1"), ("img1", "1"))
+    (block,) = make_blocks(items, 2)
+    written = []
+    real = outputs.write_bytes_atomic
+
+    def flaky(uri, data, endpoint=None):
+        if len(written) == fail_at:
+            raise ConnectionError(f"injected fault at write {fail_at}")
+        written.append(uri.removeprefix(root))
+        real(uri, data, endpoint)
+
+    monkeypatch.setattr(outputs, "write_bytes_atomic", flaky)
+    marker = {**_marker(block), "block_id": block.block_id}
+    if fail_at is None:
+        write_block(root, block.block_id, _tables(2), marker)
+    else:
+        with pytest.raises(ConnectionError, match="injected"):
+            write_block(root, block.block_id, _tables(2), marker)
+    bid = block.block_id
+    order = [f"/{t}/part-{bid}.parquet" for t in ("heatmaps", "metrics", "errors")]
+    assert written == [*order, f"/_blocks/{bid}.json"][: 4 if fail_at is None else fail_at]
+    finished = finished_blocks(root)
+    assert (bid in finished) == (fail_at is None)
+
+    # the next attempt: the plan recomputes what has no marker, then writes it whole
+    monkeypatch.setattr(outputs, "write_bytes_atomic", real)
+    plan = plan_run(_spec(compute={"block_size": 2}), items, finished)
+    assert [b.block_id for b in plan.todo] == ([] if fail_at is None else [bid])
+    remove_stale_outputs(root, {b.block_id for b in plan.blocks}, plan.stale_images)
+    for b in plan.todo:
+        write_block(root, b.block_id, _tables(2), {**_marker(b), "block_id": b.block_id})
+    assert read_table(root, "heatmaps").num_rows == 2  # never duplicated
+    assert read_table(root, "metrics").num_rows == 2
+    assert list(finished_blocks(root)) == [bid]
+
+
+def test_a_lost_marker_recomputes_the_same_block_in_place(tmp_path):
+    root = str(tmp_path / "run")
+    items = _items(("img0", "1"), ("img1", "1"))
+    (block,) = make_blocks(items, 2)
+    write_block(root, block.block_id, _tables(2), _marker(block))
+    Path(root, "_blocks", f"{block.block_id}.json").unlink()
+    plan = plan_run(_spec(compute={"block_size": 2}), items, finished_blocks(root))
+    assert [b.block_id for b in plan.todo] == [block.block_id]
+    write_block(root, block.block_id, _tables(2), _marker(block))
+    assert read_table(root, "heatmaps").num_rows == 2
+
+
+def test_stale_outputs_go_and_nothing_else(tmp_path):
+    root = tmp_path / "run"
+    files = {
+        "_blocks/keep.json": True,
+        "_blocks/old.json": False,
+        "heatmaps/part-keep.parquet": True,
+        "heatmaps/part-old.parquet": False,
+        "metrics/part-orphan.parquet": False,  # a crash before its marker, block now gone
+        "errors/part-keep.parquet": True,
+        "heatmaps/notes.txt": True,  # not ours: left alone
+        "pictures/av/a.png.t1.image.png": False,
+        "pictures/av/a.png.t12.mask.png": False,
+        "pictures/av/a.png.tiff.t1.image.png": True,  # another image whose id starts alike
+        "pictures/av/b.png.t1.image.png": True,
+        "overlays/gradcam/dir__a.png.t3.png": False,
+        "overlays/gradcam/a.png.t3.png": False,
+        "overlays/gradcam/c.png.t3.png": True,
+        "summary.json": True,
+    }
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    remove_stale_outputs(str(root), {"keep"}, {"a.png", "dir/a.png"})
+    left = {name for name in files if (root / name).exists()}
+    assert left == {name for name, kept in files.items() if kept}
+
+
+# -- the heatmap codec -----------------------------------------------------------------------
+def test_codec_known_answers():
+    maps = torch.tensor([[[0.0, 1.0], [2.0, 3.0]], [[5.0, 5.0], [5.0, 5.0]]])
+    stored, lo, hi = encode_heatmaps(maps, 2, "uint8")
+    assert stored.dtype == torch.uint8
+    assert stored[0].tolist() == [[0, 85], [170, 255]]
+    assert stored[1].tolist() == [[0, 0], [0, 0]]  # a constant map
+    assert lo.tolist() == [0.0, 5.0] and hi.tolist() == [3.0, 5.0]
+    halves, _, _ = encode_heatmaps(maps, 2, "float16")
+    assert halves.dtype == torch.float16 and torch.equal(halves.float(), maps)
+    # shrinking averages areas (energy kept); growing interpolates
+    big = torch.arange(16.0).reshape(1, 4, 4)
+    assert shrink(big, 2)[0].tolist() == [[2.5, 4.5], [10.5, 12.5]]
+    assert torch.equal(shrink(big, 4), big)  # the stored size already: unchanged
+    assert shrink(torch.ones(1, 2, 2), 4).shape == (1, 4, 4)
+    # decoding gives the maps back, within one quantisation step
+    for dtype in ("uint8", "float16"):
+        stored, lo, hi = encode_heatmaps(maps, 2, dtype)
+        schema = heatmap_schema(2, dtype)
+        flat = pa.array(stored.numpy().reshape(-1))
+        tensor = pa.ExtensionArray.from_storage(
+            schema.field("heatmap").type, pa.FixedSizeListArray.from_arrays(flat, 4)
+        )
+        table = pa.table({"heatmap": tensor, "map_min": lo.numpy(), "map_max": hi.numpy()})
+        back = decode_heatmaps(table)
+        assert back.shape == (2, 2, 2)
+        np.testing.assert_allclose(back, maps.numpy(), atol=(3 / 255) / 2 + 1e-6)
+
+
+# -- target choice ----------------------------------------------------------------------------
+def test_choose_targets_in_every_mode_by_hand():
+    model = SimpleNamespace(num_classes=4, labels=["cat", "dog", "cup", "car"])
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.05, 0.25, 0.2]])
+    pairs, missing = choose_targets(_spec(), model, probs, [None, None])
+    assert pairs.image.tolist() == [0, 1] and pairs.target.tolist() == [3, 0]
+    assert pairs.rank.tolist() == [0, 0] and pairs.score.tolist() == pytest.approx([0.4, 0.5])
+    pairs, _ = choose_targets(_spec(targets={"mode": "topk", "k": 3}), model, probs, [None] * 2)
+    assert pairs.image.tolist() == [0, 0, 0, 1, 1, 1]
+    assert pairs.target.tolist() == [3, 2, 1, 0, 2, 3]
+    assert pairs.rank.tolist() == [0, 1, 2, 0, 1, 2]
+    assert pairs.score.tolist() == pytest.approx([0.4, 0.3, 0.2, 0.5, 0.25, 0.2])
+    spec = _spec(targets={"mode": "classes", "classes": [2, 0]})
+    pairs, _ = choose_targets(spec, model, probs, [None] * 2)
+    assert pairs.target.tolist() == [2, 0, 2, 0] and pairs.rank.tolist() == [0, 1, 0, 1]
+    assert pairs.score.tolist() == pytest.approx([0.3, 0.1, 0.25, 0.5])
+    with pytest.raises(ValueError, match="targets.classes: 7 out of range"):
+        choose_targets(_spec(targets={"mode": "classes", "classes": [7]}), model, probs, [None])
+    pairs, missing = choose_targets(_spec(targets={"mode": "label"}), model, probs, ["dog", 9])
+    assert pairs.image.tolist() == [0] and pairs.target.tolist() == [1]
+    assert pairs.score.tolist() == pytest.approx([0.2])
+    assert list(missing) == [1] and "9" in missing[1]
+
+
+def test_resolve_label():
+    names = ["cat", "dog"]
+    assert [resolve_label(v, names) for v in (0, 1, "1", "dog", np.int64(1))] == [0, 1, 1, 1, 1]
+    assert [resolve_label(v, names) for v in (None, 2, -1, "2", "Dog", "cow")] == [None] * 6
+
+
+# -- a real worker in this process, one test per target mode ----------------------------------
+@pytest.fixture(scope="module")
+def tiny_block(tmp_path_factory, demo_images):
+    folder = tmp_path_factory.mktemp("blockimages")
+    for i, img in enumerate(demo_images[:3]):
+        (folder / f"im{i}.png").write_bytes(image_bytes(img[::8, ::8], "PNG"))
+    return folder
+
+
+def _worker(tmp_path, folder: Path, targets: dict) -> tuple[ExplainWorker, str, dict]:
+    spec = parse_spec(
+        {
+            "source": {"uri": str(folder)},
+            "model": {
+                "uri": "torchvision:resnet18",
+                "random_init": True,
+                "size": 32,
+                "num_classes": 6,
+            },
+            "targets": targets,
+            "explainers": [{"name": "gradcam"}, {"name": "saliency"}],
+            "metrics": [{"name": "average_drop"}],
+            "output": {"uri": str(tmp_path), "heatmap_size": 8},
+            "compute": {"device": "cpu", "batch_size": 2},
+        }
+    )
+    root = str(tmp_path / "run")
+    worker = ExplainWorker(spec.model_dump_json(), "run", root)
+    items = [
+        InputItem(f"im{i}.png", str(folder / f"im{i}.png"), version="1", label=label)
+        for i, label in enumerate(["2", "5", None])
+    ]
+    (block,) = make_blocks(items, 3)
+    row = read_block(block, worker.model.preprocess, {}, to_model_space)
+    return worker, root, {**row, "write_overlays": False}
+
+
+def _probs(worker, row) -> torch.Tensor:
+    x = worker.model.preprocess.normalise(torch.from_numpy(row["pixels"]))
+    return worker.model.logits(x).float().softmax(-1)
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        {"mode": "predicted"},
+        {"mode": "topk", "k": 2},
+        {"mode": "classes", "classes": [4, 1]},
+        {"mode": "label"},
+    ],
+    ids=lambda t: t["mode"],
+)
+def test_worker_block_per_target_mode(tmp_path, tiny_block, targets):
+    worker, root, row = _worker(tmp_path, tiny_block, targets)
+    marker = worker.process_block(row)
+    probs = _probs(worker, row)
+    heat = read_table(root, "heatmaps").drop_columns(["heatmap"]).to_pylist()
+    mode = targets["mode"]
+    want = []  # (image, target, rank), computed here from the model's own probabilities
+    for i in range(3):
+        if mode == "predicted":
+            want.append((i, int(probs[i].argmax()), 0))
+        elif mode == "topk":
+            want += [(i, int(t), r) for r, t in enumerate(probs[i].topk(2).indices)]
+        elif mode == "classes":
+            want += [(i, 4, 0), (i, 1, 1)]
+        elif i < 2:  # label: the third image has none
+            want.append((i, [2, 5][i], 0))
+    for explainer in ("gradcam", "saliency"):
+        got = [
+            (int(r["image_id"][2]), r["target"], r["target_rank"])
+            for r in heat
+            if r["explainer"] == explainer
+        ]
+        assert sorted(got) == sorted(want), (explainer, got)
+    for r in heat:
+        assert r["score"] == pytest.approx(float(probs[int(r["image_id"][2]), r["target"]]))
+        assert r["predicted"] == int(probs[int(r["image_id"][2])].argmax())
+    explained = 2 if mode == "label" else 3
+    assert marker["images_ok"] == explained and marker["images"]["gradcam"] == explained
+    assert marker["fatal_errors"] == 3 - explained
+    metrics = read_table(root, "metrics").to_pylist()
+    assert len(metrics) == 2 * len(want)
+    assert marker["metric_states"]["gradcam"]["average_drop"]["state"]["n"] == len(want)
+    if mode == "label":
+        (error,) = read_table(root, "errors").to_pylist()
+        assert (error["image_id"], error["stage"], error["fatal"]) == ("im2.png", "targets", True)
+        assert marker["first_error"]["image_id"] == "im2.png"
+    assert finished_blocks(root)[row["block_id"]]["inputs"] == {f"im{i}.png": "1" for i in range(3)}
+
+
+def test_an_explainer_failing_on_one_image_takes_only_that_image(tmp_path, tiny_block):
+    worker, root, row = _worker(tmp_path, tiny_block, {"mode": "predicted"})
+    explainer = worker.explainers["saliency"]
+    real = explainer.explain
+    bad = worker.model.preprocess.normalise(torch.from_numpy(row["pixels"][1:2]))[0]
+
+    def explain(x, targets):  # raises whenever the batch holds image 1
+        if any(torch.allclose(xi, bad) for xi in x):
+            raise RuntimeError("this image breaks saliency")
+        return real(x, targets)
+
+    explainer.explain = explain
+    marker = worker.process_block(row)
+    heat = read_table(root, "heatmaps").drop_columns(["heatmap"]).to_pylist()
+    assert sorted({r["image_id"] for r in heat}) == ["im0.png", "im2.png"]
+    assert len(heat) == 2 * 2  # both explainers, the two good images
+    (error,) = read_table(root, "errors").to_pylist()
+    assert (error["image_id"], error["stage"]) == ("im1.png", "explain:saliency")
+    assert marker["images_ok"] == 2 and marker["fatal_errors"] == 1
+
+
+# -- the summary and the run's outcome -----------------------------------------------------------
+def _block_marker(bid: str, ok: int, fatal: int, images: int, seconds: float) -> dict:
+    return {
+        "block_id": bid,
+        "images_ok": ok,
+        "fatal_errors": fatal,
+        "rows": {"heatmaps": ok, "metrics": 0, "errors": fatal},
+        "seconds": {"gradcam": seconds},
+        "images": {"gradcam": images},
+        "forward_passes": {"gradcam": images},
+        "metric_states": {},
+        "first_error": {"image_id": f"{bid}-bad", "message": "boom"} if fatal else None,
+    }
+
+
+def test_summary_counts_the_plans_blocks_only():
+    items = _items(*[(f"i{k}", "1") for k in range(5)])
+    blocks = make_blocks(items, 2)  # 2, 2, 1
+    markers = {
+        blocks[0].block_id: _block_marker("a", 2, 0, 2, 1.0),
+        blocks[1].block_id: _block_marker("b", 1, 1, 1, 0.5),
+        blocks[2].block_id: _block_marker("c", 1, 0, 1, 0.5),
+        "stale-block": _block_marker("s", 64, 0, 64, 10.0),  # must not count
+    }
+    s = summarise(_spec(), "r", blocks, markers, blocks[1:], 2.0, 3.0)
+    assert (s["inputs"], s["images_ok"], s["errors"], s["lost"]) == (5, 4, 1, 0)
+    assert s["explainers"]["gradcam"]["images"] == 4
+    assert s["explainers"]["gradcam"]["images_per_s"] == pytest.approx(4 / 2.0)
+    assert s["images_per_s"] == pytest.approx((1 + 1) / 2.0)  # explained this attempt / compute s
+    assert s["first_error"]["image_id"] == "b-bad"
+    assert (s["blocks"], s["blocks_computed"], s["blocks_resumed"]) == (3, 2, 1)
+    nothing = {b.block_id: _block_marker("z", 0, len(b.items), 0, 1.0) for b in blocks}
+    s = summarise(_spec(), "r", blocks, nothing, blocks, 2.0, 3.0)
+    assert s["images_per_s"] is None and s["explainers"]["gradcam"]["images_per_s"] is None
+
+
+@pytest.mark.parametrize(
+    "ok, errors, share, fails",
+    [(0, 4, 1.0, "no image was explained"), (5, 5, 0.5, None), (4, 6, 0.5, "6 of 10 inputs")],
+)
+def test_outcome_thresholds(ok, errors, share, fails):
+    summary = {"inputs": ok + errors, "images_ok": ok, "errors": errors, "first_error": None}
+    spec = _spec(max_error_share=share)
+    if fails is None:
+        check_outcome(spec, summary)
+    else:
+        with pytest.raises(JobFailed, match=fails):
+            check_outcome(spec, summary)
+
+
+def test_marker_json_round_trip(tmp_path):
+    root = str(tmp_path / "run")
+    write_block(root, "b1", _tables(1), {"block_id": "b1", "inputs": {"img0": "1"}})
+    assert json.loads(Path(root, "_blocks", "b1.json").read_text())["inputs"] == {"img0": "1"}
