@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint
+.PHONY: demo test lint mutation
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -22,3 +22,10 @@ test: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/ruff format --check pipeline tests
+
+# Mutation testing of the core modules (tests/mutation/run.py; ~30 min on 2 cores, not in CI).
+# MUTATION_ARGS="--per-module 0" runs every mutant; "--module pipeline/metrics/localisation.py"
+# one module.
+mutation: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,mutation]'
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tests/mutation/run.py $(MUTATION_ARGS)
