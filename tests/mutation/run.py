@@ -21,6 +21,7 @@ import concurrent.futures
 import json
 import os
 import random
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -81,7 +82,7 @@ def copy_tree(dest: Path) -> None:
 def test_command(tests: list[str]) -> str:
     # -x: the first failing test kills the mutant; the copy's `pipeline` comes first on the path
     args = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *FAST, *tests]
-    return " ".join(args)
+    return shlex.join(args)
 
 
 def run_module(module: str, workdir: Path, per_module: int, seed: int, log) -> dict:
