@@ -77,6 +77,8 @@ class IntegratedGradientsExplainer(_CaptumExplainer):
 
     def explain(self, x, targets):
         base = self.model.preprocess.pixel_value(self.baseline, x.device).expand_as(x).contiguous()
+        if self.steps == 1:  # Captum's Riemann sums need two points; m = 1 is the gradient at x
+            return self._one_step(x, base, targets)
         attr, delta = IntegratedGradients(self.captum_forward).attribute(
             x,
             baselines=base,
@@ -87,6 +89,16 @@ class IntegratedGradientsExplainer(_CaptumExplainer):
             return_convergence_delta=True,
         )
         self.extras["delta"] = delta.detach()
+        return attr.sum(1)
+
+    def _one_step(self, x, base, targets):
+        inputs = torch.cat([x, base]).detach().requires_grad_(True)
+        with torch.enable_grad():
+            scores = self.captum_forward(inputs).gather(1, targets.repeat(2)[:, None])[:, 0]
+            (grad,) = torch.autograd.grad(scores[: len(x)].sum(), inputs)
+        attr = (x - base) * grad[: len(x)]
+        gap = scores[: len(x)] - scores[len(x) :]
+        self.extras["delta"] = (attr.flatten(1).sum(1) - gap).detach()
         return attr.sum(1)
 
 
