@@ -421,3 +421,77 @@ def test_marker_json_round_trip(tmp_path):
     root = str(tmp_path / "run")
     write_block(root, "b1", _tables(1), {"block_id": "b1", "inputs": {"img0": "1"}})
     assert json.loads(Path(root, "_blocks", "b1.json").read_text())["inputs"] == {"img0": "1"}
+
+
+# -- the smaller pieces of the job, by hand ------------------------------------------------------
+def test_run_ids():
+    from pipeline.engine.job import default_run_id, expand_run_id
+
+    a = _spec()
+    assert default_run_id(a) == default_run_id(_spec())
+    assert default_run_id(a).startswith("run-") and len(default_run_id(a)) == 16
+    # tracking and compute do not change what is computed: the same run
+    assert default_run_id(_spec(compute={"actors": 4}, tracking={"experiment": "x"})) == (
+        default_run_id(a)
+    )
+    assert default_run_id(_spec(seed=1)) != default_run_id(a)
+    import time
+
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    assert expand_run_id("nightly-{date}") == f"nightly-{day}"
+    assert expand_run_id("fixed") == "fixed"
+
+
+def test_annotations_matched_by_path_suffix_and_part_of_the_version():
+    from pipeline.engine.job import _annotated, _by_image_id
+
+    anns = {"val/images/cat/1.jpg": {"label": 3, "boxes": np.array([[1, 2, 3, 4]])}}
+    got = _by_image_id(anns, ["cat/1.jpg", "1.jpg", "dog/1.jpg", "val/images/cat/1.jpg"])
+    assert set(got) == {"cat/1.jpg", "1.jpg", "val/images/cat/1.jpg"}
+    assert got["cat/1.jpg"] == {"label": 3, "boxes": [[1, 2, 3, 4]]}  # numpy -> lists
+    item = InputItem("cat/1.jpg", "/d/cat/1.jpg", version="10:5")
+    a = _annotated(item, {"label": 3})
+    assert a.meta["annotation"] == {"label": 3} and a.version.startswith("10:5+a")
+    assert _annotated(item, {"label": 4}).version != a.version  # an edited annotation
+    assert _annotated(item, None).version == "10:5"
+
+
+def test_flat_metrics_and_csv():
+    from pipeline.engine.job import _flat_metrics, _summary_csv
+
+    summary = {
+        "inputs": 5,
+        "images_ok": 4,
+        "errors": 1,
+        "lost": 0,
+        "actor_restarts": 0,
+        "images_per_s": None,
+        "explainers": {
+            "gradcam": {"images": 4, "images_per_s": 2.5, "metrics": {"deletion": 0.25}},
+            "rise": {"images": 4, "images_per_s": None, "metrics": {"deletion": None}},
+        },
+    }
+    assert _flat_metrics(summary) == {
+        "inputs": 5,
+        "images_ok": 4,
+        "errors": 1,
+        "lost": 0,
+        "actor_restarts": 0,
+        "gradcam.images_per_s": 2.5,
+        "gradcam.deletion": 0.25,
+    }
+    assert _summary_csv(summary) == (
+        "explainer,images,images_per_s,deletion\ngradcam,4,2.5,0.25\nrise,4,,\n"  # no "None"
+    )
+
+
+def test_root_cause_is_the_first_useful_line():
+    from pipeline.engine.job import _root_cause
+    from pipeline.storage import StorageUnavailable
+
+    wrapped = RuntimeError("ray.exceptions.RayTaskError: wrapper\nValueError: the real reason")
+    assert _root_cause(wrapped) == "ValueError: the real reason"
+    outage = RuntimeError("task failed")
+    outage.__cause__ = StorageUnavailable("reading s3://b/k: storage unreachable after 6 attempts")
+    assert _root_cause(outage) == "reading s3://b/k: storage unreachable after 6 attempts"
+    assert _root_cause(RuntimeError("")) == "the Ray job failed (RuntimeError)"

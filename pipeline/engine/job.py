@@ -529,6 +529,6 @@ def _summary_csv(summary: dict) -> str:
     lines = [",".join(["explainer", "images", "images_per_s", *metrics])]
     for key, e in summary["explainers"].items():
         cells = [key, str(e["images"]), f"{e['images_per_s'] or ''}"]
-        cells += [f"{e['metrics'].get(m, '')}" for m in metrics]
+        cells += ["" if e["metrics"].get(m) is None else str(e["metrics"][m]) for m in metrics]
         lines.append(",".join(cells))
     return "\n".join(lines) + "\n"
