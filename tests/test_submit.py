@@ -268,6 +268,7 @@ def test_bad_spec_is_refused_before_the_cluster(tmp_path):
 
 def test_submission_carries_package_and_spec_but_no_secret(tmp_path, monkeypatch):
     from pipeline.cluster import PACKAGE_DIR, SubmitError, build_submission
+    from pipeline.spec import SpecError
 
     spec = tmp_path / "spec.yaml"
     spec.write_text(
@@ -282,8 +283,14 @@ def test_submission_carries_package_and_spec_but_no_secret(tmp_path, monkeypatch
     assert set(sub.runtime_env) == {"working_dir", "py_modules", "excludes"}  # no env_vars
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-secret")
+    spec.with_name("clean.yaml").write_text(spec.read_text())
     spec.write_text(
         spec.read_text().replace("sqlite:////srv/mlflow.db", "http://u:hunter2-secret@h")
     )
-    with pytest.raises(SubmitError, match="MLFLOW_TRACKING_PASSWORD"):
+    # refused while the spec is read, as `run` and `validate` refuse it (pipeline/secrets.py)
+    with pytest.raises(SpecError, match=r"contains the value of \$MLFLOW_TRACKING_PASSWORD"):
         build_submission(str(spec), workdir=tmp_path / "w2")
+    with pytest.raises(SubmitError, match="MLFLOW_TRACKING_PASSWORD"):  # and in the entrypoint
+        build_submission(
+            str(spec.with_name("clean.yaml")), run_id="hunter2-secret", workdir=tmp_path / "w3"
+        )
