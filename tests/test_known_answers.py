@@ -309,3 +309,41 @@ def _cnn():
     from conftest import tiny_model
 
     return tiny_model(size=32)
+
+
+def test_box_iou_by_hand_on_the_half_way_line():
+    """Inclusive pixel boxes: a 4x4 box inside a 4x8 one has IoU 16/32 = 0.5 exactly, which is
+    not > 0.5: a localisation error of 1 (a correct box would give 0)."""
+    from pipeline.metrics.localisation import box_iou
+
+    assert box_iou([0, 0, 3, 3], [0, 0, 3, 7]) == 0.5
+    assert box_iou([0, 0, 3, 3], [0, 0, 3, 3]) == 1.0
+    assert box_iou([0, 0, 3, 3], [4, 0, 7, 3]) == 0.0  # touching, not overlapping
+    assert box_iou([0, 0, 1, 0], [1, 0, 2, 0]) == pytest.approx(1 / 3)  # one shared pixel
+    maps = torch.zeros(1, 12, 12)
+    maps[0, 0:4, 0:4] = 1.0  # all of its energy in a 4x4 box
+    error = build_metric("localisation_error")
+    assert error.update(None, None, None, maps, [{"boxes": [[0, 0, 3, 7]]}]) == [1.0]
+    assert error.update(None, None, None, maps, [{"boxes": [[0, 0, 3, 4]]}]) == [0.0]  # 16/20
+
+
+def test_blob_pointing_picks_the_biggest_of_three_blobs():
+    """Labels go in raster order: the biggest blob is the second of three here."""
+    from pipeline.metrics.localisation import blob_centroid
+
+    m = torch.zeros(20, 20)
+    m[0, 0] = 1.0  # blob 1: one pixel, top left
+    m[8:12, 8:12] = 1.0  # blob 2: 16 pixels, centre (9.5, 9.5)
+    m[18, 18:20] = 1.0  # blob 3: two pixels
+    assert blob_centroid(m) == (10, 10)  # round(9.5) = 10 (banker's: 10)
+    ann = [{"boxes": [[8, 8, 11, 11]]}]
+    assert build_metric("pointing_game", variant="blob").update(None, None, None, m[None], ann) == [
+        1.0
+    ]
+
+
+def test_curve_metrics_take_steps_plus_one_points():
+    """steps removals give steps + 1 points on the curve (0 removed ... all removed)."""
+    for steps in (3, 4):
+        assert len(build_metric("deletion", steps=steps).curve) == steps + 1
+        assert len(build_metric("insertion", steps=steps).curve) == steps + 1

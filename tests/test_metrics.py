@@ -175,6 +175,7 @@ def test_win_compares_two_explainers_image_by_image():
     win = build_metric("win", against="other")
     assert win.update(tiny, x, t, good, [{}] * 3, maps_by_explainer={"other": bad}) == [100.0] * 3
     assert win.update(tiny, x, t, good, [{}] * 3, maps_by_explainer={"other": good}) == [50.0] * 3
+    assert win.update(tiny, x, t, bad, [{}] * 3, maps_by_explainer={"other": good}) == [0.0] * 3
 
 
 def test_stability_psi_bounds_and_index(tiny):

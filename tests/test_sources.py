@@ -83,3 +83,51 @@ def test_parquet_table_with_bytes_column_and_bad_row(tmp_path, demo_images):
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_inputs(str(tmp_path / "nope"))
+
+
+def test_labels_from_json_sidecars_and_parquet_without_labels(tmp_path, demo_images):
+    buf = io.BytesIO()
+    photo = _photos(demo_images)[0]
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, payload in (
+            ("k/a.jpg", photo),
+            ("k/a.json", json.dumps({"label": 7}).encode()),
+            ("k/b.jpg", photo),
+            ("k/b.json", json.dumps({"label_index": 9}).encode()),
+            ("k/c.jpg", photo),  # no sidecar: no label
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    (tmp_path / "tars").mkdir()
+    (tmp_path / "tars" / "s.tar").write_bytes(buf.getvalue())
+    items = list_inputs(str(tmp_path / "tars"), "webdataset")
+    assert [(it.image_id, it.label) for it in items] == [
+        ("s.tar/k/a", 7),
+        ("s.tar/k/b", 9),
+        ("s.tar/k/c", None),
+    ]
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"image": [photo]}), tmp_path / "pq" / "p.parquet")  # no label column
+    (item,) = list_inputs(str(tmp_path / "pq"), "parquet")
+    assert (item.image_id, item.label, item.member) == ("p.parquet/0", None, "0")
+    assert list_inputs(str(tmp_path / "pq"), "parquet", label_column=None)[0].label is None
+    # a local source keeps local paths (no scheme prepended); versions are size:mtime
+    assert item.uri == str(tmp_path / "pq" / "p.parquet")
+    size = (tmp_path / "pq" / "p.parquet").stat().st_size
+    assert item.version.startswith(f"{size}:")
+
+
+def test_s3_listing_keeps_the_scheme_and_versions_by_etag(s3, s3_endpoint, demo_images):
+    """On the real local S3 endpoint: URIs keep s3://, versions are size + ETag, and replacing
+    an object's bytes under the same key changes its version (what resume relies on)."""
+    s3.create_bucket(Bucket="listing")
+    photo = _photos(demo_images)[0]
+    s3.put_object(Bucket="listing", Key="imgs/a.jpg", Body=photo)
+    (item,) = list_inputs("s3://listing/imgs/", endpoint_url=s3_endpoint)
+    assert (item.image_id, item.uri) == ("a.jpg", "s3://listing/imgs/a.jpg")
+    etag = s3.head_object(Bucket="listing", Key="imgs/a.jpg")["ETag"].strip('"')
+    assert item.version == f"{len(photo)}:{etag}"
+    s3.put_object(Bucket="listing", Key="imgs/a.jpg", Body=photo[:-1] + b"\0")  # same size
+    (again,) = list_inputs("s3://listing/imgs/", endpoint_url=s3_endpoint)
+    assert again.version != item.version and again.version.startswith(f"{len(photo)}:")
