@@ -179,6 +179,8 @@ def test_stale_outputs_go_and_nothing_else(tmp_path):
         "metrics/part-orphan.parquet": False,  # a crash before its marker, block now gone
         "errors/part-keep.parquet": True,
         "heatmaps/notes.txt": True,  # not ours: left alone
+        "heatmaps/part-notes.txt": True,  # our prefix, not our suffix: not a part
+        "_blocks/README": True,
         "pictures/av/a.png.t1.image.png": False,
         "pictures/av/a.png.t12.mask.png": False,
         "pictures/av/a.png.tiff.t1.image.png": True,  # another image whose id starts alike
@@ -365,6 +367,34 @@ def test_an_explainer_failing_on_one_image_takes_only_that_image(tmp_path, tiny_
     (error,) = read_table(root, "errors").to_pylist()
     assert (error["image_id"], error["stage"]) == ("im1.png", "explain:saliency")
     assert marker["images_ok"] == 2 and marker["fatal_errors"] == 1
+
+
+def test_a_metric_that_raises_gives_nulls_and_a_non_fatal_error(tmp_path, tiny_block, monkeypatch):
+    import pipeline.engine.worker as worker_module
+
+    real = worker_module.build_metric
+
+    class Broken:
+        def __init__(self, metric):
+            self.metric = metric
+
+        def update(self, *args, **kwargs):
+            raise ArithmeticError("this metric cannot score these maps")
+
+        def state(self):
+            return self.metric.state()
+
+    monkeypatch.setattr(worker_module, "build_metric", lambda n, **p: Broken(real(n, **p)))
+    worker, root, row = _worker(tmp_path, tiny_block, {"mode": "predicted"})
+    marker = worker.process_block(row)
+    assert marker["images_ok"] == 3 and marker["fatal_errors"] == 0  # heatmaps are kept
+    values = read_table(root, "metrics").column("value").to_pylist()
+    assert len(values) == 2 * 3 and values == [None] * 6
+    errors = read_table(root, "errors").to_pylist()
+    assert {(e["stage"], e["error_type"], e["fatal"]) for e in errors} == {
+        ("metric:average_drop", "ArithmeticError", False)
+    }
+    assert len(errors) == 2 * 3  # per explainer and image
 
 
 # -- the summary and the run's outcome -----------------------------------------------------------

@@ -223,6 +223,7 @@ def test_parameter_randomisation_gradcam_similarity_falls_and_original_untouched
         ("deletion", {"steps": 8}),
         ("average_drop", {}),
         ("iou_curve", {}),
+        ("parameter_randomisation", {"explainer": "gradcam", "steps": 2}),
     ],
 )
 def test_streaming_merge_of_halves_equals_whole(name, params, tiny):
@@ -238,6 +239,18 @@ def test_streaming_merge_of_halves_equals_whole(name, params, tiny):
     merged = type(whole).from_states([a.state(), b.state()], **params)
     assert merged.compute() == pytest.approx(whole.compute())
     assert merged.state().keys() == whole.state().keys()
+    for key in ("curve", "spearman", "ssim"):  # curves merge too, not only means
+        if key in whole.state():
+            assert merged.state()[key] == pytest.approx(whole.state()[key])
+
+
+def test_ssim_of_a_map_with_itself_and_its_negative():
+    from pipeline.metrics.sanity import ssim
+
+    a = torch.rand(2, 24, 24, generator=torch.Generator().manual_seed(1))
+    assert ssim(a, a).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert (ssim(a, 1 - a) < 0).all()  # anti-correlated structure
+    assert (ssim(a, a.roll(1, -1)) < 0.9).all()
 
 
 def test_every_metric_declares_direction_needs_and_cost():
