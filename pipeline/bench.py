@@ -1,26 +1,35 @@
 """`salient bench`: each method's throughput against the physical bound and against the peers.
 
-A method that needs P forward passes per image cannot beat P / (the model's forward throughput):
-we measure that throughput at the same batch size, so `efficiency = bound time / measured time`
-says how much of the hardware a method uses. For methods that back-propagate to the input after
-every forward (`Explainer.input_gradient`: the gradient family, LRP, DeepLIFT) the bound is the
-forward+backward throughput instead (`bound` = "forward+backward"). Peers (Captum,
-pytorch-grad-cam) run the same method at the same settings in the same process;
-`peer_ratio = ours / peer` images per second.
+A method cannot beat the forwards it runs. The bench records every forward a method makes during
+a timed pass (rows, input size, plain or perturbation path, bf16 autocast, and whether a backward
+to the input follows: `Explainer.input_gradient` with autograd on), times each distinct kind of
+forward alone (warm, best of several calls, interleaved with the method's rounds), and sums those
+times over the recorded forwards: that is the bound time, so `efficiency = bound time / measured
+time` <= 1 up to timing noise. Above `EFFICIENCY_LIMIT` the probe, not the method, is wrong, and
+the row says so (`warning`). `bound` is "forward+backward" when any recorded forward is followed
+by a backward to the input (the gradient family, LRP, DeepLIFT), else "forward".
+
+Peers (Captum, pytorch-grad-cam) run the same method at the same settings in the same process,
+in rounds interleaved with ours (ours, peer, ours, peer, ...) so that drift in machine load hits
+both alike; `peer_ratio` is the median over rounds of (peer seconds / our seconds), i.e. ours /
+peer images per second, with the per-round minimum and maximum beside it.
 """
 
 from __future__ import annotations
 
 import resource
+import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .explainers import build_explainer
-from .explainers.perturb import amp_context
 from .models import LoadedModel
 
 # Settings per method that both we and the peer can run; the bench passes them to both sides.
@@ -33,12 +42,27 @@ DEFAULT_PARAMS: dict[str, dict] = {
     "occlusion": {},
 }
 
+# Efficiency above this is not a fast method but a bound that is not one (timing noise aside).
+EFFICIENCY_LIMIT = 1.1
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One kind of forward a method ran: what the bound probe has to reproduce."""
+
+    rows: int
+    height: int
+    width: int
+    perturbed: bool = False  # through `forward_perturbed` (the compiled module, if any)
+    backward: bool = False  # followed by a backward to the input
+    autocast: bool = False  # under bf16 autocast
+
 
 @dataclass
 class BenchRow:
     method: str
     images: int
-    images_per_s: float
+    images_per_s: float  # best round
     passes_per_image: float
     bound_images_per_s: float
     efficiency: float
@@ -47,8 +71,16 @@ class BenchRow:
     device: str
     bound: str = "forward"  # or "forward+backward" (methods with input gradients)
     peer: str | None = None
-    peer_images_per_s: float | None = None
-    peer_ratio: float | None = None
+    peer_images_per_s: float | None = None  # best round
+    peer_ratio: float | None = None  # median over rounds of ours / peer images per second
+    peer_ratio_min: float | None = None
+    peer_ratio_max: float | None = None
+    rounds: int = 0
+    round_seconds: list[float] = field(default_factory=list)  # ours, one pass over the images
+    peer_round_seconds: list[float] | None = None
+    # the forwards of one pass, by kind, with the best seconds per call the probe measured
+    forwards: list[dict] = field(default_factory=list)
+    warning: str | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -62,68 +94,204 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
 
 
-def _rate(step: Callable[[], object], batch: int, device: torch.device, repeats: int) -> float:
-    """Images per second of `step` (one batch): a warm-up call, then `repeats` timed calls."""
-    step()  # warm-up (and compilation)
+def _seconds(step: Callable[[], object], device: torch.device) -> float:
     _sync(device)
     t0 = time.perf_counter()
-    for _ in range(repeats):
-        step()
+    step()
     _sync(device)
-    return repeats * batch / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
-def _probe_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
-    xb = x[:batch].repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch]
+def _probe_batch(x: torch.Tensor, rows: int, size: tuple[int, int]) -> torch.Tensor:
+    """`rows` of the bench's own images (repeated), at `size`, channels_last."""
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    xb = x.repeat((rows + len(x) - 1) // len(x), 1, 1, 1)[:rows]
     return xb.contiguous(memory_format=torch.channels_last)
 
 
-def forward_throughput(model: LoadedModel, x: torch.Tensor, batch: int, repeats: int = 3) -> float:
-    """Images per second of plain inference forwards (channels_last, inference_mode; bf16 and
-    compiled when the model's perturbation forwards are)."""
-    xb = _probe_batch(x, batch)
-    run = model.compiled if model.compiled is not None else model.module
-    with torch.inference_mode(), amp_context(model):
-        return _rate(lambda: run(xb), batch, model.device, repeats)
+def probe_step(model: LoadedModel, x: torch.Tensor, f: Forward) -> Callable[[], object]:
+    """One forward of kind `f` and nothing else (plus the backward to the input, if `f` has
+    one): the least a method that ran such a forward paid for it."""
+    xb = _probe_batch(x, f.rows, (f.height, f.width))
+    run = model.compiled if f.perturbed and model.compiled is not None else model.module
+    kind = model.device.type
+
+    def amp():
+        return torch.autocast(kind, dtype=torch.bfloat16) if f.autocast else nullcontext()
+
+    if not f.backward:
+
+        def step():
+            with torch.inference_mode(), amp():
+                return run(xb)
+
+        return step
+
+    def step_fb():
+        with torch.enable_grad():
+            xg = xb.detach().requires_grad_(True)
+            with amp():
+                out = run(xg)
+            return torch.autograd.grad(out.float().amax(1).sum(), xg)  # one logit per row
+
+    return step_fb
 
 
-def gradient_throughput(model: LoadedModel, x: torch.Tensor, batch: int, repeats: int = 3) -> float:
-    """Images per second of a forward and a backward to the input (one target logit each): the
-    least any method that needs input gradients must do per pass."""
-    xb = _probe_batch(x, batch)
+class BoundProbe:
+    """Best seconds per call of each kind of forward, measured warm, `reps` calls in a row per
+    round (the method's own stream runs same-shaped forwards back to back, too)."""
 
-    def step():
-        xg = xb.detach().requires_grad_(True)
-        torch.autograd.grad(model.module(xg).float().amax(1).sum(), xg)
+    def __init__(self, model: LoadedModel, x: torch.Tensor, reps: int = 3):
+        self.model, self.x, self.reps = model, x, reps
+        self.best: dict[Forward, float] = {}
+        self.steps: dict[Forward, Callable[[], object]] = {}
 
-    with torch.enable_grad():
-        return _rate(step, batch, model.device, repeats)
+    def round(self, forwards: list[Forward]) -> None:
+        for f in dict.fromkeys(forwards):  # distinct kinds, in the order the method ran them
+            if f not in self.steps:
+                self.steps[f] = probe_step(self.model, self.x, f)
+                self.steps[f]()  # warm-up: allocator, kernels, compilation
+                self.best[f] = float("inf")
+            for _ in range(self.reps):
+                self.best[f] = min(self.best[f], _seconds(self.steps[f], self.model.device))
+
+    def seconds(self, forwards: list[Forward]) -> float:
+        return sum(self.best[f] for f in forwards)
 
 
-def _time(
-    fn: Callable[[torch.Tensor, torch.Tensor], object], x, t, batch, device, rounds: int = 3
-) -> float:
-    """Images/s of fn over x in batches: one warm-up call (hooks, allocator, kernels), then the
-    best of `rounds` passes over x, so a noisy neighbour costs both sides alike."""
-    fn(x[:1], t[:1])
-    best = float("inf")
+@contextmanager
+def recording_forwards(model: LoadedModel, input_gradient: bool, log: list[Forward]):
+    """Append a `Forward` to `log` for every batch that goes through `model.forward` or
+    `model.forward_perturbed` while the block runs."""
+    cls = type(model)
+    inside = [False]  # forward_perturbed falls back on forward: count that batch once
+
+    def note(x: torch.Tensor, perturbed: bool) -> None:
+        log.append(
+            Forward(
+                x.shape[0],
+                x.shape[2],
+                x.shape[3],
+                perturbed,
+                input_gradient and torch.is_grad_enabled(),
+                torch.is_autocast_enabled(model.device.type),
+            )
+        )
+
+    def forward(x):
+        if not inside[0]:
+            note(x, False)
+        return cls.forward(model, x)
+
+    def forward_perturbed(x):
+        note(x, True)
+        inside[0] = True
+        try:
+            return cls.forward_perturbed(model, x)
+        finally:
+            inside[0] = False
+
+    model.forward, model.forward_perturbed = forward, forward_perturbed
+    try:
+        yield log
+    finally:
+        del model.forward, model.forward_perturbed
+
+
+def _recorded(model: LoadedModel, explainer, log: list[Forward]):
+    """The explainer as fn(x, targets), logging its forwards. Rows it counts in
+    `model.forward_passes` without going through the model's forwards (DeepLIFT and LRP run a
+    rewritten copy of the module) are logged as one forward of that many rows."""
+
+    def fn(x, t):
+        before, logged = model.forward_passes, len(log)
+        with recording_forwards(model, bool(explainer.input_gradient), log):
+            explainer(x, t)
+        unseen = model.forward_passes - before - sum(f.rows for f in log[logged:])
+        if unseen > 0:
+            log.append(Forward(unseen, x.shape[2], x.shape[3], False, explainer.input_gradient))
+
+    return fn
+
+
+def _one_pass(fn, x: torch.Tensor, t: torch.Tensor, batch: int) -> None:
+    for s in range(0, len(x), batch):
+        fn(x[s : s + batch], t[s : s + batch])
+
+
+def bench_method(
+    model: LoadedModel,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    method: str,
+    explainer,
+    *,
+    batch: int = 8,
+    rounds: int = 3,
+    peer: tuple[str, Callable] | None = None,
+    probe_reps: int = 3,
+) -> BenchRow:
+    """Time `explainer` over x (in batches) against its bound and, if given, the peer.
+
+    One warm-up batch per side, then `rounds` rounds of: our pass over x (its forwards
+    recorded), the peer's pass, the bound probe of the forwards our pass ran."""
+    rounds = max(1, rounds)
+    device = model.device
+    ours_log: list[list[Forward]] = []
+    ours = _recorded(model, explainer, [])
+    ours(x[:batch], t[:batch])  # warm-up (hooks, allocator, kernels)
+    if peer is not None:
+        peer[1](x[:batch], t[:batch])
+    probe = BoundProbe(model, x, reps=probe_reps)
+    ours_s: list[float] = []
+    peer_s: list[float] = []
+    peak = 0.0
     for _ in range(rounds):
-        _sync(device)
-        t0 = time.perf_counter()
-        for s in range(0, len(x), batch):
-            fn(x[s : s + batch], t[s : s + batch])
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return len(x) / best
-
-
-def _forward_batch(explainer, batch: int) -> int:
-    """The batch size the method's forwards actually run at: its perturbation chunk, if any."""
-    from .explainers.perturb import default_max_batch
-
-    if getattr(explainer, "default_score", "logit") == "prob" or hasattr(explainer, "max_batch"):
-        return getattr(explainer, "max_batch", None) or default_max_batch(explainer.model)
-    return batch
+        log: list[Forward] = []
+        fn = _recorded(model, explainer, log)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ours_s.append(_seconds(lambda fn=fn: _one_pass(fn, x, t, batch), device))
+        peak = max(peak, _peak_mb(device))  # ours only: the peer runs after the reading
+        ours_log.append(log)
+        if peer is not None:
+            peer_s.append(_seconds(lambda: _one_pass(peer[1], x, t, batch), device))
+        probe.round(log)
+    forwards = ours_log[0]
+    bound_s = probe.seconds(forwards)
+    best = min(ours_s)
+    counts = Counter(forwards)
+    row = BenchRow(
+        method,
+        len(x),
+        len(x) / best,
+        sum(f.rows for f in forwards) / len(x),
+        len(x) / bound_s,
+        bound_s / best,
+        peak,
+        batch,
+        str(device),
+        "forward+backward" if any(f.backward for f in forwards) else "forward",
+        rounds=rounds,
+        round_seconds=ours_s,
+        forwards=[
+            {**asdict(f), "count": n, "best_seconds": probe.best[f]} for f, n in counts.items()
+        ],
+    )
+    if peer is not None:
+        ratios = [p / o for o, p in zip(ours_s, peer_s, strict=True)]
+        row.peer = peer[0]
+        row.peer_images_per_s = len(x) / min(peer_s)
+        row.peer_ratio = statistics.median(ratios)
+        row.peer_ratio_min, row.peer_ratio_max = min(ratios), max(ratios)
+        row.peer_round_seconds = peer_s
+    if row.efficiency > EFFICIENCY_LIMIT:
+        row.warning = (
+            f"{method}: efficiency {row.efficiency:.2f} > {EFFICIENCY_LIMIT}: the method beat "
+            "its own bound, so the bound probe is wrong (not the method fast)"
+        )
+    return row
 
 
 def bench(
@@ -138,43 +306,12 @@ def bench(
 ) -> list[BenchRow]:
     x = x.to(model.device)
     t = model.predict(x)[1][:, 0]
-    throughput: dict[tuple[int, bool], float] = {}
     rows = []
     for method in methods:
         p = {**DEFAULT_PARAMS.get(method, {}), **(params or {}).get(method, {})}
         e = build_explainer(method, model, **p)
-        if model.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(model.device)
-        fb = _forward_batch(e, batch)
-        key = (fb, bool(e.input_gradient))
-        if key not in throughput:
-            probe = gradient_throughput if e.input_gradient else forward_throughput
-            throughput[key] = probe(model, x, fb)
-        before = model.forward_passes
-        ips = _time(e, x, t, batch, model.device, rounds=rounds)
-        total = model.forward_passes - before
-        e(x[:1], t[:1])  # the warm-up image's cost, to take it out of the count
-        passes = (total - e.last_forward_passes) / (len(x) * rounds)
-        bound = throughput[key] / max(passes, 1e-9)
-        row = BenchRow(
-            method,
-            len(x),
-            ips,
-            passes,
-            bound,
-            ips / bound,
-            _peak_mb(model.device),
-            batch,
-            str(model.device),
-            "forward+backward" if e.input_gradient else "forward",
-        )
-        if peers:
-            peer = peer_runner(method, model, p)
-            if peer is not None:
-                row.peer = peer[0]
-                row.peer_images_per_s = _time(peer[1], x, t, batch, model.device, rounds=rounds)
-                row.peer_ratio = ips / row.peer_images_per_s
-        rows.append(row)
+        peer = peer_runner(method, model, p) if peers else None
+        rows.append(bench_method(model, x, t, method, e, batch=batch, rounds=rounds, peer=peer))
     return rows
 
 

@@ -375,21 +375,29 @@ def bench_command(
         "efficiency",
         "peak MB",
         "peer",
-        "ours/peer",
+        "ours/peer (median)",
+        "min-max",
     ):
         table.add_column(col)
     for r in rows:
+        spread = r.peer_ratio is not None
         table.add_row(
             r.method,
             f"{r.images_per_s:.2f}",
             f"{r.passes_per_image:.1f}",
             f"{r.bound_images_per_s:.2f}" + (" (F+B)" if r.bound != "forward" else ""),
-            f"{r.efficiency:.2f}",
+            f"{r.efficiency:.2f}" + (" [red]![/red]" if r.warning else ""),
             f"{r.peak_memory_mb:.0f}",
             r.peer or "-",
             _fmt(r.peer_ratio),
+            f"{r.peer_ratio_min:.2f}-{r.peer_ratio_max:.2f}" if spread else "-",
         )
     console.print(table)
+    if any(r.peer for r in rows):
+        console.print(f"ours/peer: median of {rows[0].rounds} interleaved rounds", highlight=False)
+    for r in rows:
+        if r.warning:  # efficiency above the limit: the bound probe, not the method, is wrong
+            errors.print(f"[yellow]warning:[/yellow] {escape(r.warning)}", highlight=False)
     if json_path:
         json_path.write_text(json.dumps(bench.as_dicts(rows), indent=2))
 
