@@ -25,7 +25,9 @@ class _Strict(BaseModel):
 class SourceSpec(_Strict):
     uri: str = Field(description="A folder/prefix of images, a .tar shard prefix or Parquet URI")
     format: Literal["images", "webdataset", "parquet"] = "images"
-    annotations: str | None = Field(None, description="annotations.json (imagenet-val-300 format)")
+    annotations: str | None = Field(
+        None, description="Ground truth: Salient JSON (see README), COCO JSON or Pascal-VOC XML"
+    )
     labels_from: Literal["annotations", "folder", "none"] = "annotations"
     image_column: str = "image"
     label_column: str | None = "label"

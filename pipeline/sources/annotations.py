@@ -1,6 +1,7 @@
 """Ground truth that travels with the images: labels, boxes, masks, landmarks.
 
-Readers: the imagenet-val-300 format (a list of {file, label_index, boxes, width, height}),
+Readers: Salient's own JSON (a list of {file, label_index, boxes, width, height}, as the README
+shows),
 COCO JSON and Pascal-VOC XML; each gives `image id (path relative to the source) -> dict` with
 boxes as inclusive pixel corners in the source image. `to_model_space` moves one image's
 annotation through the same resize/crop as its pixels (a box cut by the crop is clipped, one
