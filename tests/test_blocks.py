@@ -225,6 +225,8 @@ def test_codec_known_answers():
         back = decode_heatmaps(table)
         assert back.shape == (2, 2, 2)
         np.testing.assert_allclose(back, maps.numpy(), atol=(3 / 255) / 2 + 1e-6)
+        # no rows decode to no maps (not one empty map)
+        assert decode_heatmaps(table.slice(0, 0)).shape == (0, 0, 0)
 
 
 # -- target choice ----------------------------------------------------------------------------
@@ -379,7 +381,7 @@ def test_a_metric_that_raises_gives_nulls_and_a_non_fatal_error(tmp_path, tiny_b
             self.metric = metric
 
         def update(self, *args, **kwargs):
-            raise ArithmeticError("this metric cannot score these maps")
+            raise ArithmeticError("this metric cannot score these maps " + "x" * 3000)
 
         def state(self):
             return self.metric.state()
@@ -395,6 +397,8 @@ def test_a_metric_that_raises_gives_nulls_and_a_non_fatal_error(tmp_path, tiny_b
         ("metric:average_drop", "ArithmeticError", False)
     }
     assert len(errors) == 2 * 3  # per explainer and image
+    # a long message is cut to 2000 characters, so one bad metric cannot bloat the table
+    assert {len(e["message"]) for e in errors} == {2000}
 
 
 # -- the summary and the run's outcome -----------------------------------------------------------

@@ -347,3 +347,58 @@ def test_curve_metrics_take_steps_plus_one_points():
     for steps in (3, 4):
         assert len(build_metric("deletion", steps=steps).curve) == steps + 1
         assert len(build_metric("insertion", steps=steps).curve) == steps + 1
+
+
+class _SumOfPixels(nn.Module):
+    """Logit 0 = the sum of every input value, logit 1 = 0: p(0) = sigmoid(sum)."""
+
+    def forward(self, x):
+        s = x.sum((1, 2, 3))
+        return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+def test_deletion_auc_by_hand_with_an_odd_number_of_steps():
+    # 2x2 image, 3 steps: round(k * 4 / 3) = 0, 1, 3, 4 pixels turn black (-2 after PRE's
+    # normalisation), most salient first; the AUC is the trapezoid over the 4 points / 3
+    model = _wrap(_SumOfPixels(), 2)
+    x = torch.tensor([[[0.5, -1.0], [1.5, 0.25]]]).expand(3, 2, 2)[None].clone()
+    x[0, 1] += 0.1
+    maps = torch.tensor([[[4.0, 3.0], [2.0, 1.0]]])  # order: (0,0), (0,1), (1,0), (1,1)
+    flat = x[0].reshape(3, 4)
+    scores = []
+    for k in (0, 1, 3, 4):
+        img = flat.clone()
+        img[:, :k] = -2.0
+        scores.append(torch.sigmoid(img.sum()).item())
+    auc = sum((a + b) / 2 for a, b in zip(scores, scores[1:], strict=False)) / 3
+    got = build_metric("deletion", steps=3).update(model, x, torch.tensor([0]), maps, [{}])
+    assert got == pytest.approx([auc], abs=1e-6)
+
+
+def test_pointing_tolerance_is_the_euclidean_distance_to_the_mask():
+    mask = torch.zeros(12, 12, dtype=torch.bool)
+    mask[5, 5] = True
+    maps = torch.zeros(1, 12, 12)
+    maps[0, 2, 1] = 1.0  # 3 rows and 4 columns away from the mask: 5 px
+    ann = [{"mask": mask.numpy()}]
+    for tolerance, hit in ((5.0, 1.0), (4.9, 0.0), (0.0, 0.0)):
+        metric = build_metric("pointing_game", tolerance=tolerance)
+        assert metric.update(None, None, None, maps, ann) == [hit]
+
+
+def test_sanity_reinit_draws_each_kind_of_parameter_by_its_rule():
+    from pipeline.metrics.sanity import _reinit
+
+    conv, bn = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)
+    bn.running_mean.fill_(0.7)
+    _reinit(conv, torch.Generator().manual_seed(0))
+    _reinit(bn, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(0)
+    # a weight matrix: N(0, 1/fan_in), fan_in = 2 * 3 * 3; a bias: N(0, 0.1^2)
+    assert torch.equal(conv.weight, torch.randn(3, 2, 3, 3, generator=g) / 18**0.5)
+    assert torch.equal(conv.bias, 0.1 * torch.randn(3, generator=g))
+    g = torch.Generator().manual_seed(1)
+    # a one-dimensional weight (a norm's scale) stays near 1
+    assert torch.equal(bn.weight, 1 + 0.1 * torch.randn(3, generator=g))
+    assert torch.equal(bn.bias, 0.1 * torch.randn(3, generator=g))
+    assert bn.running_mean.tolist() == [0.0] * 3 and bn.running_var.tolist() == [1.0] * 3
