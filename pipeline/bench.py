@@ -253,7 +253,9 @@ def bench_method(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         ours_s.append(_seconds(lambda fn=fn: _one_pass(fn, x, t, batch), device))
-        peak = max(peak, _peak_mb(device))  # ours only: the peer runs after the reading
+        # CUDA: ours alone (reset above, read before the peer runs). CPU: the process's RSS
+        # high-water mark, which no API resets, so it includes every earlier method and peer
+        peak = max(peak, _peak_mb(device))
         ours_log.append(log)
         if peer is not None:
             peer_s.append(_seconds(lambda: _one_pass(peer[1], x, t, batch), device))
