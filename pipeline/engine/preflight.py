@@ -61,10 +61,12 @@ def preflight(
             problems.append(f"metrics.{i} ({m.key}): {_line(e)}")
             continue
         needs = metric_class(m.name).needs
-        if needs != "none" and not spec.source.annotations:
+        # a manifest carries its ground truth in its own columns (checked when it is read)
+        has_truth = spec.source.annotations or spec.source.format == "manifest"
+        if needs != "none" and not has_truth:
             problems.append(
                 f"metrics.{i} ({m.key}): needs {needs.replace('|', ' or ')} from "
-                "source.annotations, and the spec has none"
+                "source.annotations (or a manifest's boxes column), and the spec has none"
             )
     if spec.targets.mode == "label" and model is not None and source_ok:
         problems += _label_problems(spec, model, items)

@@ -8,21 +8,27 @@ blocks, and a block whose inputs changed gets a new id, so a re-run can tell wha
 from __future__ import annotations
 
 import hashlib
-import io
+import itertools
 import posixpath
-import tarfile
 from dataclasses import dataclass, field
 
 from ..storage import filesystem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 DEMO_IMAGES = ("chelsea", "coffee", "astronaut", "rocket", "cat", "horse", "immunohistochemistry")
+# the `member` of an item that stands for every sample of a container (a WebDataset shard):
+# the block that reads it lists its samples
+ALL_SAMPLES = "*"
+# a row group bigger than a block stays whole in one block up to this many blocks' worth
+MAX_ROW_GROUP_BLOCKS = 4
 
 
 @dataclass(frozen=True)
 class InputItem:
     """One input image. `uri` is where its bytes are; `member` names it inside a container
-    (a tar member or a Parquet row index); `image_id` is unique within the job."""
+    (a tar member, a Parquet row index, or ALL_SAMPLES: a whole shard); `image_id` is unique
+    within the job. Items read from a container carry meta["shard"] (its uri) and, for Parquet,
+    meta["row_group"]."""
 
     image_id: str
     uri: str
@@ -47,15 +53,25 @@ def list_inputs(
     label_column: str | None = "label",
     endpoint_url: str | None = None,
 ) -> list[InputItem]:
-    """Every input under `uri`, sorted by image id (so blocks are deterministic)."""
+    """Every input under `uri`, sorted by image id (so blocks are deterministic). A WebDataset
+    source lists one item per shard (member ALL_SAMPLES), never opening a shard; a manifest
+    source lists the rows of the file `uri` names."""
     if uri.startswith("skimage:"):
         return [InputItem(name, f"skimage:{name}") for name in DEMO_IMAGES]
     if fmt == "images":
         items = _list_image_files(uri, endpoint_url)
     elif fmt == "webdataset":
-        items = _list_webdataset(uri, endpoint_url)
+        from .webdataset import list_shards
+
+        items = list_shards(uri, endpoint_url)
     elif fmt == "parquet":
-        items = _list_parquet(uri, image_column, label_column, endpoint_url)
+        from .parquet import list_parquet
+
+        items = list_parquet(uri, image_column, label_column, endpoint_url)
+    elif fmt == "manifest":
+        from .manifest import list_manifest
+
+        items = list_manifest(uri, endpoint_url)
     else:
         raise ValueError(f"source.format: unknown format {fmt!r}")
     ids = [it.image_id for it in items]
@@ -65,11 +81,49 @@ def list_inputs(
 
 
 def make_blocks(items: list[InputItem], block_size: int) -> list[Block]:
-    """Consecutive runs of `block_size` items, each named by the digest of its inputs."""
-    return [
-        Block(block_id(chunk), chunk)
-        for chunk in (tuple(items[s : s + block_size]) for s in range(0, len(items), block_size))
-    ]
+    """Blocks named by the digest of their inputs. Plain files: consecutive runs of
+    `block_size` items. Items of containers (meta["shard"]) are cut so that each container part
+    is read by one block: a WebDataset shard is a block of its own; Parquet rows are grouped by
+    row group, a block holding whole row groups up to `block_size` rows, a bigger row group
+    alone up to MAX_ROW_GROUP_BLOCKS x block_size rows and, beyond that, cut into the fewest
+    equal slices of at most that, each of which reads the whole row group's image column."""
+    plain = [it for it in items if "shard" not in it.meta]
+    chunks = [plain[s : s + block_size] for s in range(0, len(plain), block_size)]
+    chunks += _container_chunks([it for it in items if "shard" in it.meta], block_size)
+    return [Block(block_id(tuple(chunk)), tuple(chunk)) for chunk in chunks]
+
+
+def _container_chunks(items: list[InputItem], block_size: int) -> list[list[InputItem]]:
+    # by file and row group, whatever the id order, so that a row group's rows are together
+    def part(it: InputItem):
+        whole = it.member == ALL_SAMPLES
+        return (it.meta["shard"], it.meta.get("row_group", -1), it.image_id if whole else "")
+
+    def row(it: InputItem) -> int:
+        return int(it.member) if it.member and it.member.isdigit() else -1
+
+    ordered = sorted(items, key=lambda it: (part(it), row(it), it.image_id))
+    chunks: list[list[InputItem]] = []
+    current: list[InputItem] = []
+    for _, group in itertools.groupby(ordered, key=part):
+        unit = list(group)
+        small = unit[0].member != ALL_SAMPLES and len(unit) <= block_size
+        if small and len(current) + len(unit) <= block_size:
+            current += unit
+            continue
+        if current:
+            chunks.append(current)
+            current = []
+        if small:
+            current = unit
+            continue
+        # a whole shard, or a row group bigger than a block: alone, sliced only when huge
+        slices = -(-len(unit) // (MAX_ROW_GROUP_BLOCKS * block_size))
+        step = -(-len(unit) // slices)
+        chunks += [unit[s : s + step] for s in range(0, len(unit), step)]
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def block_id(items: tuple[InputItem, ...]) -> str:
@@ -113,73 +167,4 @@ def _list_image_files(uri: str, endpoint_url: str | None) -> list[InputItem]:
                 rel, _unstrip(uri, fs, p), meta={"folder": folder}, version=file_version(info)
             )
         )
-    return items
-
-
-def _list_webdataset(uri: str, endpoint_url: str | None) -> list[InputItem]:
-    """WebDataset shards: members sharing a key (`a/b/0001.jpg`, `a/b/0001.cls`) are one sample."""
-    fs, _, files = _files_under(uri, endpoint_url)
-    items = []
-    for shard in (p for p in files if p.endswith(".tar")):
-        with fs.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            members = {m.name: m for m in tar.getmembers() if m.isfile()}
-            for name in members:
-                key, ext = posixpath.splitext(name)
-                if ext.lower() not in IMAGE_EXTENSIONS:
-                    continue
-                label = None
-                if key + ".cls" in members:
-                    label = int(tar.extractfile(members[key + ".cls"]).read().decode().strip())
-                elif key + ".json" in members:
-                    import json
-
-                    meta = json.loads(tar.extractfile(members[key + ".json"]).read())
-                    label = meta.get("label", meta.get("label_index"))
-                shard_name = posixpath.basename(shard)
-                items.append(
-                    InputItem(
-                        f"{shard_name}/{key}",
-                        _unstrip(uri, fs, shard),
-                        name,
-                        label,
-                        version=file_version(files[shard]),
-                    )
-                )
-    return items
-
-
-def _list_parquet(
-    uri: str, image_column: str, label_column: str | None, endpoint_url: str | None
-) -> list[InputItem]:
-    import pyarrow.parquet as pq
-
-    fs, _, files = _files_under(uri, endpoint_url)
-    items = []
-    for path in (p for p in files if p.endswith(".parquet")):
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(io.BytesIO(f.read()), columns=None)
-        if image_column not in table.column_names:
-            raise ValueError(f"source {path!r} has no column {image_column!r}")
-        labels = (
-            table.column(label_column).to_pylist()
-            if label_column and label_column in table.column_names
-            else [None] * table.num_rows
-        )
-        ids = (
-            table.column("image_id").to_pylist()
-            if "image_id" in table.column_names
-            else [str(i) for i in range(table.num_rows)]
-        )
-        name = posixpath.basename(path)
-        for row, (image_id, label) in enumerate(zip(ids, labels, strict=True)):
-            items.append(
-                InputItem(
-                    f"{name}/{image_id}",
-                    _unstrip(uri, fs, path),
-                    str(row),
-                    label,
-                    {"image_column": image_column},
-                    version=file_version(files[path]),
-                )
-            )
     return items

@@ -7,18 +7,28 @@ Every input that cannot be read or decoded becomes an error record here; nothing
 from __future__ import annotations
 
 import io
+import itertools
 import json
-import tarfile
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..models.preprocess import Preprocess
-from ..storage import StorageUnavailable, filesystem, read_bytes, with_retries
+from ..storage import StorageUnavailable
 from .decode import BadImage, decode_image
-from .listing import Block, InputItem
+from .listing import ALL_SAMPLES, Block, InputItem
+from .objects import fetch_object
+from .parquet import read_cells
+from .webdataset import read_member, read_shard
 
 AnnotationFn = Callable[[dict, object], dict]
+
+
+# concurrent fetches per block: object stores answer in tens of ms per GET, so one at a time
+# would leave the accelerators waiting on latency, not on bandwidth
+READ_THREADS = 16
 
 
 def read_block(
@@ -27,16 +37,23 @@ def read_block(
     annotations: dict[str, dict] | None = None,
     to_model_space: AnnotationFn | None = None,
     endpoint_url: str | None = None,
+    threads: int = READ_THREADS,
 ) -> dict:
     """Decode every image of a block. Returns a dict of plain columns:
 
-    image_ids, uris, members (JSON: tar member / Parquet row or null), labels (raw: int, class
-    name or None), annotations (JSON, in model-input
-    pixels), pixels uint8 [n_ok, S, S, 3] for the images that decoded, and errors (JSON list of
-    {image_id, uri, stage, error_type, message}) for those that did not.
+    block_id; inputs (JSON {image id: version} of the block's plan items, what a resume
+    compares); n_inputs (the inputs really found: a WebDataset shard counts its samples, or 1
+    when it cannot be read); image_ids, uris, members (JSON: tar member / Parquet row or null),
+    labels (raw: int, class name or None), annotations (JSON, in model-input pixels), pixels
+    uint8 [n_ok, S, S, 3] for the images that decoded, and errors (JSON list of
+    {image_id, uri, stage, error_type, message}) for those that did not. Every input is in
+    exactly one of image_ids and errors, so n_inputs = len(image_ids) + len(errors).
+
+    Plain files are fetched with one GET each, `threads` at a time, and decoded here in block
+    order while the next ones download. A storage outage (StorageUnavailable) fails the block.
     """
     ok_ids, uris, members, labels, anns, pixels, errors = [], [], [], [], [], [], []
-    for item, data in _read_all(block.items, endpoint_url, errors):
+    for item, data in _read_all(block.items, endpoint_url, errors, threads):
         try:
             image = decode_image(data, item.image_id)
             resized = preprocess.resize(image)
@@ -61,7 +78,7 @@ def read_block(
     size = preprocess.size
     return {
         "block_id": block.block_id,
-        "n_inputs": len(block.items),
+        "n_inputs": len(ok_ids) + len(errors),
         "inputs": json.dumps({it.image_id: it.version for it in block.items}),
         "image_ids": ok_ids,
         "uris": uris,
@@ -76,7 +93,7 @@ def read_block(
 def read_input_bytes(item: InputItem, endpoint_url: str | None = None) -> bytes:
     """One input's bytes (file, tar member, Parquet cell or demo image), e.g. for a report."""
     errors: list[dict] = []
-    for _, data in _read_all([item], endpoint_url, errors):
+    for _, data in _read_all([item], endpoint_url, errors, threads=1):
         return data
     raise FileNotFoundError(errors[0]["message"] if errors else item.uri)
 
@@ -91,60 +108,78 @@ def _error(item: InputItem, stage: str, kind: str, message: str) -> dict:
     }
 
 
-def _read_all(items, endpoint_url, errors):
-    """Yield (item, bytes) for each readable input; containers are opened once per block."""
-    containers: dict[str, object] = {}
+def _read_error(item: InputItem, e: Exception) -> dict:
+    if isinstance(e, FileNotFoundError):
+        return _error(item, "read", "not_found", f"{item.uri}: {e}")
+    return _error(item, "read", type(e).__name__, f"{item.uri}: {e}")
+
+
+def _read_all(items, endpoint_url, errors, threads):
+    """Yield (item, bytes) for each readable input, in block order; unreadable ones become
+    error rows. Each container (a shard, a Parquet file) is read once per run of its items."""
+    units = _read_units(items)
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="read") as pool:
+        reads = _in_order(pool, lambda unit: _read_unit(unit, endpoint_url), units, 2 * threads)
+        for results in reads:
+            for item, data in results:
+                if isinstance(data, Exception):
+                    errors.append(_read_error(item, data))
+                else:
+                    yield item, data
+
+
+def _read_units(items) -> list[list[InputItem]]:
+    """A plain file or a whole shard alone; consecutive members of one container together."""
+
+    def in_container(it: InputItem) -> bool:
+        return it.member not in (None, ALL_SAMPLES) and not it.uri.startswith("skimage:")
+
+    units: list[list[InputItem]] = []
     for item in items:
-        try:
-            if item.uri.startswith("skimage:"):
-                data = _skimage_png(item.uri.removeprefix("skimage:"))
-            elif item.member is None:
-                data = read_bytes(item.uri, endpoint_url)
-            elif item.uri.endswith(".tar"):
-                data = _tar_member(containers, item, endpoint_url)
-            else:
-                data = _parquet_cell(containers, item, endpoint_url)
-        except FileNotFoundError as e:
-            errors.append(_error(item, "read", "not_found", f"{item.uri}: {e}"))
-            continue
-        except StorageUnavailable:
-            raise  # an outage fails the block (and is resumed later), it is not a bad input
-        except Exception as e:
-            errors.append(_error(item, "read", type(e).__name__, f"{item.uri}: {e}"))
-            continue
-        yield item, data
+        last = units[-1][0] if units else None
+        if last and in_container(item) and in_container(last) and last.uri == item.uri:
+            units[-1].append(item)
+        else:
+            units.append([item])
+    return units
 
 
-def _tar_member(containers: dict, item: InputItem, endpoint_url) -> bytes:
-    if item.uri not in containers:
-        raw = read_bytes(item.uri, endpoint_url)
-        # in memory, nothing to close: the block's containers go away with the block
-        containers[item.uri] = tarfile.open(fileobj=io.BytesIO(raw), mode="r:")  # noqa: SIM115
-    member = containers[item.uri].extractfile(item.member)
-    if member is None:
-        raise FileNotFoundError(f"no member {item.member!r}")
-    return member.read()
+def _read_unit(unit: list[InputItem], endpoint_url) -> list[tuple]:
+    """(item, bytes or the exception that item gets) for each input of a unit; an error that
+    hits the whole unit (a missing file) is every item's. StorageUnavailable propagates."""
+    first = unit[0]
+    try:
+        if first.uri.startswith("skimage:"):
+            return [(first, _skimage_png(first.uri.removeprefix("skimage:")))]
+        if first.member is None:
+            return [(first, fetch_object(first.uri, endpoint_url))]
+        if first.member == ALL_SAMPLES:
+            return read_shard(first, endpoint_url)
+        if first.uri.endswith(".tar"):
+            return read_member(unit, endpoint_url)
+        return read_cells(unit, endpoint_url)
+    except StorageUnavailable:
+        raise  # an outage fails the block (and is resumed later), it is not a bad input
+    except Exception as e:
+        return [(it, e) for it in unit]
 
 
-def _parquet_cell(containers: dict, item: InputItem, endpoint_url) -> bytes:
-    import pyarrow.parquet as pq
-
-    if item.uri not in containers:
-        fs, path = filesystem(item.uri, endpoint_url)
-
-        def load():
-            with fs.open(path, "rb") as f:
-                return pq.read_table(io.BytesIO(f.read()))
-
-        containers[item.uri] = with_retries(load, what=f"reading {item.uri}")
-    table = containers[item.uri]
-    column = item.meta.get("image_column", "image")
-    value = table.column(column)[int(item.member)].as_py()
-    if isinstance(value, dict):  # HF-style {"bytes": ..., "path": ...}
-        value = value.get("bytes")
-    if value is None:
-        raise BadImage("empty", f"{item.image_id}: no image bytes")
-    return value
+def _in_order(pool, fn, args, ahead: int):
+    """fn over args on the pool, results in the order of args, at most `ahead` running or
+    waiting to be consumed (so a block's raw bytes are not all in memory at once)."""
+    pending: deque = deque()
+    args = iter(args)
+    try:
+        for arg in itertools.islice(args, ahead):
+            pending.append(pool.submit(fn, arg))
+        while pending:
+            result = pending.popleft().result()
+            for arg in itertools.islice(args, 1):
+                pending.append(pool.submit(fn, arg))
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def _skimage_png(name: str) -> bytes:
