@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .engine.job import JobResult, run_job
-from .engine.outputs import decode_heatmaps, read_table
 from .engine.worker import load_job_model
 from .report.html import ReportInputs, render_report
+from .runstore import decode_heatmaps, read_table
 from .spec import JobSpec, parse_spec
 from .storage import write_bytes_atomic
 
@@ -81,14 +81,11 @@ def audit_spec(
     )
 
 
-def accuracy(root: str, endpoint_url: str | None = None) -> float | None:
-    """Top-1 over the distinct images that carry a label (None when none does)."""
-    t = read_table(root, "heatmaps", endpoint_url, columns=["image_id", "predicted", "label"])
-    seen = {}
-    for r in t.to_pylist():
-        if r["label"] is not None:
-            seen[r["image_id"]] = r["predicted"] == r["label"]
-    return float(np.mean(list(seen.values()))) if seen else None
+def accuracy(result: JobResult) -> float | None:
+    """Top-1 over the distinct images that carry a label (None when none does), from the run's
+    digest (counted per block, so no row is read)."""
+    labelled, correct = result.digest.accuracy
+    return correct / labelled if labelled else None
 
 
 def _maps(root: str, endpoint_url: str | None) -> dict[tuple[str, str], tuple[np.ndarray, dict]]:
@@ -244,7 +241,7 @@ def run_audit(
         else None
     )
     result = run_job(spec, address=address)
-    acc = accuracy(result.root, endpoint_url)
+    acc = accuracy(result)
     sanity = sanity_verdicts(spec, methods, sanity_images, endpoint_url) if sanity_images else {}
     other, drift_section = None, None
     if against:
@@ -263,6 +260,7 @@ def _record(spec, result: JobResult, acc, sanity, drift_section, model_uri, endp
         ReportInputs(
             result.root,
             result.summary,
+            result.digest,
             f"Salient audit of {model_uri}",
             model.preprocess,
             endpoint_url,

@@ -432,7 +432,7 @@ def bench_pipeline(spec, address: str | None = None) -> dict:
             "output": spec.output.model_copy(update={"overwrite": "replace"}),
         }
     )
-    markers: list[dict] = []
+    markers: list = []  # BlockMarker
 
     def progress(marker, done, total):
         markers.append(marker)
@@ -443,7 +443,7 @@ def bench_pipeline(spec, address: str | None = None) -> dict:
     ray_ips = job.summary["images_per_s"]
     # steady state, by the actors' own clocks: from the first block's end to the last block's
     # end, so Ray's and the actors' start-up and the first block's warm-up are left out
-    ends = sorted((m["started_at"] + m["wall_seconds"], m["n_inputs"]) for m in markers)
+    ends = sorted((m.started_at + m.wall_seconds, m.n_inputs) for m in markers)
     steady = None
     if len(ends) >= 3:
         steady = sum(n for _, n in ends[1:]) / (ends[-1][0] - ends[0][0])
@@ -455,6 +455,6 @@ def bench_pipeline(spec, address: str | None = None) -> dict:
         "ray_steady_images_per_s": steady,
         "steady_ratio": steady / in_process if steady else None,
         # job submitted -> first block started: tracking set-up, actor start, imports, model load
-        "startup_seconds": min(m["started_at"] for m in markers) - submitted if markers else None,
+        "startup_seconds": min(m.started_at for m in markers) - submitted if markers else None,
         "run_id": job.run_id,
     }

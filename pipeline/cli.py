@@ -210,14 +210,16 @@ def run(
         _fail(f"--run-id {run_id!r}: {e.errors()[0]['msg'].removeprefix('Value error, ')}")
     state = {"t0": time.perf_counter(), "images": 0}
 
-    def on_plan(done, total):
+    def on_plan(done, total, changes):
+        if changes:
+            console.print(changes, highlight=False)
         console.print(f"{total} blocks, {done} finished by an earlier attempt", highlight=False)
 
     def progress(marker, done, total):
-        state["images"] += marker["n_inputs"]
+        state["images"] += marker.n_inputs
         seconds = time.perf_counter() - state["t0"]
         console.print(
-            f"block {done}/{total}: {marker['images_ok']}/{marker['n_inputs']} images explained; "
+            f"block {done}/{total}: {marker.images_ok}/{marker.n_inputs} images explained; "
             f"{state['images']} inputs in {seconds:.0f} s ({state['images'] / seconds:.2f}/s)",
             highlight=False,
         )
@@ -366,6 +368,8 @@ def bench_command(
         )
     except ValueError as e:
         _fail(str(e))
+    except ModuleNotFoundError as e:  # --peers: the peers come with the `test` extra
+        _fail(f"--peers needs the peer libraries: {e}; install salient-pipeline[test]")
     table = Table(title=f"{model} on {rows[0].device if rows else device}, batch {batch}")
     for col in (
         "method",

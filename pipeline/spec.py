@@ -23,15 +23,30 @@ class _Strict(BaseModel):
 
 
 class SourceSpec(_Strict):
-    uri: str = Field(description="A folder/prefix of images, a .tar shard prefix or Parquet URI")
-    format: Literal["images", "webdataset", "parquet"] = "images"
+    uri: str = Field(
+        description="A folder/prefix of images, a .tar shard prefix, a Parquet URI, or the "
+        "manifest file (.parquet or .csv) of format 'manifest'"
+    )
+    format: Literal["images", "webdataset", "parquet", "manifest"] = Field(
+        "images",
+        description="images: image files under uri. webdataset: .tar shards, one block per "
+        "shard. parquet: one image per row (image_column, label_column). manifest: a .parquet "
+        "or .csv file listing the images, one per row: column uri (required; relative to the "
+        "manifest), optional image_id, label, boxes ([[x0, y0, x1, y1], ...] as JSON) and "
+        "version or etag (without one, an edited manifest recomputes every block)",
+    )
     annotations: str | None = Field(
         None, description="Ground truth: Salient JSON (see README), COCO JSON or Pascal-VOC XML"
     )
     labels_from: Literal["annotations", "folder", "none"] = "annotations"
     image_column: str = "image"
     label_column: str | None = "label"
-    limit: int | None = Field(None, ge=1, description="Take only the first N inputs (sorted)")
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="Take only the first N inputs of the sorted listing (for webdataset, the "
+        "first N shards)",
+    )
 
 
 class ModelSpec(_Strict):
@@ -80,6 +95,11 @@ class OutputSpec(_Strict):
     heatmap_size: int = Field(56, ge=4, le=1024)
     heatmap_dtype: Literal["uint8", "float16"] = "uint8"
     overwrite: Literal["resume", "error", "replace"] = "resume"
+    compact: bool = Field(
+        True,
+        description="After the run, fold the per-block parts into a few large Parquet files per "
+        "table (sorted by image id, heatmaps and metrics partitioned by explainer)",
+    )
 
 
 class ComputeSpec(_Strict):
@@ -122,6 +142,16 @@ class StorageSpec(_Strict):
     region: str | None = None
     retries: int = Field(6, ge=1, le=20, description="Attempts per read/write on outages")
     retry_delay_s: float = Field(0.5, gt=0, description="First backoff delay; doubles")
+    block_retries: int = Field(
+        3,
+        ge=0,
+        le=50,
+        description="Times Ray runs a block again when it still hits a storage outage after "
+        "the in-process retries (a persistent outage then fails the job)",
+    )
+    block_retry_delay_s: float = Field(
+        10.0, gt=0, description="Pause before a block is run again (jittered 0.5-1.5x)"
+    )
 
 
 class CompareSpec(_Strict):

@@ -6,7 +6,9 @@ fsspec and pyarrow; credentials only ever come from the environment or a profile
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import time
 from functools import lru_cache
 from urllib.parse import urlparse
@@ -121,6 +123,18 @@ class StorageUnavailable(ConnectionError):
     """Storage did not answer after all retries."""
 
 
+@contextlib.contextmanager
+def pause_on_outage(delay_s: float):
+    """Around a Ray task that Ray retries on StorageUnavailable: wait a jittered while before
+    letting the error go, so the retry comes after a pause and retried blocks do not all hit
+    a recovering store at the same moment."""
+    try:
+        yield
+    except StorageUnavailable:
+        time.sleep(delay_s * random.uniform(0.5, 1.5))
+        raise
+
+
 def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
     fs, path = filesystem(uri, endpoint_url)
 
@@ -144,3 +158,18 @@ def write_bytes_atomic(uri: str, data: bytes, endpoint_url: str | None = None) -
         os.replace(tmp, path)
         return
     with_retries(lambda: fs.pipe_file(path, data), what=f"writing {uri}")
+
+
+def remove_file(uri: str, endpoint_url: str | None = None) -> None:
+    """Delete one file or object if it is there (absent is fine: one DELETE, no HEAD first)."""
+    fs, path = filesystem(uri, endpoint_url)
+    if _protocol(uri) == "file":
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return
+
+    def delete():
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)
+
+    with_retries(delete, what=f"removing {uri}")

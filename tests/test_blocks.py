@@ -15,10 +15,19 @@ import pytest
 import torch
 from conftest import image_bytes
 
-from pipeline.engine import outputs
-from pipeline.engine.job import JobFailed, check_outcome, plan_run, summarise
-from pipeline.engine.outputs import (
+from pipeline.engine.job import (
+    JobFailed,
+    check_outcome,
+    finished_inputs,
+    plan_run,
+    source_changes,
+)
+from pipeline.engine.summary import RunTotals
+from pipeline.engine.worker import ExplainWorker, choose_targets, resolve_label
+from pipeline.runstore import (
+    ERROR_SCHEMA,
     METRIC_SCHEMA,
+    BlockMarker,
     decode_heatmaps,
     encode_heatmaps,
     finished_blocks,
@@ -28,7 +37,7 @@ from pipeline.engine.outputs import (
     shrink,
     write_block,
 )
-from pipeline.engine.worker import ExplainWorker, choose_targets, resolve_label
+from pipeline.runstore import markers as marker_io
 from pipeline.sources.annotations import to_model_space
 from pipeline.sources.listing import Block, InputItem, block_id, make_blocks
 from pipeline.sources.reader import read_block
@@ -54,15 +63,15 @@ def test_block_id_is_the_digest_of_ids_and_versions_never_of_position():
     assert make_blocks([], 2) == []
 
 
-def _marker(block: Block) -> dict:
-    return {"inputs": {it.image_id: it.version for it in block.items}}
+def _marker(block: Block) -> BlockMarker:
+    return BlockMarker(block.block_id, inputs={it.image_id: it.version for it in block.items})
 
 
 def test_plan_keeps_unchanged_blocks_and_recuts_the_rest():
     before = _items(("a", "1"), ("b", "1"), ("c", "1"), ("d", "1"), ("e", "1"), ("f", "1"))
-    finished = {blk.block_id: _marker(blk) for blk in make_blocks(before, 2)}
+    finished = {blk.block_id: _marker(blk).inputs for blk in make_blocks(before, 2)}
     ab, cd, ef = (blk.block_id for blk in make_blocks(before, 2))
-    finished["legacy"] = {"n_inputs": 2}  # a marker from before versions were recorded
+    finished["legacy"] = {}  # a marker from before versions were recorded
     # a removed, d replaced, g added
     now = _items(("b", "1"), ("c", "1"), ("d", "2"), ("e", "1"), ("f", "1"), ("g", "1"))
     plan = plan_run(_spec(compute={"block_size": 2}), now, finished)
@@ -80,7 +89,9 @@ def test_plan_keeps_unchanged_blocks_and_recuts_the_rest():
     ]
     # nothing changed: everything is done, nothing to compute, nothing stale
     again = plan_run(
-        _spec(compute={"block_size": 2}), now, {blk.block_id: _marker(blk) for blk in plan.blocks}
+        _spec(compute={"block_size": 2}),
+        now,
+        {blk.block_id: _marker(blk).inputs for blk in plan.blocks},
     )
     assert (len(again.done), again.todo, again.stale) == (3, [], [])
 
@@ -89,7 +100,7 @@ def test_plan_never_counts_an_image_twice():
     items = _items(("a", "1"), ("b", "1"), ("c", "1"))
     small = make_blocks(items, 1)
     big = make_blocks(items, 3)
-    finished = {blk.block_id: _marker(blk) for blk in [*small, *big]}
+    finished = {blk.block_id: _marker(blk).inputs for blk in [*small, *big]}
     plan = plan_run(_spec(compute={"block_size": 3}), items, finished)
     counted = [it.image_id for blk in plan.blocks for it in blk.items]
     assert sorted(counted) == ["a", "b", "c"] and plan.todo == []
@@ -98,7 +109,7 @@ def test_plan_never_counts_an_image_twice():
 
 
 # -- a block's writes, with a fault at each step ----------------------------------------------
-def _tables(n: int, size: int = 4) -> dict[str, pa.Table]:
+def _tables(n: int, size: int = 4, errors: int = 0) -> dict[str, pa.Table]:
     schema = heatmap_schema(size, "uint8")
     cols = {f.name: [None] * n for f in schema if f.name != "heatmap"}
     cols["image_id"] = [f"img{i}" for i in range(n)]
@@ -112,7 +123,9 @@ def _tables(n: int, size: int = 4) -> dict[str, pa.Table]:
         [{"image_id": f"img{i}", "metric": "deletion", "value": 0.5} for i in range(n)],
         schema=METRIC_SCHEMA,
     )
-    errors = pa.Table.from_pylist([], schema=outputs.ERROR_SCHEMA)
+    errors = pa.Table.from_pylist(
+        [{"image_id": "bad", "stage": "decode", "fatal": True}] * errors, schema=ERROR_SCHEMA
+    )
     return {"heatmaps": heat, "metrics": metrics, "errors": errors}
 
 
@@ -124,7 +137,7 @@ def test_a_block_is_finished_only_when_its_marker_is_written_last(tmp_path, monk
     items = _items(("img0", "1"), ("img1", "1"))
     (block,) = make_blocks(items, 2)
     written = []
-    real = outputs.write_bytes_atomic
+    real = marker_io.write_bytes_atomic
 
     def flaky(uri, data, endpoint=None):
         if len(written) == fail_at:
@@ -132,40 +145,51 @@ def test_a_block_is_finished_only_when_its_marker_is_written_last(tmp_path, monk
         written.append(uri.removeprefix(root))
         real(uri, data, endpoint)
 
-    monkeypatch.setattr(outputs, "write_bytes_atomic", flaky)
-    marker = {**_marker(block), "block_id": block.block_id}
+    monkeypatch.setattr(marker_io, "write_bytes_atomic", flaky)
     if fail_at is None:
-        write_block(root, block.block_id, _tables(2), marker)
+        write_block(root, _marker(block), _tables(2, errors=1))
     else:
         with pytest.raises(ConnectionError, match="injected"):
-            write_block(root, block.block_id, _tables(2), marker)
+            write_block(root, _marker(block), _tables(2, errors=1))
     bid = block.block_id
     order = [f"/{t}/part-{bid}.parquet" for t in ("heatmaps", "metrics", "errors")]
     assert written == [*order, f"/_blocks/{bid}.json"][: 4 if fail_at is None else fail_at]
-    finished = finished_blocks(root)
+    finished = finished_inputs(root, None)
     assert (bid in finished) == (fail_at is None)
 
-    # the next attempt: the plan recomputes what has no marker, then writes it whole
-    monkeypatch.setattr(outputs, "write_bytes_atomic", real)
+    # the next attempt: the plan recomputes what has no marker, then writes it whole; this
+    # time the block has no error, so the errors part an earlier attempt left must go
+    monkeypatch.setattr(marker_io, "write_bytes_atomic", real)
     plan = plan_run(_spec(compute={"block_size": 2}), items, finished)
     assert [b.block_id for b in plan.todo] == ([] if fail_at is None else [bid])
     remove_stale_outputs(root, {b.block_id for b in plan.blocks}, plan.stale_images)
     for b in plan.todo:
-        write_block(root, b.block_id, _tables(2), {**_marker(b), "block_id": b.block_id})
+        write_block(root, _marker(b), _tables(2))
     assert read_table(root, "heatmaps").num_rows == 2  # never duplicated
     assert read_table(root, "metrics").num_rows == 2
+    assert read_table(root, "errors").num_rows == (1 if fail_at is None else 0)
     assert list(finished_blocks(root)) == [bid]
+
+
+def test_an_empty_table_is_not_written(tmp_path):
+    root = tmp_path / "run"
+    write_block(str(root), BlockMarker("b1"), _tables(1))
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == [
+        "_blocks/b1.json",
+        "heatmaps/part-b1.parquet",
+        "metrics/part-b1.parquet",
+    ]
 
 
 def test_a_lost_marker_recomputes_the_same_block_in_place(tmp_path):
     root = str(tmp_path / "run")
     items = _items(("img0", "1"), ("img1", "1"))
     (block,) = make_blocks(items, 2)
-    write_block(root, block.block_id, _tables(2), _marker(block))
+    write_block(root, _marker(block), _tables(2))
     Path(root, "_blocks", f"{block.block_id}.json").unlink()
-    plan = plan_run(_spec(compute={"block_size": 2}), items, finished_blocks(root))
+    plan = plan_run(_spec(compute={"block_size": 2}), items, finished_inputs(root, None))
     assert [b.block_id for b in plan.todo] == [block.block_id]
-    write_block(root, block.block_id, _tables(2), _marker(block))
+    write_block(root, _marker(block), _tables(2))
     assert read_table(root, "heatmaps").num_rows == 2
 
 
@@ -338,16 +362,15 @@ def test_worker_block_per_target_mode(tmp_path, tiny_block, targets):
         assert r["score"] == pytest.approx(float(probs[int(r["image_id"][2]), r["target"]]))
         assert r["predicted"] == int(probs[int(r["image_id"][2])].argmax())
     explained = 2 if mode == "label" else 3
-    assert marker["images_ok"] == explained and marker["images"]["gradcam"] == explained
-    assert marker["fatal_errors"] == 3 - explained
+    assert marker.images_ok == explained and marker.images["gradcam"] == explained
+    assert marker.fatal_errors == 3 - explained
     metrics = read_table(root, "metrics").to_pylist()
     assert len(metrics) == 2 * len(want)
-    assert marker["metric_states"]["gradcam"]["average_drop"]["state"]["n"] == len(want)
+    assert marker.metric_states["gradcam"]["average_drop"]["state"]["n"] == len(want)
     if mode == "label":
         (error,) = read_table(root, "errors").to_pylist()
         assert (error["image_id"], error["stage"], error["fatal"]) == ("im2.png", "targets", True)
-        assert marker["first_error"]["image_id"] == "im2.png"
-    assert finished_blocks(root)[row["block_id"]]["inputs"] == {f"im{i}.png": "1" for i in range(3)}
+        assert marker.first_error["image_id"] == "im2.png"
 
 
 def test_an_explainer_failing_on_one_image_takes_only_that_image(tmp_path, tiny_block):
@@ -368,7 +391,7 @@ def test_an_explainer_failing_on_one_image_takes_only_that_image(tmp_path, tiny_
     assert len(heat) == 2 * 2  # both explainers, the two good images
     (error,) = read_table(root, "errors").to_pylist()
     assert (error["image_id"], error["stage"]) == ("im1.png", "explain:saliency")
-    assert marker["images_ok"] == 2 and marker["fatal_errors"] == 1
+    assert marker.images_ok == 2 and marker.fatal_errors == 1
 
 
 def test_a_metric_that_raises_gives_nulls_and_a_non_fatal_error(tmp_path, tiny_block, monkeypatch):
@@ -389,7 +412,7 @@ def test_a_metric_that_raises_gives_nulls_and_a_non_fatal_error(tmp_path, tiny_b
     monkeypatch.setattr(worker_module, "build_metric", lambda n, **p: Broken(real(n, **p)))
     worker, root, row = _worker(tmp_path, tiny_block, {"mode": "predicted"})
     marker = worker.process_block(row)
-    assert marker["images_ok"] == 3 and marker["fatal_errors"] == 0  # heatmaps are kept
+    assert marker.images_ok == 3 and marker.fatal_errors == 0  # heatmaps are kept
     values = read_table(root, "metrics").column("value").to_pylist()
     assert len(values) == 2 * 3 and values == [None] * 6
     errors = read_table(root, "errors").to_pylist()
@@ -402,39 +425,66 @@ def test_a_metric_that_raises_gives_nulls_and_a_non_fatal_error(tmp_path, tiny_b
 
 
 # -- the summary and the run's outcome -----------------------------------------------------------
-def _block_marker(bid: str, ok: int, fatal: int, images: int, seconds: float) -> dict:
-    return {
-        "block_id": bid,
-        "images_ok": ok,
-        "fatal_errors": fatal,
-        "rows": {"heatmaps": ok, "metrics": 0, "errors": fatal},
-        "seconds": {"gradcam": seconds},
-        "images": {"gradcam": images},
-        "forward_passes": {"gradcam": images},
-        "metric_states": {},
-        "first_error": {"image_id": f"{bid}-bad", "message": "boom"} if fatal else None,
-    }
+def _block_marker(bid: str, ok: int, fatal: int, images: int, seconds: float) -> BlockMarker:
+    return BlockMarker(
+        bid,
+        n_inputs=ok + fatal,
+        images_ok=ok,
+        fatal_errors=fatal,
+        rows={"heatmaps": ok, "metrics": 0, "errors": fatal},
+        seconds={"gradcam": seconds},
+        images={"gradcam": images},
+        forward_passes={"gradcam": images},
+        first_error={"image_id": f"{bid}-bad", "message": "boom"} if fatal else None,
+    )
 
 
-def test_summary_counts_the_plans_blocks_only():
+def _summarise(spec, blocks, markers, computed, order=None):
+    """Fold the plan's blocks' markers as the job does (in `order`, default the plan's)."""
+    totals = RunTotals(spec)
+    for b in order or blocks:
+        totals.add(markers[b.block_id], computed=b in computed)
+    return totals.summary("r", 2.0, 3.0)
+
+
+def test_summary_folds_the_plans_markers_in_any_order():
     items = _items(*[(f"i{k}", "1") for k in range(5)])
     blocks = make_blocks(items, 2)  # 2, 2, 1
     markers = {
         blocks[0].block_id: _block_marker("a", 2, 0, 2, 1.0),
         blocks[1].block_id: _block_marker("b", 1, 1, 1, 0.5),
         blocks[2].block_id: _block_marker("c", 1, 0, 1, 0.5),
-        "stale-block": _block_marker("s", 64, 0, 64, 10.0),  # must not count
     }
-    s = summarise(_spec(), "r", blocks, markers, blocks[1:], 2.0, 3.0)
+    s = _summarise(_spec(), blocks, markers, blocks[1:])
     assert (s["inputs"], s["images_ok"], s["errors"], s["lost"]) == (5, 4, 1, 0)
     assert s["explainers"]["gradcam"]["images"] == 4
     assert s["explainers"]["gradcam"]["images_per_s"] == pytest.approx(4 / 2.0)
     assert s["images_per_s"] == pytest.approx((1 + 1) / 2.0)  # explained this attempt / compute s
     assert s["first_error"]["image_id"] == "b-bad"
     assert (s["blocks"], s["blocks_computed"], s["blocks_resumed"]) == (3, 2, 1)
+    assert _summarise(_spec(), blocks, markers, blocks[1:], order=blocks[::-1]) == s
     nothing = {b.block_id: _block_marker("z", 0, len(b.items), 0, 1.0) for b in blocks}
-    s = summarise(_spec(), "r", blocks, nothing, blocks, 2.0, 3.0)
+    s = _summarise(_spec(), blocks, nothing, blocks)
     assert s["images_per_s"] is None and s["explainers"]["gradcam"]["images_per_s"] is None
+
+
+def test_summary_merges_metric_states_and_keeps_the_first_error_by_image_id():
+    spec = _spec(metrics=[{"name": "pointing_game"}])
+    items = _items(*[(f"i{k}", "1") for k in range(4)])
+    blocks = make_blocks(items, 2)
+    state = {"pointing_game": {"name": "pointing_game", "params": {}, "state": {}}}
+    markers = {}
+    for b, (n, total, bad) in zip(blocks, [(2, 1.0, "z9"), (1, 1.0, "a1")], strict=True):
+        m = _block_marker(b.block_id, 2, 0, 2, 1.0)
+        m.metric_states = {
+            "gradcam": {k: {**v, "state": {"n": n, "total": total}} for k, v in state.items()}
+        }
+        m.first_error = {"image_id": bad, "message": "x"}
+        markers[b.block_id] = m
+    s = _summarise(spec, blocks, markers, blocks)
+    assert s["explainers"]["gradcam"]["metrics"] == {"pointing_game": pytest.approx(2 / 3)}
+    assert s["explainers"]["gradcam"]["metric_counts"] == {"pointing_game": 3}
+    assert s["first_error"]["image_id"] == "a1"
 
 
 @pytest.mark.parametrize(
@@ -453,8 +503,14 @@ def test_outcome_thresholds(ok, errors, share, fails):
 
 def test_marker_json_round_trip(tmp_path):
     root = str(tmp_path / "run")
-    write_block(root, "b1", _tables(1), {"block_id": "b1", "inputs": {"img0": "1"}})
+    marker = _block_marker("b1", 2, 1, 2, 0.5)
+    marker.inputs = {"img0": "1"}
+    write_block(root, marker, _tables(1))
     assert json.loads(Path(root, "_blocks", "b1.json").read_text())["inputs"] == {"img0": "1"}
+    assert finished_blocks(root) == {"b1": marker}
+    # a marker written by a newer version with fields this one does not know still reads
+    text = json.dumps({**json.loads(marker.to_json()), "from_the_future": 1})
+    assert BlockMarker.from_json(text) == marker
 
 
 # -- the smaller pieces of the job, by hand ------------------------------------------------------
@@ -529,3 +585,25 @@ def test_root_cause_is_the_first_useful_line():
     outage.__cause__ = StorageUnavailable("reading s3://b/k: storage unreachable after 6 attempts")
     assert _root_cause(outage) == "reading s3://b/k: storage unreachable after 6 attempts"
     assert _root_cause(RuntimeError("")) == "the Ray job failed (RuntimeError)"
+
+
+def test_the_stored_plan_names_each_finished_blocks_inputs_and_the_changes(tmp_path):
+    from pipeline.runstore.plan import read_plan, write_plan
+
+    root = str(tmp_path / "run")
+    items = _items(("a", "1"), ("b", "1"), ("c", "1"))
+    items[0] = InputItem("a", "/data/a", label=3, meta={"folder": "x"}, version="1")
+    blocks = make_blocks(items, 2)
+    assert read_plan(root) is None and finished_inputs(root, None) == {}
+    write_plan(root, blocks)
+    stored = read_plan(root)
+    assert [(b.block_id, b.items) for b in stored] == [(b.block_id, b.items) for b in blocks]
+    assert stored[0].items[0].label == 3 and stored[0].items[0].meta == {"folder": "x"}
+    write_block(root, BlockMarker(blocks[1].block_id), _tables(1))  # only (c) finished
+    assert finished_inputs(root, stored) == {blocks[1].block_id: {"c": "1"}}
+    assert source_changes(stored, items) is None
+    now = [items[0], InputItem("b", "/data/b", version="2"), InputItem("d", "/data/d")]
+    assert source_changes(stored, now) == (
+        "the source changed since this run was planned: 1 inputs added, 1 removed, 1 changed; "
+        "the blocks they touch are computed again"
+    )

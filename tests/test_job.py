@@ -25,9 +25,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.engine.job import run_job
-from pipeline.engine.outputs import read_table
-from pipeline.engine.worker import safe_name, shrink, torch_threads
+from pipeline.engine.worker import torch_threads
 from pipeline.explainers import build_explainer
+from pipeline.runstore import finished_block_ids, read_markers, read_table, safe_name, shrink
 from pipeline.sources.decode import decode_image
 from pipeline.spec import parse_spec
 
@@ -75,12 +75,13 @@ def dataset(demo_images) -> tuple[dict[str, bytes], dict[str, str]]:
     return files, expected_errors
 
 
-def base_spec(source: str, output: str, tracking: str, **extra) -> dict:
+def base_spec(source: str, output_uri: str, tracking: str, **extra) -> dict:
     spec = {
         "source": {"uri": source},
         "model": {"uri": "builtin:efficientnet-lite0"},
         "explainers": [{"name": "gradcam"}, {"name": "saliency"}],
-        "output": {"uri": output, "heatmap_size": 56},
+        # compaction costs a few Ray Data pipelines per job: on only where a test is about it
+        "output": {"uri": output_uri, "heatmap_size": 56, "compact": False},
         "compute": {"actors": 1, "batch_size": 4, "block_size": 4, "device": "cpu"},
         "tracking": {"uri": tracking, "experiment": "tests"},
     }
@@ -101,11 +102,25 @@ def test_s3_job_end_to_end(ray_local, s3, s3_endpoint, builtin, demo_images, tmp
             f"s3://{BUCKET}/runs/",
             tracking,
             storage={"endpoint_url": s3_endpoint},
+            output={"compact": True},
         )
     )
     result = run_job(spec)
     s = result.summary
     assert (s["inputs"], s["images_ok"], s["errors"], s["lost"]) == (10, 6, 4, 0)
+    # compacted on S3: a file per explainer and table, the markers one table, nothing else
+    keys = [
+        o["Key"].removeprefix(f"runs/{result.run_id}/")
+        for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"runs/{result.run_id}/")["Contents"]
+    ]
+    data = sorted(k.rsplit("/", 1)[0] for k in keys if k.endswith(".parquet") and "/" in k)
+    assert data == [
+        "_plan",
+        "errors",
+        "heatmaps/explainer=gradcam",
+        "heatmaps/explainer=saliency",
+    ], keys
+    assert not [k for k in keys if k.startswith("_blocks/") or "part-" in k]
 
     # read back with plain pyarrow over the same HTTP endpoint
     fs = pafs.S3FileSystem(
@@ -364,8 +379,8 @@ def test_attribution_visualization_pictures_are_written_per_image(ray_local, dem
     assert len(list(folder.iterdir())) == 4
     # the actor runs torch on the threads the spec gives it, not the 1 Ray's OMP_NUM_THREADS
     # would leave it for a fractional CPU
-    markers = [json.loads(p.read_text()) for p in (Path(result.root) / "_blocks").glob("*.json")]
-    assert {m["torch_threads"] for m in markers} == {os.cpu_count()}  # one actor, 0.5 CPU
+    markers = read_markers(result.root, finished_block_ids(result.root))  # folded: compacted
+    assert {m.torch_threads for m in markers} == {os.cpu_count()}  # one actor, 0.5 CPU
 
 
 def test_torch_threads_per_actor():
@@ -416,6 +431,7 @@ def test_resume_after_inputs_changed_holds_the_rows_of_a_fresh_run(
         explainers=[{"name": "gradcam"}],
         metrics=[{"name": "average_drop"}],
         compute={"block_size": 2, "batch_size": 2},
+        output={"compact": True},  # the changed blocks' rows must leave the compacted files
     )
     first = run_job(parse_spec({**spec, "run_id": "changing"}))
     assert first.summary["blocks_computed"] == 3
@@ -450,9 +466,16 @@ def test_resume_after_inputs_changed_holds_the_rows_of_a_fresh_run(
     assert s["explainers"]["gradcam"]["metrics"] == pytest.approx(
         fresh.summary["explainers"]["gradcam"]["metrics"]
     )
-    # one part per table and one marker per block of the plan, nothing left over
-    for folder_name in ("heatmaps", "metrics", "errors", "_blocks"):
-        assert len(list((Path(resumed.root) / folder_name).iterdir())) == s["blocks"]
+    # compacted again: one file per table and explainer, no part or marker left over; no
+    # block had an error, so there is no errors file
+    left = sorted(
+        p.relative_to(resumed.root).parent.as_posix() for p in Path(resumed.root).rglob("*.parquet")
+    )
+    want = [".", "_plan", "heatmaps/explainer=gradcam", "metrics/explainer=gradcam"]
+    assert left == want, left  # "." : the folded markers
+    assert not (Path(resumed.root) / "_blocks").exists() or not any(
+        (Path(resumed.root) / "_blocks").iterdir()
+    )
 
     # a run with nothing changed computes nothing and reads the same
     again = run_job(parse_spec({**spec, "run_id": "changing"}))

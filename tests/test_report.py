@@ -88,14 +88,23 @@ DELETION = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4, "e": 0.5}  # lower is better
 ENERGY = {"a": 0.7, "b": 0.3, "c": 0.9, "d": 0.1, "e": 0.5}  # energy_pointing_game: higher
 
 
-def _tiny_run(tmp_path, metric_values: dict[str, dict[str, float]]) -> str:
-    """A run folder with one explainer, the five images (small PNGs) and the given metric rows
-    (metric key -> image -> value), written as the job writes a block."""
+def _tiny_run(tmp_path, metric_values: dict[str, dict[str, float]]):
+    """(run folder, merged digest): one explainer, the five images (small PNGs) and the given
+    metric rows (metric key -> image -> value), written as the job writes two blocks (a, b, c
+    and d, e), so the report sees a digest merged as the job merges it."""
     import numpy as np
     import pyarrow as pa
     from PIL import Image
 
-    from pipeline.engine.outputs import ERROR_SCHEMA, METRIC_SCHEMA, heatmap_schema, write_block
+    from pipeline.runstore import (
+        ERROR_SCHEMA,
+        METRIC_SCHEMA,
+        BlockMarker,
+        Digest,
+        heatmap_schema,
+        heatmap_table,
+        write_block,
+    )
 
     root = tmp_path / "run"
     images = tmp_path / "images"
@@ -128,26 +137,26 @@ def _tiny_run(tmp_path, metric_values: dict[str, dict[str, float]]) -> str:
                 "forward_passes": 1,
             }
         )
-    columns = {n: [r[n] for r in rows] for n in schema.names if n != "heatmap"}
-    flat = np.arange(len(rows) * size * size, dtype=np.uint8)
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(flat), size * size)
-    columns["heatmap"] = pa.ExtensionArray.from_storage(schema.field("heatmap").type, storage)
+    for i, r in enumerate(rows):
+        r["heatmap"] = (np.arange(size * size) + 7 * i).astype(np.uint8).reshape(size, size)
     metrics = [
         {"run_id": "r", "image_id": i, "explainer": "gradcam", "target": 1, "metric": k, "value": v}
         for k, per_image in metric_values.items()
         for i, v in per_image.items()
     ]
-    write_block(
-        str(root),
-        "b0",
-        {
-            "heatmaps": pa.table({n: columns[n] for n in schema.names}, schema=schema),
-            "metrics": pa.Table.from_pylist(metrics, schema=METRIC_SCHEMA),
+    digest = Digest()
+    for bid, ids in (("b0", {"a", "b", "c"}), ("b1", {"d", "e"})):
+        heat = [r for r in rows if r["image_id"] in ids]
+        mine = [m for m in metrics if m["image_id"] in ids]
+        block_digest = Digest.of_block(bid, heat, mine, [])
+        tables = {
+            "heatmaps": heatmap_table(heat, schema),
+            "metrics": pa.Table.from_pylist(mine, schema=METRIC_SCHEMA),
             "errors": ERROR_SCHEMA.empty_table(),
-        },
-        {"block_id": "b0"},
-    )
-    return str(root)
+        }
+        write_block(str(root), BlockMarker(bid, digest=block_digest), tables)
+        digest.merge(block_digest)
+    return str(root), digest
 
 
 def _summary(metric_values: dict, directions: list[dict] | None) -> dict:
@@ -185,11 +194,12 @@ def _render(tmp_path, metric_values, directions, rank_metric=None) -> str:
     from pipeline.models.preprocess import Preprocess
     from pipeline.report.html import ReportInputs, render_report
 
-    root = _tiny_run(tmp_path, metric_values)
+    root, digest = _tiny_run(tmp_path, metric_values)
     return render_report(
         ReportInputs(
             root,
             _summary(metric_values, directions),
+            digest,
             preprocess=Preprocess(size=16),
             rank_metric=rank_metric,
             n_thumbs=2,

@@ -234,7 +234,10 @@ def test_submit_runs_a_job_on_a_two_node_cluster(cluster, tmp_path, monkeypatch)
     assert sorted(heatmaps.column("image_id").to_pylist()) == sorted(
         ["astronaut.jpg", "chelsea.jpg", "coffee.jpg"]
     )
-    assert len(list((runs[0] / "_blocks").glob("*.json"))) == 2
+    # compacted on the cluster: the two blocks' markers folded into one table, no part left
+    commit = json.loads((runs[0] / "_compacted.json").read_text())
+    assert len(commit["blocks"]) == 2 and commit["markers"]
+    assert not list(runs[0].glob("*/part-*.parquet")) and not list(runs[0].glob("_blocks/*"))
     assert (tmp_path / "mlflow.db").exists()
 
     # the same submission id again: refused with one clear line, nothing resubmitted

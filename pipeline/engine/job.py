@@ -10,27 +10,41 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import yaml
 
 from ..report.html import ReportInputs, render_report
+from ..runstore import (
+    BlockMarker,
+    Digest,
+    finished_block_ids,
+    finished_blocks,
+    read_markers,
+    remove_stale_outputs,
+    run_root,
+)
+from ..runstore.commit import read_commit
+from ..runstore.compaction import compact, needs_compaction
+from ..runstore.plan import read_plan, write_plan
 from ..secrets import redact
 from ..sources.annotations import load_annotations, to_model_space
-from ..sources.listing import Block, InputItem, list_inputs, make_blocks
+from ..sources.listing import ALL_SAMPLES, Block, InputItem, list_inputs, make_blocks
 from ..spec import JobSpec, flatten
 from ..storage import (
     StorageUnavailable,
     absolute_uri,
     configure_retries,
     filesystem,
+    pause_on_outage,
     write_bytes_atomic,
 )
 from ..tracking import JobTracker
 from ..tracking.compare import direction_tags
 from ..tracking.mlflow_run import code_version
-from .outputs import finished_blocks, remove_stale_outputs, run_root
 from .preflight import preflight
+from .summary import RunTotals, metric_directions
 from .worker import ExplainWorker
 
 
@@ -52,6 +66,7 @@ class JobResult:
     root: str
     mlflow_run_id: str | None
     summary: dict = field(default_factory=dict)
+    digest: Digest = field(default_factory=Digest)
     gate: dict | None = None  # the regression gate's verdict when the spec has compare_to
 
 
@@ -111,7 +126,7 @@ class Plan:
     changed or went away, and `stale_images` their image ids (their files must go)."""
 
     blocks: list[Block]
-    done: dict[str, dict]
+    done: dict[str, dict[str, str]]  # finished block id -> its inputs (image id -> version)
     stale: list[str]
     stale_images: set[str]
 
@@ -120,7 +135,7 @@ class Plan:
         return [b for b in self.blocks if b.block_id not in self.done]
 
 
-def plan_run(spec: JobSpec, items: list[InputItem], finished: dict[str, dict]) -> Plan:
+def plan_run(spec: JobSpec, items: list[InputItem], finished: dict[str, dict[str, str]]) -> Plan:
     """Keep every finished block whose inputs are all still listed with the same version; cut
     the other inputs (new, changed, or left over from a block that changed) into new blocks.
     The same inputs give the same blocks, so a fresh run and a resumed one hold the same rows."""
@@ -129,19 +144,52 @@ def plan_run(spec: JobSpec, items: list[InputItem], finished: dict[str, dict]) -
     covered: set[str] = set()
     stale, stale_images = [], set()
     for bid in sorted(finished):
-        inputs: dict[str, str] = finished[bid].get("inputs") or {}
+        inputs = finished[bid]
         unchanged = bool(inputs) and all(
             i in current and current[i].version == v for i, v in inputs.items()
         )
-        if unchanged and not covered & inputs.keys():
+        if unchanged and covered.isdisjoint(inputs):  # O(block), not O(covered)
             kept[bid] = Block(bid, tuple(current[i] for i in sorted(inputs)))
-            covered |= inputs.keys()
+            covered.update(inputs)  # in place: `|=` with dict keys copies the whole set
         else:
             stale.append(bid)
-            stale_images |= inputs.keys()
+            stale_images.update(inputs)
     fresh = make_blocks([it for it in items if it.image_id not in covered], spec.compute.block_size)
     blocks = sorted([*kept.values(), *fresh], key=lambda b: b.items[0].image_id)
     return Plan(blocks, {bid: finished[bid] for bid in kept}, stale, stale_images - covered)
+
+
+def finished_inputs(
+    root: str, stored: list[Block] | None, endpoint_url: str | None = None
+) -> dict[str, dict[str, str]]:
+    """block id -> {image id: version} of every block an earlier attempt finished: from the
+    stored plan (one listing of the markers' names, no marker read); a run written before plans
+    were stored has them in its markers."""
+    if stored is None:
+        return {bid: m.inputs for bid, m in finished_blocks(root, endpoint_url).items()}
+    done = finished_block_ids(root, endpoint_url)
+    return {
+        b.block_id: {it.image_id: it.version for it in b.items}
+        for b in stored
+        if b.block_id in done
+    }
+
+
+def source_changes(stored: list[Block] | None, items: list[InputItem]) -> str | None:
+    """One line on how the inputs differ from the stored plan's; None when they do not."""
+    if stored is None:
+        return None
+    before = {it.image_id: it.version for b in stored for it in b.items}
+    now = {it.image_id: it.version for it in items}
+    added = len(now.keys() - before.keys())
+    removed = len(before.keys() - now.keys())
+    changed = sum(1 for i in now.keys() & before.keys() if now[i] != before[i])
+    if not (added or removed or changed):
+        return None
+    return (
+        f"the source changed since this run was planned: {added} inputs added, {removed} "
+        f"removed, {changed} changed; the blocks they touch are computed again"
+    )
 
 
 def expand_run_id(template: str) -> str:
@@ -167,7 +215,8 @@ def _by_image_id(annotations: dict[str, dict], ids: list[str]) -> dict[str, dict
 
 
 def run_job(spec: JobSpec, *, address: str | None = None, progress=None, on_plan=None) -> JobResult:
-    """Run (or resume) the job. `on_plan(finished, total)` is called once the blocks are known,
+    """Run (or resume) the job. `on_plan(finished, total, source_changes)` is called once the
+    blocks are known (source_changes: a line, or None when the inputs are the plan's),
     `progress(marker, finished, total)` as each block finishes."""
     run_id = expand_run_id(spec.run_id) if spec.run_id else default_run_id(spec)
     root = run_root(spec.output.uri, run_id)
@@ -193,32 +242,45 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None, on_plan
             **spec.tracking.tags,
         }
         tracker.start(flatten(spec), tags)
-        plan = plan_run(spec, items, finished_blocks(root, endpoint))
+        stored = read_plan(root, endpoint)
+        plan = plan_run(spec, items, finished_inputs(root, stored, endpoint))
+        changes = source_changes(stored, items)
+        # the plan first: a crash from here on leaves a plan that names every finished block
+        write_plan(root, plan.blocks, endpoint)
         # parts of blocks that are no longer in the plan (inputs changed or removed, or a block
         # that never finished) would mix stale rows into every table read
         remove_stale_outputs(root, {b.block_id for b in plan.blocks}, plan.stale_images, endpoint)
         blocks, todo = plan.blocks, plan.todo
         if on_plan:
-            on_plan(len(plan.done), len(blocks))
+            on_plan(len(plan.done), len(blocks), changes)
         # the copy beside the outputs hides secrets as the MLflow params and tags do
         spec_yaml = yaml.safe_dump(redact(spec.model_dump(mode="json"))).encode()
         write_bytes_atomic(f"{root}/spec.yaml", spec_yaml, endpoint)
-        markers = dict(plan.done)
+        # the finished blocks' markers are folded as they arrive (read concurrently), then
+        # this attempt's as the actors finish them: nothing here grows with the run
+        totals = RunTotals(spec)
+        for marker in read_markers(root, plan.done, endpoint):
+            totals.add(marker, computed=False)
+        if todo:
+            init_ray(address)  # Ray's start-up is not compute: images/s leaves it out
         t_compute = time.perf_counter()
         if todo:
             first = blocks[0].block_id  # the first block of the plan writes a few overlays
             for marker in _execute(spec, run_id, root, model.preprocess, todo, first, address):
-                markers[marker["block_id"]] = marker
+                totals.add(marker, computed=True)
                 if progress:
-                    progress(marker, len(markers), len(blocks))
+                    progress(marker, totals.blocks, len(blocks))
         compute_seconds = time.perf_counter() - t_compute
-        summary = summarise(
-            spec, run_id, blocks, markers, todo, compute_seconds, time.perf_counter() - t_start
-        )
+        summary = totals.summary(run_id, compute_seconds, time.perf_counter() - t_start)
+        summary["source_changes"] = changes
+        digest = totals.digest
+        if spec.output.compact:
+            summary["files"] = _compact(root, {b.block_id for b in blocks}, endpoint, address)
         write_bytes_atomic(f"{root}/summary.json", json.dumps(summary, indent=2).encode(), endpoint)
+        write_bytes_atomic(f"{root}/digest.json", json.dumps(digest.to_json()).encode(), endpoint)
         tracker.log_metrics(_flat_metrics(summary))
         report = render_report(
-            ReportInputs(root, summary, f"Salient run {run_id}", model.preprocess, endpoint)
+            ReportInputs(root, summary, digest, f"Salient run {run_id}", model.preprocess, endpoint)
         )
         write_bytes_atomic(f"{root}/report.html", report.encode(), endpoint)
         tracker.log_artifacts(
@@ -235,15 +297,32 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None, on_plan
         check_outcome(spec, summary)
         tracker.finish()
         gate = tracker.regression_gate(spec.compare_to) if spec.compare_to else None
-        return JobResult(run_id, root, tracker.mlflow_run_id, summary, gate)
+        return JobResult(run_id, root, tracker.mlflow_run_id, summary, digest, gate)
     except KeyboardInterrupt as e:
         tracker.fail(e)
         # what is on storage now: an actor may have finished a block the driver never heard of
-        saved = finished_blocks(root, endpoint).keys() & {b.block_id for b in blocks}
+        saved = finished_block_ids(root, endpoint) & {b.block_id for b in blocks}
         raise JobInterrupted(len(saved), len(blocks)) from e
     except BaseException as e:
         tracker.fail(e)
         raise
+
+
+def _compact(root: str, keep: set[str], endpoint: str | None, address: str | None) -> dict:
+    """Compact the run's outputs when they are not already (table -> files after it)."""
+    if needs_compaction(root, keep, endpoint):
+        init_ray(address)
+        try:
+            compact(root, keep, endpoint)
+        except StorageUnavailable:
+            raise
+        except Exception as e:
+            raise JobFailed(
+                f"compacting the outputs failed ({_root_cause(e)}); every row is intact in the "
+                "per-block parts: run the same command to retry"
+            ) from e
+    commit = read_commit(root, endpoint)
+    return {table: len(files) for table, files in commit.files.items()} if commit else {}
 
 
 def _apply_overwrite_policy(spec: JobSpec, root: str) -> None:
@@ -279,37 +358,62 @@ def _execute(
     items = [{"block": json.dumps(_block_to_json(b))} for b in blocks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
 
-    retries = (spec.storage.retries, spec.storage.retry_delay_s)
+    storage = spec.storage
+    # a block that still meets an outage after the in-process retries is run again by Ray
+    # (after a jittered pause); only an outage that outlasts those fails the job
+    ctx.actor_task_retry_on_errors = [StorageUnavailable]
+    retry = {"retry_exceptions": [StorageUnavailable], "max_retries": storage.block_retries}
 
     def decode(row: dict) -> dict:
-        configure_retries(*retries)
+        configure_retries(storage.retries, storage.retry_delay_s)
         block = _block_from_json(json.loads(row["block"]))
         annotations = {
             it.image_id: it.meta["annotation"] for it in block.items if it.meta.get("annotation")
         }
-        decoded = read_block(block, preprocess, annotations, to_model_space, endpoint)
+        with pause_on_outage(storage.block_retry_delay_s):
+            decoded = read_block(block, preprocess, annotations, to_model_space, endpoint)
+        # every listed input is an image or an error row (a whole shard's samples are counted
+        # as they are found); anything else is a reader bug that would lose inputs silently
+        whole_shards = any(it.member == ALL_SAMPLES for it in block.items)
+        if not whole_shards and decoded["n_inputs"] != len(block.items):
+            raise RuntimeError(
+                f"block {block.block_id}: {len(block.items)} inputs listed, "
+                f"{decoded['n_inputs']} read"
+            )
         decoded["write_overlays"] = block.block_id == overlay_block
         return decoded
 
     c = spec.compute
     # a bounded number of decode tasks: unbounded, Ray starts a worker process per 0.25 CPU, and
     # on a small machine their start-up (each imports torch) delays the actors' first block
-    ds = ds.map(
-        decode, num_cpus=0.25, compute=TaskPoolStrategy(size=c.decode_tasks or 2 * c.actors)
-    )
-    ds = ds.map_batches(
-        ExplainWorker,
-        fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "run_id": run_id, "root": root},
-        batch_size=1,
-        compute=ActorPoolStrategy(size=c.actors),
-        num_cpus=c.cpus_per_actor,
-        num_gpus=c.gpus_per_actor or None,
-        batch_format="numpy",
-        zero_copy_batch=True,
-    )
+    # Ray 2.60 takes retry settings only as **ray_remote_args, which it marks deprecated (removal
+    # announced for 2.64, beyond our pin): the warning says nothing a user can act on
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = ds.map(
+            decode,
+            num_cpus=0.25,
+            compute=TaskPoolStrategy(size=c.decode_tasks or 2 * c.actors),
+            **retry,
+        )
+        ds = ds.map_batches(
+            ExplainWorker,
+            fn_constructor_kwargs={
+                "spec_json": spec.model_dump_json(),
+                "run_id": run_id,
+                "root": root,
+            },
+            batch_size=1,
+            compute=ActorPoolStrategy(size=c.actors),
+            num_cpus=c.cpus_per_actor,
+            num_gpus=c.gpus_per_actor or None,
+            batch_format="numpy",
+            zero_copy_batch=True,
+            max_task_retries=storage.block_retries,  # with actor_task_retry_on_errors above
+        )
     try:
         for row in ds.iter_rows():
-            yield json.loads(row["marker"])
+            yield BlockMarker.from_json(row["marker"])
     except Exception as e:
         raise JobFailed(_root_cause(e)) from e
 
@@ -357,91 +461,6 @@ def _block_from_json(d: dict) -> Block:
     return Block(d["block_id"], tuple(InputItem(**it) for it in d["items"]))
 
 
-def summarise(
-    spec: JobSpec,
-    run_id: str,
-    blocks: list[Block],
-    markers: dict,
-    computed: list[Block],
-    compute_seconds: float,
-    wall_seconds: float,
-) -> dict:
-    """Counts, per-explainer metric means and throughput, merged from every block's marker
-    (those finished by an earlier attempt included)."""
-    inputs = sum(len(b.items) for b in blocks)
-    ok = sum(markers[b.block_id]["images_ok"] for b in blocks)
-    fatal = sum(markers[b.block_id]["fatal_errors"] for b in blocks)
-    rows = {
-        t: sum(markers[b.block_id]["rows"][t] for b in blocks)
-        for t in ("heatmaps", "metrics", "errors")
-    }
-    per_explainer: dict[str, dict] = {}
-    current = [markers[b.block_id] for b in blocks]  # never a marker of a block left behind
-    for m in spec.explainers:
-        seconds = sum(mk["seconds"].get(m.key, 0.0) for mk in current)
-        images = sum(mk["images"].get(m.key, 0) for mk in current)
-        passes = sum(mk["forward_passes"].get(m.key, 0) for mk in current)
-        merged = merge_metric_states(
-            [markers[b.block_id].get("metric_states", {}).get(m.key, {}) for b in blocks]
-        )
-        per_explainer[m.key] = {
-            "method": m.name,
-            "images": images,
-            "images_per_s": images / seconds if seconds and images else None,
-            "forward_passes_per_image": passes / images if images else None,
-            "metrics": {k: metric.compute() for k, metric in sorted(merged.items())},
-            "metric_counts": {k: metric.n for k, metric in sorted(merged.items())},
-            "metric_details": {
-                k: d for k, metric in sorted(merged.items()) if (d := metric_details(metric))
-            },
-        }
-    explained = sum(markers[b.block_id]["images_ok"] for b in computed)  # this attempt's
-    return {
-        "run_id": run_id,
-        # the spec's metrics in its order, with their direction: what the report ranks by and
-        # what every table prints beside a value
-        "metrics": metric_directions(spec),
-        "inputs": inputs,
-        "images_ok": ok,
-        "errors": fatal,
-        "lost": inputs - ok - fatal,
-        "rows": rows,
-        "blocks": len(blocks),
-        "blocks_computed": len(computed),
-        "blocks_resumed": len(blocks) - len(computed),
-        # actors that computed this attempt's blocks; more than `compute.actors` means Ray
-        # restarted at least one (a killed or crashed worker)
-        "worker_instances": len({markers[b.block_id].get("worker") for b in computed}),
-        "actor_restarts": max(
-            0, len({markers[b.block_id].get("worker") for b in computed}) - spec.compute.actors
-        ),
-        "wall_seconds": wall_seconds,
-        "compute_seconds": compute_seconds,
-        "images_per_s": explained / compute_seconds if explained and compute_seconds else None,
-        "explainers": per_explainer,
-        "first_error": next((mk["first_error"] for mk in current if mk.get("first_error")), None),
-        "warnings": [
-            f"{key}: metric {metric!r} produced no values"
-            for key, e in per_explainer.items()
-            for metric, n in e["metric_counts"].items()
-            if n == 0
-        ],
-    }
-
-
-def metric_directions(spec: JobSpec) -> list[dict]:
-    from ..metrics import metric_class
-
-    return [
-        {
-            "key": m.key,
-            "name": m.name,
-            "higher_is_better": bool(metric_class(m.name).higher_is_better),
-        }
-        for m in spec.metrics
-    ]
-
-
 def check_outcome(spec: JobSpec, summary: dict) -> None:
     """A run that explained nothing, or fewer inputs than the spec accepts, has failed (its
     rows, summary and report are kept for a look)."""
@@ -478,31 +497,6 @@ def _overlays(root: str, endpoint: str | None) -> dict[str, bytes]:
         for p in sorted(fs.find(path))
         if p.endswith(".png")
     }
-
-
-def merge_metric_states(per_block: list[dict]) -> dict:
-    """metric key -> one metric holding the merged state of every block (streaming reduce)."""
-    from ..metrics import metric_class
-
-    merged: dict = {}
-    for states in per_block:
-        for key, entry in states.items():
-            if key not in merged:
-                merged[key] = metric_class(entry["name"])(**entry["params"])
-            merged[key].merge(entry["state"])
-    return merged
-
-
-def metric_details(metric) -> dict:
-    """What a metric knows beyond its mean: curves, per-transform values, a verdict."""
-    out = {}
-    if hasattr(metric, "mean_curve"):
-        out["curve"] = metric.mean_curve()
-    if hasattr(metric, "by_transform"):
-        out["by_transform"] = metric.by_transform()
-    if hasattr(metric, "report"):
-        out.update(metric.report())
-    return out
 
 
 def _flat_metrics(summary: dict) -> dict[str, float]:

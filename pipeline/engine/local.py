@@ -17,10 +17,10 @@ import torch
 from ..explainers import build_explainer
 from ..models import load_model
 from ..report.overlay import overlay
+from ..runstore import safe_name
 from ..sources.decode import BadImage, decode_image
 from ..sources.listing import IMAGE_EXTENSIONS, _unstrip, list_inputs
 from ..storage import describe_error, filesystem, read_bytes
-from .outputs import safe_name
 
 BATCH_SIZE = 16
 

@@ -1,6 +1,10 @@
 """The model actor: loads the model and builds explainers once, then turns decoded blocks into
 heatmap, metric and error rows, written as one set of files per block.
 
+`explain_block` is the pure part (a decoded block in -> tables, files and marker out, no I/O);
+`process_block` writes what it returns. The Ray actor, the in-process path and the bench call
+the same function.
+
 Per-input failures never reach Ray (an exception in a Ray Data UDF fails the job): an image that
 fails an explainer is retried alone, and if it still fails it becomes an error row.
 """
@@ -21,17 +25,19 @@ from ..explainers import build_explainer, explainer_params
 from ..metrics import build_metric
 from ..models import LoadedModel, load_model
 from ..report.overlay import overlay_png, picture_png
-from ..spec import JobSpec, MethodSpec, ModelSpec
-from ..storage import configure_retries, write_bytes_atomic
-from .outputs import (
+from ..runstore import (
     ERROR_SCHEMA,
     METRIC_SCHEMA,
+    BlockMarker,
+    Digest,
     encode_heatmaps,
     heatmap_schema,
+    heatmap_table,
     safe_name,
-    shrink,  # noqa: F401  (part of this module's interface: tests and the bench use it)
     write_block,
 )
+from ..spec import JobSpec, MethodSpec, ModelSpec
+from ..storage import configure_retries, pause_on_outage, write_bytes_atomic
 
 
 @dataclass
@@ -54,6 +60,17 @@ class BlockResult:
     passes: dict[str, int] = field(default_factory=dict)
     # explainer -> metric key -> {"name", "params", "state"}: merged by the driver
     metric_states: dict[str, dict] = field(default_factory=dict)
+    # run-relative path -> bytes: overlays and pictures, written beside the tables
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class BlockOutput:
+    """Everything a block produced; writing it is the caller's business."""
+
+    marker: BlockMarker
+    tables: dict[str, pa.Table]
+    files: dict[str, bytes]
 
 
 def load_job_model(
@@ -171,13 +188,25 @@ class ExplainWorker:
         out: dict[str, list] = {"block_id": [], "marker": []}
         for i in range(len(batch["block_id"])):
             row = {k: batch[k][i] for k in batch}
-            marker = self.process_block(row)
+            with pause_on_outage(self.spec.storage.block_retry_delay_s):  # then Ray retries
+                marker = self.process_block(row)
             out["block_id"].append(row["block_id"])
-            out["marker"].append(json.dumps(marker))
+            out["marker"].append(marker.to_json())
         return out
 
+    def process_block(self, row: dict) -> BlockMarker:
+        """Explain one decoded block and write its files, the marker last."""
+        output = self.explain_block(row)
+        endpoint = self.spec.storage.endpoint_url
+        for path, data in output.files.items():
+            write_bytes_atomic(f"{self.root}/{path}", data, endpoint)
+        write_block(self.root, output.marker, output.tables, endpoint)
+        return output.marker
+
     # -- one block ----------------------------------------------------------------------------
-    def process_block(self, row: dict) -> dict:
+    def explain_block(self, row: dict) -> BlockOutput:
+        """A decoded block (sources.reader.read_block's columns) -> its tables, files and
+        marker. No I/O: the same block gives the same rows wherever it runs."""
         t0, started_at = time.perf_counter(), time.time()
         ids = list(row["image_ids"])
         uris = list(row["uris"])
@@ -189,36 +218,38 @@ class ExplainWorker:
         if ids:
             self._explain_images(row, ids, (uris, members), labels, anns, result)
         tables = self._tables(result)
-        marker = {
-            "block_id": row["block_id"],
-            "n_inputs": int(row["n_inputs"]),
-            # image id -> version: a resume keeps this block only while these are unchanged
-            "inputs": json.loads(row["inputs"]),
-            "images_ok": len({r["image_id"] for r in result.heatmaps}),
-            "fatal_errors": sum(1 for e in result.errors if e["fatal"]),
-            "first_error": next(
-                (
-                    {k: e[k] for k in ("image_id", "stage", "error_type", "message")}
-                    for e in result.errors
-                    if e["fatal"]
-                ),
-                None,
+        fatal = [e for e in result.errors if e["fatal"]]
+        marker = BlockMarker(
+            block_id=row["block_id"],
+            n_inputs=int(row["n_inputs"]),
+            images_ok=len({r["image_id"] for r in result.heatmaps}),
+            fatal_errors=len(fatal),
+            first_error=(
+                {k: fatal[0][k] for k in ("image_id", "stage", "error_type", "message")}
+                if fatal
+                else None
             ),
-            "rows": {name: tables[name].num_rows for name in tables},
-            "seconds": result.seconds,
-            "images": result.images,
-            "forward_passes": result.passes,
-            "metric_states": result.metric_states,
-            "wall_seconds": time.perf_counter() - t0,
-            "started_at": started_at,  # epoch seconds: the pipeline's start-up and steady rate
-            "worker": self.instance,
-            "worker_created_at": self.created_at,
-            "worker_init_seconds": self.init_seconds,
-            "torch_threads": torch.get_num_threads(),
-            "max_batch_cap": self.model.max_batch_cap,
-        }
-        write_block(self.root, row["block_id"], tables, marker, self.spec.storage.endpoint_url)
-        return marker
+            rows={name: tables[name].num_rows for name in tables},
+            seconds=result.seconds,
+            images=result.images,
+            forward_passes=result.passes,
+            metric_states=result.metric_states,
+            digest=Digest.of_block(
+                row["block_id"],
+                result.heatmaps,
+                result.metrics,
+                tables["errors"].to_pylist(),
+                self.spec.seed,
+            ),
+            wall_seconds=time.perf_counter() - t0,
+            started_at=started_at,
+            worker=self.instance,
+            worker_created_at=self.created_at,
+            worker_init_seconds=self.init_seconds,
+            torch_threads=torch.get_num_threads(),
+            max_batch_cap=self.model.max_batch_cap,
+        )
+        return BlockOutput(marker, tables, result.files)
 
     def _explain_images(self, row, ids, sources, labels, anns, result: BlockResult) -> None:
         uris = sources[0]
@@ -264,8 +295,8 @@ class ExplainWorker:
                 }
             )
         if row["write_overlays"]:  # a few overlays from the first block of the plan
-            self._overlays(maps_by_explainer, pairs, keep, ids, row["pixels"])
-        self._pictures(pictures_by_explainer, pairs, keep, ids)
+            self._overlays(maps_by_explainer, pairs, keep, ids, row["pixels"], result)
+        self._pictures(pictures_by_explainer, pairs, keep, ids, result)
         kept = _select(pairs, keep)
         for key, maps in maps_by_explainer.items():
             self._heatmap_rows(key, maps[keep], kept, ids, sources, labels, predicted, result)
@@ -274,32 +305,25 @@ class ExplainWorker:
                 {k: m[keep] for k, m in maps_by_explainer.items()}, x, kept, ids, anns, result
             )
 
-    def _overlays(self, maps_by_explainer, pairs: Pairs, keep, ids, pixels, n: int = 4):
-        endpoint = self.spec.storage.endpoint_url
+    def _overlays(self, maps_by_explainer, pairs: Pairs, keep, ids, pixels, result, n: int = 4):
         for key, maps in maps_by_explainer.items():
             signed = self.explainers[key].signed
             for j in [j for j in range(len(pairs.image)) if keep[j]][:n]:
                 i = int(pairs.image[j])
                 name = safe_name(f"{ids[i]}.t{int(pairs.target[j])}.png")
-                write_bytes_atomic(
-                    f"{self.root}/overlays/{key}/{name}",
-                    overlay_png(pixels[i], maps[j], signed=signed),
-                    endpoint,
+                result.files[f"overlays/{key}/{name}"] = overlay_png(
+                    pixels[i], maps[j], signed=signed
                 )
 
-    def _pictures(self, pictures_by_explainer, pairs: Pairs, keep, ids):
+    def _pictures(self, pictures_by_explainer, pairs: Pairs, keep, ids, result):
         """The explainers' image extras (e.g. attribution visualization's image and mask), one
         PNG per kept pair: pictures/<explainer>/<image>.t<target>.<name>.png."""
-        endpoint = self.spec.storage.endpoint_url
         for key, pictures in pictures_by_explainer.items():
             for name, tensor in pictures.items():
                 for j in [j for j in range(len(pairs.image)) if keep[j]]:
                     i, t = int(pairs.image[j]), int(pairs.target[j])
-                    write_bytes_atomic(
-                        f"{self.root}/pictures/{key}/{safe_name(f'{ids[i]}.t{t}.{name}.png')}",
-                        picture_png(tensor[j]),
-                        endpoint,
-                    )
+                    path = f"pictures/{key}/{safe_name(f'{ids[i]}.t{t}.{name}.png')}"
+                    result.files[path] = picture_png(tensor[j])
 
     def _run_explainer(self, explainer, x, pairs: Pairs):
         """Maps (and image extras) for every pair, in chunks of batch_size; a failing chunk is
@@ -422,18 +446,7 @@ class ExplainWorker:
                 }
 
     def _tables(self, result: BlockResult) -> dict[str, pa.Table]:
-        heat = result.heatmaps
-        size = self.spec.output.heatmap_size
-        columns = {name: [r[name] for r in heat] for name in self.schema.names if name != "heatmap"}
-        tensor_type = self.schema.field("heatmap").type
-        flat = (
-            np.stack([r["heatmap"] for r in heat]).reshape(-1)
-            if heat
-            else np.zeros(0, dtype=tensor_type.value_type.to_pandas_dtype())
-        )
-        storage = pa.FixedSizeListArray.from_arrays(pa.array(flat), size * size)
-        columns["heatmap"] = pa.ExtensionArray.from_storage(tensor_type, storage)
-        heatmaps = pa.table({n: columns[n] for n in self.schema.names}, schema=self.schema)
+        heatmaps = heatmap_table(result.heatmaps, self.schema)
         metrics = pa.Table.from_pylist(result.metrics, schema=METRIC_SCHEMA)
         errors = pa.Table.from_pylist(
             [

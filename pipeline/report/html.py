@@ -4,7 +4,9 @@ Sections: summary per explainer (each metric with its direction); overlay thumbn
 worst and random images by a chosen metric, in its direction); deletion/insertion curves (when
 the metrics stored them); metric distributions per class; sanity verdicts (when present);
 errors; and for audits the drift between two models.
-Everything is read from the run's outputs, so a report can be rebuilt later from any run folder.
+Everything comes from the run's summary and digest (summary.json, digest.json: merged from the
+blocks' markers, a size that does not grow with the run) and, for each thumbnail, its one
+heatmap row from its block's file: a report of ten million images reads a few dozen rows.
 """
 
 from __future__ import annotations
@@ -12,15 +14,15 @@ from __future__ import annotations
 import base64
 import html
 import io
-import random
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
-from ..engine.outputs import decode_heatmaps, read_table
 from ..metrics import METRICS
 from ..models.preprocess import Preprocess
+from ..runstore import Digest, read_heatmap
+from ..runstore.digest import HIST_BINS, SCORE, histogram_stats
 from ..sources.decode import decode_image
 from ..sources.listing import InputItem
 from ..sources.reader import read_input_bytes
@@ -41,6 +43,7 @@ text-align:right;font-size:.85rem}th{background:#f4f4f4}td:first-child,th:first-
 class ReportInputs:
     root: str
     summary: dict
+    digest: Digest
     title: str = "Salient run"
     preprocess: Preprocess | None = None
     endpoint_url: str | None = None
@@ -50,7 +53,6 @@ class ReportInputs:
     sanity: dict | None = None  # {explainer: {"verdict": ..., "similarity": [...]}}
     curves: dict = field(default_factory=dict)  # {explainer: {"deletion": [...], ...}}
     n_thumbs: int = 4
-    seed: int = 0
 
 
 def render_report(inp: ReportInputs) -> str:
@@ -177,21 +179,8 @@ def _jpeg_data_uri(image: Image.Image) -> str:
 
 
 def _thumbs_section(inp: ReportInputs, rank: tuple[str | None, bool]) -> str:
-    heat = read_table(
-        inp.root,
-        "heatmaps",
-        inp.endpoint_url,
-        columns=[
-            "image_id",
-            "explainer",
-            "target",
-            "target_name",
-            "source_uri",
-            "source_member",
-            "score",
-        ],
-    )
-    if heat.num_rows == 0:
+    d = inp.digest
+    if not d.sample:
         return "<h2 id=thumbnails>Overlays</h2><p class=muted>no heatmaps</p>"
     metric, hib = rank
     out = ["<h2 id=thumbnails>Overlays: best, worst and random images</h2>"]
@@ -204,55 +193,29 @@ def _thumbs_section(inp: ReportInputs, rank: tuple[str | None, bool]) -> str:
         )
     out.append(
         f"<p class=muted>ranked by {_e(metric or 'target score')} ({_direction_words(hib)})"
-        f"{why}</p>"
+        f"{why}; random images show their target score</p>"
     )
-    rng = random.Random(inp.seed)
-    rows = heat.to_pylist()
-    values = {}
-    if metric:
-        metrics = read_table(inp.root, "metrics", inp.endpoint_url)
-        for r in metrics.to_pylist() if metrics.num_rows else []:
-            if r["metric"] == metric and r["value"] is not None:
-                values[(r["image_id"], r["explainer"], r["target"])] = r["value"]
-    for explainer in sorted({r["explainer"] for r in rows}):
-        mine = [r for r in rows if r["explainer"] == explainer]
-
-        def key(r, explainer=explainer):
-            if metric:
-                return values.get((r["image_id"], explainer, r["target"]), np.nan)
-            return r["score"]
-
-        # best first in the metric's direction; ties by image id, so the page is reproducible
-        ranked = sorted(
-            (r for r in mine if np.isfinite(key(r))),
-            key=lambda r, key=key: (-key(r) if hib else key(r), r["image_id"]),
-        )
-        n = inp.n_thumbs
+    n = inp.n_thumbs
+    for explainer in sorted(d.sample):
+        ends = d.extremes.get(explainer, {}).get(metric or SCORE, {"top": [], "bottom": []})
+        high, low = ends["top"][:n], ends["bottom"][:n]
         groups = {
-            "best": ranked[:n],
-            "worst": ranked[::-1][:n],
-            "random": rng.sample(mine, min(n, len(mine))),
+            "best": high if hib else low,
+            "worst": low if hib else high,
+            "random": d.sample[explainer][:n],
         }
         out.append(f"<h3>{_e(explainer)}</h3>")
         for label, group in groups.items():
-            cells = [_thumb(inp, r, key(r)) for r in group]
+            cells = [_thumb(inp, explainer, r) for r in group]
             out.append(f"<p>{label}</p><div class=thumbs>{''.join(cells)}</div>")
     return "\n".join(out)
 
 
-def _thumb(inp: ReportInputs, row: dict, value) -> str:
-    maps = read_table(
-        inp.root,
-        "heatmaps",
-        inp.endpoint_url,
-        columns=["heatmap", "map_min", "map_max"],
-        filters=[
-            ("image_id", "=", row["image_id"]),
-            ("explainer", "=", row["explainer"]),
-            ("target", "=", row["target"]),
-        ],
+def _thumb(inp: ReportInputs, explainer: str, row: dict) -> str:
+    """One thumbnail: its heatmap row read from its block's file, over its source image."""
+    heat = read_heatmap(
+        inp.root, row["block_id"], row["image_id"], explainer, row["target"], inp.endpoint_url
     )
-    heat = decode_heatmaps(maps)[0]
     pre = inp.preprocess or Preprocess()
     try:
         item = InputItem(row["image_id"], row["source_uri"], row["source_member"])
@@ -263,7 +226,7 @@ def _thumb(inp: ReportInputs, row: dict, value) -> str:
     thumb = overlay(image, np.asarray(up)).resize((150, 150))
     return (
         f"<div class=thumb><img alt='{_e(row['image_id'])}' src='{_jpeg_data_uri(thumb)}'>"
-        f"{_e(row['image_id'])}<br>{_e(row['target_name'])} &middot; {_f(value)}</div>"
+        f"{_e(row['image_id'])}<br>{_e(row['target_name'])} &middot; {_f(row['value'])}</div>"
     )
 
 
@@ -295,33 +258,26 @@ def _curves_section(curves: dict) -> str:
 
 
 def _distribution_section(inp: ReportInputs) -> str:
-    metrics = read_table(inp.root, "metrics", inp.endpoint_url)
-    if metrics.num_rows == 0:
-        return (
-            "<h2 id=distributions>Metric distributions per class</h2><p class=muted>no metrics</p>"
-        )
-    heat = read_table(
-        inp.root,
-        "heatmaps",
-        inp.endpoint_url,
-        columns=["image_id", "explainer", "target", "target_name"],
-    )
-    names = {
-        (r["image_id"], r["explainer"], r["target"]): r["target_name"] for r in heat.to_pylist()
-    }
-    groups: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for r in metrics.to_pylist():
-        if r["value"] is None:
-            continue
-        cls = names.get((r["image_id"], r["explainer"], r["target"]), "?")
-        groups.setdefault((r["explainer"], r["metric"]), {}).setdefault(cls, []).append(r["value"])
-    out = ["<h2 id=distributions>Metric distributions per class</h2>"]
-    for (explainer, metric), per_class in sorted(groups.items()):
-        top = sorted(per_class.items(), key=lambda kv: -len(kv[1]))[:12]
+    head = "<h2 id=distributions>Metric distributions per class</h2>"
+    groups = [
+        (explainer, metric, per_class)
+        for explainer, per_metric in sorted(inp.digest.classes.items())
+        for metric, per_class in sorted(per_metric.items())
+    ]
+    if not groups:
+        return f"{head}<p class=muted>no metrics</p>"
+    out = [
+        head,
+        f"<p class=muted>the 12 classes with most values; histograms over [0, 1] in "
+        f"{HIST_BINS} bins, values outside it in the end bars</p>",
+    ]
+    for explainer, metric, per_class in groups:
+        stats = {c: histogram_stats(h) for c, h in per_class.items()}
+        top = sorted(stats.items(), key=lambda kv: (-kv[1]["n"], kv[0]))[:12]
         rows = "".join(
-            f"<tr><td>{_e(c)}</td><td>{len(v)}</td><td>{_f(float(np.mean(v)))}</td>"
-            f"<td>{_f(float(np.std(v)))}</td><td>{_histogram(v)}</td></tr>"
-            for c, v in top
+            f"<tr><td>{_e(c)}</td><td>{h['n']}</td><td>{_f(h['mean'])}</td>"
+            f"<td>{_f(h['std'])}</td><td>{_histogram(h)}</td></tr>"
+            for c, h in top
         )
         out.append(
             f"<h3>{_e(explainer)} &middot; {_metric_label(inp.summary, metric)}</h3>"
@@ -331,17 +287,16 @@ def _distribution_section(inp: ReportInputs) -> str:
     return "\n".join(out)
 
 
-def _histogram(values: list[float], bins: int = 10, w: int = 120, h: int = 24) -> str:
-    lo, hi = min(values), max(values)
-    counts, _ = np.histogram(values, bins=bins, range=(lo, hi if hi > lo else lo + 1))
-    top = max(int(counts.max()), 1)
-    bw = w / bins
+def _histogram(h: dict, w: int = 120, height: int = 24) -> str:
+    counts = [h["below"], *h["bins"], h["above"]]
+    top = max(max(counts), 1)
+    bw = w / len(counts)
     bars = "".join(
-        f"<rect x={i * bw:.1f} y={h - c / top * h:.1f} width={bw - 1:.1f} "
-        f"height={c / top * h:.1f} fill='#36c'/>"
+        f"<rect x={i * bw:.1f} y={height - c / top * height:.1f} width={bw - 1:.1f} "
+        f"height={c / top * height:.1f} fill='{'#999' if i in (0, len(counts) - 1) else '#36c'}'/>"
         for i, c in enumerate(counts)
     )
-    return f"<svg width={w} height={h} role=img>{bars}</svg>"
+    return f"<svg width={w} height={height} role=img>{bars}</svg>"
 
 
 def _sanity_section(sanity: dict | None) -> str:
@@ -384,15 +339,22 @@ def _drift_section(drift: dict | None) -> str:
 
 
 def _errors_section(inp: ReportInputs) -> str:
-    errors = read_table(inp.root, "errors", inp.endpoint_url)
-    if errors.num_rows == 0:
+    d = inp.digest
+    total = sum(d.error_counts.values())
+    if total == 0:
         return "<h2 id=errors>Errors</h2><p>none</p>"
+    kinds = "".join(
+        f"<tr><td>{_e(key.split(chr(9))[0])}</td><td>{_e(key.split(chr(9))[1])}</td>"
+        f"<td>{n}</td></tr>"
+        for key, n in sorted(d.error_counts.items(), key=lambda kv: -kv[1])
+    )
     rows = "".join(
         f"<tr><td>{_e(r['image_id'])}</td><td>{_e(r['stage'])}</td><td>{_e(r['error_type'])}</td>"
         f"<td>{_e(r['message'][:200])}</td></tr>"
-        for r in errors.to_pylist()[:100]
+        for r in d.first_errors
     )
     return (
-        f"<h2 id=errors>Errors ({errors.num_rows})</h2><table><tr><th>image</th><th>stage"
-        f"</th><th>type</th><th>message</th></tr>{rows}</table>"
+        f"<h2 id=errors>Errors ({total})</h2><table><tr><th>stage</th><th>type</th><th>rows</th>"
+        f"</tr>{kinds}</table><p class=muted>the first {len(d.first_errors)}, fatal first</p>"
+        f"<table><tr><th>image</th><th>stage</th><th>type</th><th>message</th></tr>{rows}</table>"
     )
