@@ -434,7 +434,7 @@ def bench_pipeline(spec, address: str | None = None) -> dict:
     )
     markers: list = []  # BlockMarker
 
-    def progress(marker, done, total):
+    def progress(marker, state):
         markers.append(marker)
 
     init_ray(address)  # once per cluster, not per job: outside the timed run

@@ -208,19 +208,16 @@ def run(
         _fail(str(e))
     except ValueError as e:  # pydantic's, for --run-id
         _fail(f"--run-id {run_id!r}: {e.errors()[0]['msg'].removeprefix('Value error, ')}")
-    state = {"t0": time.perf_counter(), "images": 0}
 
     def on_plan(done, total, changes):
         if changes:
             console.print(changes, highlight=False)
         console.print(f"{total} blocks, {done} finished by an earlier attempt", highlight=False)
 
-    def progress(marker, done, total):
-        state["images"] += marker.n_inputs
-        seconds = time.perf_counter() - state["t0"]
+    def progress(marker, state):
         console.print(
-            f"block {done}/{total}: {marker.images_ok}/{marker.n_inputs} images explained; "
-            f"{state['images']} inputs in {seconds:.0f} s ({state['images'] / seconds:.2f}/s)",
+            f"block {state.finished}/{state.total_blocks}: {marker.images_ok}/{marker.n_inputs} "
+            f"images explained; {state.line()}",
             highlight=False,
         )
 

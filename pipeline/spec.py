@@ -113,10 +113,18 @@ class ComputeSpec(_Strict):
         "node's cores shared among the actors",
     )
     decode_tasks: int | None = Field(
-        None, ge=1, description="Concurrent read+decode tasks; default: 2 per actor"
+        None,
+        ge=1,
+        description="Concurrent read+decode tasks; default: the cluster's CPUs left beside the "
+        "actors, at most 4 per actor, at least 2",
     )
     batch_size: int = Field(16, ge=1)
-    block_size: int = Field(64, ge=1, description="Images per output file (the unit of resume)")
+    block_size: int = Field(
+        256,
+        ge=1,
+        description="Images per block: the unit of work, of resume and of the per-block files "
+        "(compaction gathers them after the run)",
+    )
     max_batch: int | None = Field(None, ge=1, description="Perturbed copies per forward")
     device: str | None = None
     autocast: bool = Field(True, description="bf16 autocast for perturbation forwards on CUDA")

@@ -599,6 +599,15 @@ def test_the_stored_plan_names_each_finished_blocks_inputs_and_the_changes(tmp_p
     stored = read_plan(root)
     assert [(b.block_id, b.items) for b in stored] == [(b.block_id, b.items) for b in blocks]
     assert stored[0].items[0].label == 3 and stored[0].items[0].meta == {"folder": "x"}
+    # the per-block shape Ray Data reads holds the same blocks, in the same order
+    import pyarrow.parquet as pq
+
+    from pipeline.runstore.layout import plan_blocks_uri
+    from pipeline.runstore.plan import block_from_row
+
+    feed = pq.read_table(plan_blocks_uri(root)).to_pylist()
+    assert [block_from_row(r) for r in feed] == blocks
+    assert [block_from_row(r).items[0].meta for r in feed] == [{"folder": "x"}, {}]
     write_block(root, BlockMarker(blocks[1].block_id), _tables(1))  # only (c) finished
     assert finished_inputs(root, stored) == {blocks[1].block_id: {"c": "1"}}
     assert source_changes(stored, items) is None
@@ -607,3 +616,31 @@ def test_the_stored_plan_names_each_finished_blocks_inputs_and_the_changes(tmp_p
         "the source changed since this run was planned: 1 inputs added, 1 removed, 1 changed; "
         "the blocks they touch are computed again"
     )
+
+
+def test_progress_eta_and_a_bounded_mlflow_series(monkeypatch):
+    from pipeline.engine import progress as mod
+
+    clock = [100.0]
+    monkeypatch.setattr(mod.time, "perf_counter", lambda: clock[0])
+    p = mod.Progress(total_blocks=40_000, done_before=10_000, started=clock[0])
+    assert p.eta_s is None and "left" not in p.line()
+    points = []
+    for _ in range(30_000):
+        clock[0] += 0.5  # a block every half second, 256 inputs each
+        p.add(256)
+        if point := p.series_point():
+            points.append(point)
+    assert p.finished == 40_000 and p.eta_s == 0
+    assert p.images_per_s == 512
+    # at most SERIES_POINTS (+ the start) points, whatever the number of blocks, the last at the end
+    assert 140 <= len(points) <= mod.SERIES_POINTS + 1
+    assert points[-1]["progress_blocks"] == 40_000
+    assert not any("." in key for point in points for key in point)  # never gated as metrics
+    clock[0] = 0.0
+    halfway = mod.Progress(total_blocks=100, started=0.0)
+    for _ in range(25):
+        clock[0] += 2.0
+        halfway.add(10)
+    assert halfway.eta_s == 150.0  # 75 blocks at 2 s
+    assert halfway.line() == "250 inputs in 50 s (5.00/s), about 2 min left"

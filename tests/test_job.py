@@ -115,7 +115,8 @@ def test_s3_job_end_to_end(ray_local, s3, s3_endpoint, builtin, demo_images, tmp
     ]
     data = sorted(k.rsplit("/", 1)[0] for k in keys if k.endswith(".parquet") and "/" in k)
     assert data == [
-        "_plan",
+        "_plan",  # per input
+        "_plan",  # per block: what Ray Data reads
         "errors",
         "heatmaps/explainer=gradcam",
         "heatmaps/explainer=saliency",
@@ -391,6 +392,24 @@ def test_torch_threads_per_actor():
     assert torch_threads(ComputeSpec(actors=cores * 2)) == 1
     assert torch_threads(ComputeSpec(cpus_per_actor=3)) == 3  # what Ray reserved for it
     assert torch_threads(ComputeSpec(cpus_per_actor=3, threads_per_actor=5)) == 5
+    # 64 actors of 0.5 CPU over eight 96-core nodes: 8 per node, 12 threads each (the
+    # cluster-wide count gave 96 // 64 = 1)
+    assert torch_threads(ComputeSpec(actors=64), node_cpus=96, nodes=8) == 12
+    # all 64 on one such node: the node's cores shared by 64
+    assert torch_threads(ComputeSpec(actors=64), node_cpus=96, nodes=1) == 1
+    # more actors than fit on a node at their fraction: at most cpus / fraction there
+    assert torch_threads(ComputeSpec(actors=500, cpus_per_actor=0.5), 8, 2) == 1
+
+
+def test_decode_tasks_follow_the_cluster_cpus():
+    from pipeline.engine.job import decode_tasks
+    from pipeline.spec import ComputeSpec
+
+    assert decode_tasks(ComputeSpec(), 2) == 2  # a laptop: at least 2
+    # 8 GPU actors of 4 CPUs on 96 CPUs: 64 spare, at most 4 per actor
+    assert decode_tasks(ComputeSpec(actors=8, cpus_per_actor=4), 96) == 32
+    # 64 actors of 1 CPU on 96: the 32 spare CPUs
+    assert decode_tasks(ComputeSpec(actors=64, cpus_per_actor=1), 96) == 32
 
 
 def test_bench_pipeline_compares_the_job_with_in_process(ray_local, demo_images, tmp_path):
@@ -471,7 +490,7 @@ def test_resume_after_inputs_changed_holds_the_rows_of_a_fresh_run(
     left = sorted(
         p.relative_to(resumed.root).parent.as_posix() for p in Path(resumed.root).rglob("*.parquet")
     )
-    want = [".", "_plan", "heatmaps/explainer=gradcam", "metrics/explainer=gradcam"]
+    want = [".", "_plan", "_plan", "heatmaps/explainer=gradcam", "metrics/explainer=gradcam"]
     assert left == want, left  # "." : the folded markers
     assert not (Path(resumed.root) / "_blocks").exists() or not any(
         (Path(resumed.root) / "_blocks").iterdir()

@@ -154,7 +154,7 @@ def test_killed_worker_is_restarted_and_the_job_completes(
     s["explainers"].append({"name": "rise", "params": {"n_masks": 60}})
     killed = []
 
-    def progress(marker, done, total):
+    def progress(marker, state):
         if not killed:  # kill the actor that just finished a block, mid-job
             pid = int(marker.worker.split("-")[0])
             os.kill(pid, signal.SIGKILL)
@@ -187,7 +187,7 @@ def test_an_outage_longer_than_the_in_process_retries_is_ridden_out_by_ray(
     s["explainers"].append({"name": "rise", "params": {"n_masks": 60}})
     outage = []
 
-    def progress(marker, done, total):
+    def progress(marker, state):
         if not outage:
             s3_server.stop()
             outage.append(time.time())
@@ -214,10 +214,10 @@ def test_endpoint_that_never_returns_fails_clearly_then_resume_completes(
     }
     stopped = []
 
-    def progress(marker, done, total):
+    def progress(marker, state):
         if not stopped:
             s3_server.stop()
-            stopped.append(done)
+            stopped.append(state.finished)
 
     try:
         with pytest.raises(JobFailed, match="storage unreachable"):

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -27,7 +27,8 @@ from ..runstore import (
 )
 from ..runstore.commit import read_commit
 from ..runstore.compaction import compact, needs_compaction
-from ..runstore.plan import read_plan, write_plan
+from ..runstore.layout import plan_blocks_uri
+from ..runstore.plan import block_from_row, read_plan, write_plan
 from ..secrets import redact
 from ..sources.annotations import load_annotations, to_model_space
 from ..sources.listing import ALL_SAMPLES, Block, InputItem, list_inputs, make_blocks
@@ -44,6 +45,7 @@ from ..tracking import JobTracker
 from ..tracking.compare import direction_tags
 from ..tracking.mlflow_run import code_version
 from .preflight import preflight
+from .progress import Progress
 from .summary import RunTotals, metric_directions
 from .worker import ExplainWorker
 
@@ -217,7 +219,7 @@ def _by_image_id(annotations: dict[str, dict], ids: list[str]) -> dict[str, dict
 def run_job(spec: JobSpec, *, address: str | None = None, progress=None, on_plan=None) -> JobResult:
     """Run (or resume) the job. `on_plan(finished, total, source_changes)` is called once the
     blocks are known (source_changes: a line, or None when the inputs are the plan's),
-    `progress(marker, finished, total)` as each block finishes."""
+    `progress(marker, Progress)` as each block finishes."""
     run_id = expand_run_id(spec.run_id) if spec.run_id else default_run_id(spec)
     root = run_root(spec.output.uri, run_id)
     endpoint = spec.storage.endpoint_url
@@ -266,10 +268,17 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None, on_plan
         t_compute = time.perf_counter()
         if todo:
             first = blocks[0].block_id  # the first block of the plan writes a few overlays
-            for marker in _execute(spec, run_id, root, model.preprocess, todo, first, address):
+            state = Progress(len(blocks), len(plan.done))
+            for marker in _execute(
+                spec, run_id, root, model.preprocess, todo, len(blocks), first, address
+            ):
                 totals.add(marker, computed=True)
+                state.add(marker.n_inputs)
+                point = state.series_point()
+                if point:
+                    tracker.log_metrics(point, step=state.finished)
                 if progress:
-                    progress(marker, totals.blocks, len(blocks))
+                    progress(marker, state)
         compute_seconds = time.perf_counter() - t_compute
         summary = totals.summary(run_id, compute_seconds, time.perf_counter() - t_start)
         summary["source_changes"] = changes
@@ -340,6 +349,7 @@ def _execute(
     root: str,
     preprocess,
     blocks: list[Block],
+    n_planned: int,
     overlay_block: str,
     address: str | None,
 ):
@@ -355,8 +365,7 @@ def _execute(
     ctx.max_errored_blocks = 0  # per-input errors are rows; a block error is a real failure
     ctx.issue_detectors_config.detectors = []
     endpoint = spec.storage.endpoint_url
-    items = [{"block": json.dumps(_block_to_json(b))} for b in blocks]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = _planned_blocks(root, endpoint, {b.block_id for b in blocks}, n_planned)
 
     storage = spec.storage
     # a block that still meets an outage after the in-process retries is run again by Ray
@@ -366,7 +375,7 @@ def _execute(
 
     def decode(row: dict) -> dict:
         configure_retries(storage.retries, storage.retry_delay_s)
-        block = _block_from_json(json.loads(row["block"]))
+        block = block_from_row(row)
         annotations = {
             it.image_id: it.meta["annotation"] for it in block.items if it.meta.get("annotation")
         }
@@ -383,7 +392,10 @@ def _execute(
         decoded["write_overlays"] = block.block_id == overlay_block
         return decoded
 
+    # Ray warns, as the job runs, when a run has fewer blocks than decode tasks: nothing to act on
+    warnings.filterwarnings("ignore", message=".*maximum number of concurrent tasks.*")
     c = spec.compute
+    cluster_cpus = ray.cluster_resources().get("CPU", os.cpu_count() or 1)
     # a bounded number of decode tasks: unbounded, Ray starts a worker process per 0.25 CPU, and
     # on a small machine their start-up (each imports torch) delays the actors' first block
     # Ray 2.60 takes retry settings only as **ray_remote_args, which it marks deprecated (removal
@@ -393,7 +405,7 @@ def _execute(
         ds = ds.map(
             decode,
             num_cpus=0.25,
-            compute=TaskPoolStrategy(size=c.decode_tasks or 2 * c.actors),
+            compute=TaskPoolStrategy(size=c.decode_tasks or decode_tasks(c, cluster_cpus)),
             **retry,
         )
         ds = ds.map_batches(
@@ -416,6 +428,14 @@ def _execute(
             yield BlockMarker.from_json(row["marker"])
     except Exception as e:
         raise JobFailed(_root_cause(e)) from e
+
+
+def decode_tasks(c, cluster_cpus: float) -> int:
+    """Concurrent read+decode tasks by default: what the cluster's CPUs leave beside the actors,
+    at most 4 per actor (a cheap explainer eats blocks faster than one decode task per actor
+    reads them; more than 4 only queues decoded blocks in the object store), at least 2."""
+    spare = int(cluster_cpus - c.actors * c.cpus_per_actor)
+    return max(2, min(spare, 4 * c.actors))
 
 
 def _root_cause(error: BaseException) -> str:
@@ -453,12 +473,20 @@ def init_ray(address: str | None) -> None:
         )
 
 
-def _block_to_json(b: Block) -> dict:
-    return {"block_id": b.block_id, "items": [asdict(it) for it in b.items]}
+def _planned_blocks(root: str, endpoint: str | None, todo: set[str], n_planned: int):
+    """The blocks to compute, read by Ray Data from the stored plan (`_plan/blocks.parquet`):
+    streamed row group by row group, one block per Ray block so that each decode task takes
+    one, and the finished blocks of an earlier attempt filtered out on the way."""
+    import ray
+    from ray.data.expressions import col
 
+    from ..runstore.commit import arrow_filesystem
 
-def _block_from_json(d: dict) -> Block:
-    return Block(d["block_id"], tuple(InputItem(**it) for it in d["items"]))
+    fs, path = filesystem(plan_blocks_uri(root), endpoint)
+    ds = ray.data.read_parquet(path, filesystem=arrow_filesystem(fs))
+    if len(todo) < n_planned:
+        ds = ds.filter(expr=col("block_id").is_in(sorted(todo)))
+    return ds.repartition(target_num_rows_per_block=1)
 
 
 def check_outcome(spec: JobSpec, summary: dict) -> None:

@@ -104,16 +104,32 @@ def build_explainers(model: LoadedModel, specs: list[MethodSpec], max_batch: int
     return out
 
 
-def torch_threads(c) -> int:
+def torch_threads(c, node_cpus: int | None = None, nodes: int = 1) -> int:
     """Threads for torch in an actor. Ray sets OMP_NUM_THREADS to the actor's whole CPUs (1 for
     the default 0.5), which left a laptop's model on one core: an actor that reserved >= 1 CPU
-    uses what it reserved; with a fraction, the node's cores are shared among the actors (the
-    decode tasks beside them are light)."""
+    uses what it reserved; with a fraction, the cores of the actor's node are shared among the
+    actors on that node (the job's actors spread over the `nodes` with CPUs; dividing by the
+    cluster-wide count gave 96-core nodes one thread per actor), the decode tasks beside them
+    being light."""
     if c.threads_per_actor:
         return c.threads_per_actor
     if c.cpus_per_actor >= 1:
         return int(c.cpus_per_actor)
-    return max(1, (os.cpu_count() or 1) // c.actors)
+    cpus = node_cpus or os.cpu_count() or 1
+    here = min(math.ceil(c.actors / max(nodes, 1)), max(1, int(cpus / c.cpus_per_actor)))
+    return max(1, cpus // max(here, 1))
+
+
+def _node_cpus() -> tuple[int | None, int]:
+    """(CPUs of the node this actor runs on, nodes with CPUs) from Ray; (None, 1) outside it."""
+    import ray
+
+    if not ray.is_initialized():
+        return None, 1
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    mine = [int(n["Resources"]["CPU"]) for n in nodes if n["NodeID"] == here]
+    return (mine[0] if mine else None), max(len(nodes), 1)
 
 
 def choose_targets(
@@ -170,7 +186,7 @@ class ExplainWorker:
         self.instance = f"{os.getpid()}-{time.time_ns()}"
         self.created_at = time.time()
         torch.manual_seed(self.spec.seed)
-        torch.set_num_threads(torch_threads(self.spec.compute))
+        torch.set_num_threads(torch_threads(self.spec.compute, *_node_cpus()))
         self.model = load_job_model(
             self.spec.model, self.spec.compute.device, self.spec.tracking.uri
         )

@@ -121,7 +121,7 @@ def decode_heatmaps(table: pa.Table) -> np.ndarray:
     return lo + q.astype(np.float32) / 255 * (hi - lo)
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
     return buf.getvalue()

@@ -2,6 +2,7 @@
 
 <output.uri>/<run_id>/
   _plan/plan.parquet              the inputs and their blocks, written before any compute
+  _plan/blocks.parquet            the same, one row per block: what Ray Data reads
   heatmaps/part-<block>.parquet   one row per image x target x explainer
   metrics/part-<block>.parquet    one row per image x target x explainer x metric
   errors/part-<block>.parquet     one row per input (or failed step) that went wrong; only
@@ -32,6 +33,10 @@ def marker_uri(root: str, block_id: str) -> str:
 
 def plan_uri(root: str) -> str:
     return f"{root}/_plan/plan.parquet"
+
+
+def plan_blocks_uri(root: str) -> str:
+    return f"{root}/_plan/blocks.parquet"
 
 
 def safe_name(name: str) -> str:

@@ -81,14 +81,14 @@ class JobTracker:
                 )
         return self.mlflow_run_id
 
-    def log_metrics(self, metrics: dict[str, float]) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         if not self.enabled:
             return
         import time
 
         now = int(time.time() * 1000)
         entities = [
-            self.mlflow.entities.Metric(_metric_key(k), float(v), now, 0)
+            self.mlflow.entities.Metric(_metric_key(k), float(v), now, step)
             for k, v in metrics.items()
             if v is not None and v == v
         ]
