@@ -194,6 +194,12 @@ def run(
         None, help="Ray cluster (ray://HOST:10001 or HOST:6379); default RAY_ADDRESS or local."
     ),
     run_id: str | None = typer.Option(None, help="Run id (default: derived from the spec)."),
+    replan: bool = typer.Option(
+        False,
+        "--replan",
+        help="On resume, list the source again and compute what changed since the run was "
+        "planned (default: keep the stored plan and only report changes).",
+    ),
 ) -> None:
     """Run a dataset-wide explanation job on Ray: Parquet out, an MLflow run, a summary table.
     Ctrl-C keeps the finished blocks: the same command resumes."""
@@ -224,7 +230,9 @@ def run(
     log_path = _log_path(job.run_id or "run")
     try:
         with ray_output_to(log_path):
-            result = run_job(job, address=address, progress=progress, on_plan=on_plan)
+            result = run_job(
+                job, address=address, progress=progress, on_plan=on_plan, replan=replan
+            )
     except SpecError as e:
         _fail(str(e))
     except JobInterrupted as e:
@@ -236,6 +244,8 @@ def run(
             _fail(f"job failed: {e} (full trace: {log_path})", code=1)
         _fail(f"job failed: {e}", code=1)
     print_summary(result.summary)
+    if result.summary.get("source_changes") and not replan:  # found beside the compute
+        console.print(result.summary["source_changes"], highlight=False)
     if result.gate is not None:
         print_changes(result.gate)
     console.print(

@@ -610,9 +610,9 @@ def test_the_stored_plan_names_each_finished_blocks_inputs_and_the_changes(tmp_p
     assert [block_from_row(r).items[0].meta for r in feed] == [{"folder": "x"}, {}]
     write_block(root, BlockMarker(blocks[1].block_id), _tables(1))  # only (c) finished
     assert finished_inputs(root, stored) == {blocks[1].block_id: {"c": "1"}}
-    assert source_changes(stored, items) is None
+    assert source_changes(stored, items, replanned=True) is None
     now = [items[0], InputItem("b", "/data/b", version="2"), InputItem("d", "/data/d")]
-    assert source_changes(stored, now) == (
+    assert source_changes(stored, now, replanned=True) == (
         "the source changed since this run was planned: 1 inputs added, 1 removed, 1 changed; "
         "the blocks they touch are computed again"
     )

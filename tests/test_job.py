@@ -438,9 +438,10 @@ def test_bench_pipeline_compares_the_job_with_in_process(ray_local, demo_images,
 def test_resume_after_inputs_changed_holds_the_rows_of_a_fresh_run(
     ray_local, demo_images, tmp_path
 ):
-    """Between attempts one input is added, one removed and one replaced under its name: the
-    resumed run recomputes only the blocks those touch, leaves no stale part behind, and its
-    tables and summary equal a fresh run's over the final inputs."""
+    """Between attempts one input is added, one removed and one replaced under its name: a
+    resume reports it and keeps its plan; a replanned one recomputes only the blocks those
+    touch, leaves no stale part behind, and its tables and summary equal a fresh run's over the
+    final inputs."""
     folder = tmp_path / "data" / "images"
     _local_images(tmp_path / "data", demo_images, 6)
     spec = base_spec(
@@ -460,7 +461,15 @@ def test_resume_after_inputs_changed_holds_the_rows_of_a_fresh_run(
     crop = demo_images[3][40:200, 60:260]
     (folder / "img03.png").write_bytes(image_bytes(crop, "PNG"))  # replaced: (img02, img03)
     (folder / "img99.png").write_bytes(image_bytes(demo_images[0][::2, ::2], "PNG"))  # added
-    resumed = run_job(parse_spec({**spec, "run_id": "changing"}))
+    # a plain resume keeps its stored plan (no listing before the compute) and says what changed
+    kept = run_job(parse_spec({**spec, "run_id": "changing"}))
+    assert (kept.summary["blocks_resumed"], kept.summary["blocks_computed"]) == (3, 0)
+    assert kept.summary["source_changes"] == (
+        "the source changed since this run was planned: 1 inputs added, 1 removed, 1 changed; "
+        "this run kept its plan: run it with --replan to compute the changes"
+    )
+    assert _by_key(read_table(kept.root, "heatmaps")).keys() == before.keys()
+    resumed = run_job(parse_spec({**spec, "run_id": "changing"}), replan=True)
     s = resumed.summary
     assert (s["inputs"], s["images_ok"], s["lost"]) == (6, 6, 0)
     # kept: (img04, img05); new blocks: img01, img02, img03 and img99 (two blocks of two)

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import yaml
@@ -177,8 +178,11 @@ def finished_inputs(
     }
 
 
-def source_changes(stored: list[Block] | None, items: list[InputItem]) -> str | None:
-    """One line on how the inputs differ from the stored plan's; None when they do not."""
+def source_changes(
+    stored: list[Block] | None, items: list[InputItem], replanned: bool
+) -> str | None:
+    """One line on how the inputs differ from the stored plan's; None when they do not.
+    `replanned`: the plan was cut again from `items` (else the run kept its plan)."""
     if stored is None:
         return None
     before = {it.image_id: it.version for b in stored for it in b.items}
@@ -188,9 +192,14 @@ def source_changes(stored: list[Block] | None, items: list[InputItem]) -> str | 
     changed = sum(1 for i in now.keys() & before.keys() if now[i] != before[i])
     if not (added or removed or changed):
         return None
+    then = (
+        "the blocks they touch are computed again"
+        if replanned
+        else "this run kept its plan: run it with --replan to compute the changes"
+    )
     return (
         f"the source changed since this run was planned: {added} inputs added, {removed} "
-        f"removed, {changed} changed; the blocks they touch are computed again"
+        f"removed, {changed} changed; {then}"
     )
 
 
@@ -216,9 +225,19 @@ def _by_image_id(annotations: dict[str, dict], ids: list[str]) -> dict[str, dict
     return out
 
 
-def run_job(spec: JobSpec, *, address: str | None = None, progress=None, on_plan=None) -> JobResult:
-    """Run (or resume) the job. `on_plan(finished, total, source_changes)` is called once the
-    blocks are known (source_changes: a line, or None when the inputs are the plan's),
+def run_job(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    progress=None,
+    on_plan=None,
+    replan: bool = False,
+) -> JobResult:
+    """Run (or resume) the job. A resume keeps the stored plan (no listing before the compute;
+    the source is listed beside it and `summary["source_changes"]` says how it changed);
+    `replan` lists the source first and cuts a new plan over what is there now, keeping the
+    finished blocks whose inputs are unchanged. `on_plan(finished, total, source_changes)` is
+    called once the blocks are known (source_changes: a line when replanning found changes),
     `progress(marker, Progress)` as each block finishes."""
     run_id = expand_run_id(spec.run_id) if spec.run_id else default_run_id(spec)
     root = run_root(spec.output.uri, run_id)
@@ -228,8 +247,17 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None, on_plan
     _apply_overwrite_policy(spec, root)
     tracker = JobTracker(spec.tracking.uri, spec.tracking.experiment, run_id, spec.tracking.enabled)
     blocks: list[Block] = []
+    listing = None
     try:
-        items = list_job_inputs(spec)
+        stored = read_plan(root, endpoint)
+        if stored is None or replan:
+            items = list_job_inputs(spec)
+        else:
+            # a resume keeps its plan and starts at once; the source is listed beside the
+            # compute, only to say whether it changed since
+            items = [it for b in stored for it in b.items]
+            listing = ThreadPoolExecutor(1, thread_name_prefix="listing")
+            relisted = listing.submit(list_job_inputs, spec)
         # on the driver, before Ray starts: what `salient validate` checks (the model loaded on
         # the CPU, every explainer and metric built); the model gives the hash and preprocessing
         model = preflight(spec, items=items)
@@ -244,11 +272,14 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None, on_plan
             **spec.tracking.tags,
         }
         tracker.start(flatten(spec), tags)
-        stored = read_plan(root, endpoint)
-        plan = plan_run(spec, items, finished_inputs(root, stored, endpoint))
-        changes = source_changes(stored, items)
-        # the plan first: a crash from here on leaves a plan that names every finished block
-        write_plan(root, plan.blocks, endpoint)
+        finished = finished_inputs(root, stored, endpoint)
+        if listing is None:
+            plan = plan_run(spec, items, finished)
+            changes = source_changes(stored, items, replanned=True)
+            # the plan first: a crash from here on leaves a plan that names every finished block
+            write_plan(root, plan.blocks, endpoint)
+        else:
+            plan, changes = Plan(stored, finished, [], set()), None
         # parts of blocks that are no longer in the plan (inputs changed or removed, or a block
         # that never finished) would mix stale rows into every table read
         remove_stale_outputs(root, {b.block_id for b in plan.blocks}, plan.stale_images, endpoint)
@@ -280,6 +311,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None, on_plan
                 if progress:
                     progress(marker, state)
         compute_seconds = time.perf_counter() - t_compute
+        if listing is not None:
+            changes = _changes_since(stored, relisted)
         summary = totals.summary(run_id, compute_seconds, time.perf_counter() - t_start)
         summary["source_changes"] = changes
         digest = totals.digest
@@ -315,6 +348,18 @@ def run_job(spec: JobSpec, *, address: str | None = None, progress=None, on_plan
     except BaseException as e:
         tracker.fail(e)
         raise
+    finally:
+        if listing is not None:
+            listing.shutdown(wait=False, cancel_futures=True)
+
+
+def _changes_since(stored: list[Block], relisted) -> str:
+    """The line on how the source differs from the kept plan (None: it does not)."""
+    try:
+        items = relisted.result()
+    except Exception as e:  # the run is complete either way: say what could not be checked
+        return f"could not list the source to check it against the plan: {e}"
+    return source_changes(stored, items, replanned=False)
 
 
 def _compact(root: str, keep: set[str], endpoint: str | None, address: str | None) -> dict:
