@@ -35,6 +35,9 @@ def storage_options(uri: str, endpoint_url: str | None = None) -> dict:
                 "retries": {"max_attempts": 2, "mode": "standard"},
                 "connect_timeout": 5,
                 "read_timeout": 60,
+                # botocore's default of 10 would cap a block's concurrent GETs and the listing's
+                # concurrent LISTs (both up to 32 threads)
+                "max_pool_connections": 32,
             },
         }
         if endpoint:

@@ -10,7 +10,9 @@ import os
 import tarfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 import numpy as np
 import pyarrow as pa
@@ -19,10 +21,10 @@ import pytest
 from conftest import image_bytes
 
 from pipeline.models import Preprocess
-from pipeline.sources import reader
+from pipeline.sources import listing, reader
 from pipeline.sources.listing import list_inputs, make_blocks
 from pipeline.sources.reader import read_block, read_input_bytes
-from pipeline.storage import StorageUnavailable
+from pipeline.storage import RETRY_POLICY, StorageUnavailable, filesystem
 
 PRE = Preprocess(size=32, policy="squash")
 
@@ -32,6 +34,7 @@ class Request:
     method: str
     path: str
     body_bytes: int
+    query: str = ""
 
 
 class RequestLog:
@@ -56,7 +59,7 @@ class RequestLog:
         finally:
             with self.lock:
                 self.in_flight -= 1
-        self.requests.append(Request(method, path, len(body)))
+        self.requests.append(Request(method, path, len(body), environ.get("QUERY_STRING", "")))
         return [body]
 
     def of(self, bucket: str, method: str | None = None) -> list[Request]:
@@ -312,3 +315,159 @@ def test_parquet_manifest_on_s3_reads_only_its_columns(s3, s3_endpoint, s3_log, 
     row = read_block(make_blocks(items, 8)[0], PRE, endpoint_url=s3_endpoint)
     assert row["image_ids"] == ["0.png", "1.png", "2.png"]
     assert (len(_object_gets(s3_log, bucket)), len(s3_log.of(bucket, "HEAD"))) == (3, 0)
+
+
+# -- listing: an object store is listed over its common prefixes, concurrently ---------------
+def _put_many(s3, bucket: str, keys: list[str]) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: s3.put_object(Bucket=bucket, Key=k, Body=k.encode()), keys))
+
+
+def _listings(log: RequestLog, bucket: str) -> list[tuple[str, str]]:
+    """(prefix, delimiter) of every ListObjectsV2 page the server answered for `bucket`, less
+    the one-key probes (max-keys=1) with which `fs.info` tells a folder from a file."""
+    out = []
+    for r in log.requests:
+        q = parse_qs(r.query, keep_blank_values=True)
+        listing_page = r.method == "GET" and r.path.rstrip("/") == f"/{bucket}"
+        if listing_page and "list-type" in q and q.get("max-keys") != ["1"]:
+            out.append((q["prefix"][0], q.get("delimiter", [""])[0]))
+    return sorted(out)
+
+
+def _serial(bucket: str, prefix: str) -> dict:
+    """What `_files_under` returned before: one `fs.find`, sorted."""
+    fs, root = filesystem(f"s3://{bucket}/{prefix}")
+    found = fs.find(root, detail=True)
+    return {p: found[p] for p in sorted(found)}
+
+
+def test_an_object_store_is_listed_over_its_prefixes_concurrently(s3, s3_endpoint, s3_log):
+    bucket = _bucket(s3, "scale-listing")
+    keys = [f"tree/d{d:02d}/{i:03d}.png" for d in range(20) for i in range(15)]
+    keys += [f"tree/d{d:02d}/sub/{i}.png" for d in range(5) for i in range(3)]  # deeper
+    keys += [f"tree/top-{i}.png" for i in range(3)] + ["tree/d03/"]  # files, a folder marker
+    keys += ["treeline/x.png", "other/y.png"]  # beside the prefix, not under it
+    # few prefixes at the top: listed one level deeper so that there is parallelism
+    keys += [f"deep/{t}/s{s:02d}/{i}.png" for t in "ab" for s in range(10) for i in range(10)]
+    _put_many(s3, bucket, keys)
+    for prefix, expected_lists in (
+        ("tree/", [("tree/", "/")] + [(f"tree/d{d:02d}/", "") for d in range(20)]),
+        (
+            "deep",
+            [("deep/", "/"), ("deep/a/", "/"), ("deep/b/", "/")]
+            + [(f"deep/{t}/s{s:02d}/", "") for t in "ab" for s in range(10)],
+        ),
+    ):
+        s3_log.clear()
+        s3_log.delay_s = 0.05  # a store's latency per page, so overlapping LISTs can be seen
+        t0 = time.perf_counter()
+        fs, root, files = listing._files_under(f"s3://{bucket}/{prefix}", s3_endpoint)
+        seconds = time.perf_counter() - t0
+        s3_log.delay_s = 0.0
+        lists = _listings(s3_log, bucket)
+        print(
+            f"listing {prefix}: {len(files)} files, {len(lists)} LISTs in {seconds:.2f} s, "
+            f"at most {s3_log.max_in_flight} at once"
+        )
+        assert root == f"{bucket}/{prefix.rstrip('/')}"
+        serial = _serial(bucket, prefix)
+        assert list(files) == list(serial) and files == serial  # same paths, sizes, ETags
+        assert len(files) == sum(k.startswith(prefix.rstrip("/") + "/") for k in keys)
+        # one LIST per prefix the structure implies (each fits a page), several at once
+        assert lists == sorted(expected_lists)
+        assert len(s3_log.of(bucket, "HEAD")) == 1  # fs.info: is the root a file?
+        assert s3_log.max_in_flight >= 4
+
+
+def test_a_second_listing_sees_what_changed_even_through_a_listings_cache(
+    s3, s3_endpoint, monkeypatch
+):
+    """The job lists again on resume: neither the filesystem's listings cache nor the first
+    listing may answer for the second. Here the filesystem caches listings (s3fs's dircache,
+    which `storage_options` turns off for s3:// but gcsfs and others keep)."""
+    import s3fs
+
+    bucket = _bucket(s3, "scale-relist")
+    _put_many(s3, bucket, [f"p/{t}/s{s}/{i}.png" for t in "ab" for s in range(3) for i in range(4)])
+    cached = s3fs.S3FileSystem(
+        endpoint_url=s3_endpoint, use_listings_cache=True, skip_instance_cache=True
+    )
+    monkeypatch.setattr(
+        listing, "filesystem", lambda uri, _=None: (cached, cached._strip_protocol(uri))
+    )
+    first = listing._files_under(f"s3://{bucket}/p", s3_endpoint)[2]
+    assert first == _serial(bucket, "p")
+    assert cached.ls(f"{bucket}/p/a/s0", detail=False)  # s3fs kept that listing
+    s3.delete_object(Bucket=bucket, Key="p/a/s0/1.png")
+    s3.put_object(Bucket=bucket, Key="p/a/s0/9.png", Body=b"new")
+    s3.put_object(Bucket=bucket, Key="p/b/s2/0.png", Body=b"changed")  # a new ETag
+    s3.put_object(Bucket=bucket, Key="p/c/s0/0.png", Body=b"a new prefix")
+    gone = [{"Key": f"p/b/s1/{i}.png"} for i in range(4)]  # a prefix that went away
+    s3.delete_objects(Bucket=bucket, Delete={"Objects": gone})
+    # the cache still answers with the old listing ...
+    assert f"{bucket}/p/a/s0/1.png" in cached.ls(f"{bucket}/p/a/s0", detail=False)
+    second = listing._files_under(f"s3://{bucket}/p", s3_endpoint)[2]
+    # ... the listing does not
+    assert second == _serial(bucket, "p") and second != first
+    assert f"{bucket}/p/a/s0/9.png" in second and f"{bucket}/p/a/s0/1.png" not in second
+    assert not any(p.startswith(f"{bucket}/p/b/s1/") for p in second)
+    # and a source that is gone is gone, whatever was cached about it
+    everything = [{"Key": p.split("/", 1)[1]} for p in second]
+    s3.delete_objects(Bucket=bucket, Delete={"Objects": everything})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        listing._files_under(f"s3://{bucket}/p", s3_endpoint)
+
+
+class _Flaky:
+    """A filesystem whose listings fail once per path in `fail`, and which runs `after[path]`
+    once `path` has been listed a level deep."""
+
+    def __init__(self, fs, fail: set[str], after: dict):
+        self.fs, self.fail, self.after, self.calls = fs, set(fail), dict(after), []
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def _call(self, what, path, fn):
+        self.calls.append((what, path))
+        if path in self.fail:
+            self.fail.discard(path)
+            raise ConnectionError(f"connection reset while listing {path}")
+        return fn()
+
+    def ls(self, path, **kw):
+        out = self._call("ls", path, lambda: self.fs.ls(path, **kw))
+        if path in self.after:
+            self.after.pop(path)()
+        return out
+
+    def find(self, path, **kw):
+        return self._call("find", path, lambda: self.fs.find(path, **kw))
+
+
+def test_listing_retries_each_request_and_a_prefix_gone_between_levels_lists_nothing(
+    s3, s3_endpoint, monkeypatch
+):
+    monkeypatch.setitem(RETRY_POLICY, "first_delay", 0.01)
+    monkeypatch.setattr(listing, "LISTING_FANOUT", 4)  # v's 3 prefixes by level, then finds
+    bucket = _bucket(s3, "scale-vanish")
+    _put_many(
+        s3, bucket, [f"v/{t}/s{s}/{i}.png" for t in "abc" for s in range(4) for i in range(3)]
+    )
+
+    def delete(prefix, n):
+        gone = [{"Key": f"{prefix}/s{s}/{i}.png"} for s in range(n) for i in range(3)]
+        return lambda: s3.delete_objects(Bucket=bucket, Delete={"Objects": gone})
+
+    fs, root = filesystem(f"s3://{bucket}/v")
+    # c is gone before its level is listed; a/s0 once a's level named it, before its find
+    after = {root: delete("v/c", 4), f"{root}/a": delete("v/a", 1)}
+    flaky = _Flaky(fs, {f"{bucket}/v/b", f"{bucket}/v/a/s1"}, after)
+    found = listing._list_tree(flaky, root)
+    assert {p: found[p] for p in sorted(found)} == _serial(bucket, "v")
+    assert len(found) == 4 * 3 + 3 * 3  # b's four prefixes, a's three left
+    assert flaky.calls.count(("ls", f"{bucket}/v/b")) == 2  # failed once, retried
+    assert flaky.calls.count(("find", f"{bucket}/v/a/s1")) == 2
+    assert ("find", f"{bucket}/v/a/s0") in flaky.calls  # listed, found empty
+    assert not any(path.startswith(f"{bucket}/v/c/") for _, path in flaky.calls)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
-from ..storage import filesystem
+from ..storage import filesystem, with_retries
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 DEMO_IMAGES = ("chelsea", "coffee", "astronaut", "rocket", "cat", "horse", "immunohistochemistry")
@@ -21,6 +23,12 @@ DEMO_IMAGES = ("chelsea", "coffee", "astronaut", "rocket", "cat", "horse", "immu
 ALL_SAMPLES = "*"
 # a row group bigger than a block stays whole in one block up to this many blocks' worth
 MAX_ROW_GROUP_BLOCKS = 4
+# An object store is listed by prefix, concurrently: the top level with a delimiter (its files
+# and common prefixes), levels with fewer prefixes than LISTING_FANOUT one level deeper (at
+# most LISTING_LEVELS delimiter levels), then every prefix found in full, LISTING_THREADS at once.
+LISTING_THREADS = 32
+LISTING_FANOUT = 16
+LISTING_LEVELS = 3
 
 
 @dataclass(frozen=True)
@@ -138,20 +146,97 @@ def file_version(info: dict) -> str:
 
 
 def _files_under(uri: str, endpoint_url: str | None):
-    """(fs, root, {path: info}) for every file under `uri` (or the one file it names)."""
+    """(fs, root, {path: info}) for every file under `uri` (or the one file it names), sorted.
+    A local folder is walked; an object store is listed over its common prefixes in parallel
+    (`_list_tree`), which gives what one `fs.find(root, detail=True)` gives."""
     fs, root = filesystem(uri, endpoint_url)
-    if not fs.exists(root):
-        raise FileNotFoundError(f"source {uri!r} does not exist")
-    if fs.isfile(root):
-        return fs, posixpath.dirname(root), {root: fs.info(root)}
-    found = fs.find(root, detail=True)
-    return fs, root.rstrip("/"), {p: found[p] for p in sorted(found)}
+    # a listing this process made before (a resume lists again) must not answer for this one
+    fs.invalidate_cache(root)
+    try:
+        info = with_retries(lambda: fs.info(root), what=f"listing {uri}")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"source {uri!r} does not exist") from None
+    if info.get("type") == "file":
+        return fs, posixpath.dirname(root), {root: info}
+    root = root.rstrip("/")
+    found = fs.find(root, detail=True) if _is_local(fs) else _list_tree(fs, root)
+    return fs, root, {p: found[p] for p in sorted(found)}
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def _list_tree(fs, root: str, threads: int = LISTING_THREADS) -> dict[str, dict]:
+    """{path: info} of every file under the folder `root` of an object store: what one
+    `fs.find(root, detail=True)` gives (one serial chain of pages), listed over common
+    prefixes by `threads` requests at once. The top level is listed with a delimiter; a level
+    with fewer than LISTING_FANOUT prefixes is listed one level deeper; each prefix found is
+    then listed in full. Every request is retried (`with_retries`) and bypasses a listings
+    cache; a prefix that is gone by the time it is listed lists nothing."""
+    found: dict[str, dict] = {}
+    frontier, whole = [root], []
+    with ThreadPoolExecutor(threads, thread_name_prefix="listing") as pool:
+        for level in range(LISTING_LEVELS):
+            if not frontier or (level and len(frontier) >= LISTING_FANOUT):
+                break
+            deeper = []
+            for parent, entries in zip(frontier, pool.map(partial(_ls, fs), frontier), strict=True):
+                files, prefixes = _split_level(parent, entries)
+                found.update(files)
+                if prefixes is None:  # a prefix that is no folder level ("a//b"): whole
+                    whole.append(parent)
+                else:
+                    deeper += prefixes
+            frontier = deeper
+        for part in pool.map(partial(_find, fs), whole + frontier):
+            found.update(part)
+    return found
+
+
+def _split_level(parent: str, entries: list[dict]):
+    """(files, prefixes) of one delimiter listing of `parent`; prefixes is None when one of
+    them names no level below `parent` (an empty path segment, as in the key "a//b"): such a
+    parent is listed whole instead."""
+    files, prefixes = {}, []
+    under = parent + "/"
+    for e in entries:
+        name = e["name"]
+        if e.get("type") == "directory":
+            child = name.rstrip("/")
+            if not child.startswith(under) or len(child) <= len(under):
+                return files, None
+            prefixes.append(child)
+        elif name.startswith(under):  # not a file named like a prefix that went away
+            files[name] = e
+    return files, prefixes
+
+
+def _ls(fs, path: str) -> list[dict]:
+    """One level of `path` (files and common prefixes), never from a listings cache; nothing
+    if it is gone."""
+    try:
+        return with_retries(lambda: fs.ls(path, detail=True, refresh=True), what=f"listing {path}")
+    except FileNotFoundError:
+        return []
+
+
+def _find(fs, path: str) -> dict[str, dict]:
+    """Every file under the prefix `path/` (nothing if it is gone)."""
+    try:
+        found = with_retries(lambda: fs.find(path, detail=True), what=f"listing {path}")
+    except FileNotFoundError:
+        return {}
+    under = path + "/"
+    # a gone prefix can come back as the file named like it: that file is its parent's
+    return {p: info for p, info in found.items() if p.startswith(under)}
 
 
 def _unstrip(uri: str, fs, path: str) -> str:
     """A path from `fs.find` back to a URI with the source's scheme."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+    return path if _is_local(fs) else f"{protocol}://{path}"
 
 
 def _list_image_files(uri: str, endpoint_url: str | None) -> list[InputItem]:
