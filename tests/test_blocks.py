@@ -75,7 +75,7 @@ def test_plan_keeps_unchanged_blocks_and_recuts_the_rest():
     # a removed, d replaced, g added
     now = _items(("b", "1"), ("c", "1"), ("d", "2"), ("e", "1"), ("f", "1"), ("g", "1"))
     plan = plan_run(_spec(compute={"block_size": 2}), now, finished)
-    assert list(plan.done) == [ef]
+    assert plan.done == {ef}
     assert sorted(plan.stale) == sorted([ab, cd, "legacy"])
     assert plan.stale_images == {"a", "b", "c", "d"}
     assert [[it.image_id for it in blk.items] for blk in plan.blocks] == [
@@ -644,3 +644,41 @@ def test_progress_eta_and_a_bounded_mlflow_series(monkeypatch):
         halfway.add(10)
     assert halfway.eta_s == 150.0  # 75 blocks at 2 s
     assert halfway.line() == "250 inputs in 50 s (5.00/s), about 2 min left"
+
+
+def test_a_blocks_upload_overlaps_the_next_blocks_compute(tmp_path, tiny_block, monkeypatch):
+    """Two calls on one actor (as the job runs them): the computes take turns, and the second
+    block computes while the first one's files are still being written."""
+    import threading
+    import time
+
+    from pipeline.engine import worker as worker_module
+
+    worker, _, row = _worker(tmp_path, tiny_block, {"mode": "predicted"})
+    spans: dict[str, list[tuple[float, float]]] = {"compute": [], "write": []}
+    explain, write = worker.explain_block, worker_module.write_block
+
+    def timed(kind, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        if kind == "write":
+            time.sleep(1.0)  # a slow store
+        out = fn(*args, **kwargs)
+        spans[kind].append((t0, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(worker, "explain_block", lambda r: timed("compute", explain, r))
+    monkeypatch.setattr(
+        worker_module, "write_block", lambda *a, **k: timed("write", write, *a, **k)
+    )
+    rows = [{**row, "block_id": f"blk{i}"} for i in range(2)]
+    threads = [threading.Thread(target=worker.process_block, args=(r,)) for r in rows]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    (a, b) = sorted(spans["compute"])
+    assert a[1] <= b[0]  # one block computes at a time
+    first_write = min(spans["write"])
+    assert b[0] < first_write[1]  # the second computed while the first was uploading
+    assert len(spans["write"]) == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -198,6 +199,9 @@ class ExplainWorker:
             self.model, self.spec.explainers, self.spec.compute.max_batch, self.spec.seed
         )
         self.schema = heatmap_schema(self.spec.output.heatmap_size, self.spec.output.heatmap_dtype)
+        # the job gives each actor two calls at once: one block computes (holding this lock: one
+        # model, one device) while the one before it uploads its files
+        self.computing = threading.Lock()
         self.init_seconds = time.time() - self.created_at  # imports excluded: they came before
 
     def __call__(self, batch: dict) -> dict:
@@ -212,7 +216,8 @@ class ExplainWorker:
 
     def process_block(self, row: dict) -> BlockMarker:
         """Explain one decoded block and write its files, the marker last."""
-        output = self.explain_block(row)
+        with self.computing:
+            output = self.explain_block(row)
         endpoint = self.spec.storage.endpoint_url
         for path, data in output.files.items():
             write_bytes_atomic(f"{self.root}/{path}", data, endpoint)
