@@ -129,7 +129,7 @@ class Plan:
     changed or went away, and `stale_images` their image ids (their files must go)."""
 
     blocks: list[Block]
-    done: dict[str, dict[str, str]]  # finished block id -> its inputs (image id -> version)
+    done: set[str]  # ids of the blocks an earlier attempt finished, kept
     stale: list[str]
     stale_images: set[str]
 
@@ -159,7 +159,7 @@ def plan_run(spec: JobSpec, items: list[InputItem], finished: dict[str, dict[str
             stale_images.update(inputs)
     fresh = make_blocks([it for it in items if it.image_id not in covered], spec.compute.block_size)
     blocks = sorted([*kept.values(), *fresh], key=lambda b: b.items[0].image_id)
-    return Plan(blocks, {bid: finished[bid] for bid in kept}, stale, stale_images - covered)
+    return Plan(blocks, set(kept), stale, stale_images - covered)
 
 
 def finished_inputs(
@@ -272,14 +272,15 @@ def run_job(
             **spec.tracking.tags,
         }
         tracker.start(flatten(spec), tags)
-        finished = finished_inputs(root, stored, endpoint)
         if listing is None:
-            plan = plan_run(spec, items, finished)
+            plan = plan_run(spec, items, finished_inputs(root, stored, endpoint))
             changes = source_changes(stored, items, replanned=True)
             # the plan first: a crash from here on leaves a plan that names every finished block
             write_plan(root, plan.blocks, endpoint)
         else:
-            plan, changes = Plan(stored, finished, [], set()), None
+            # the kept plan needs only the finished blocks' names (one listing)
+            done = finished_block_ids(root, endpoint) & {b.block_id for b in stored}
+            plan, changes = Plan(stored, done, [], set()), None
         # parts of blocks that are no longer in the plan (inputs changed or removed, or a block
         # that never finished) would mix stale rows into every table read
         remove_stale_outputs(root, {b.block_id for b in plan.blocks}, plan.stale_images, endpoint)
@@ -292,7 +293,7 @@ def run_job(
         # the finished blocks' markers are folded as they arrive (read concurrently), then
         # this attempt's as the actors finish them: nothing here grows with the run
         totals = RunTotals(spec)
-        for marker in read_markers(root, plan.done, endpoint):
+        for marker in read_markers(root, sorted(plan.done), endpoint):
             totals.add(marker, computed=False)
         if todo:
             init_ray(address)  # Ray's start-up is not compute: images/s leaves it out
@@ -461,7 +462,11 @@ def _execute(
                 "root": root,
             },
             batch_size=1,
-            compute=ActorPoolStrategy(size=c.actors),
+            # two calls per actor: a block's upload overlaps the next block's compute (the
+            # worker computes one block at a time)
+            compute=ActorPoolStrategy(
+                size=c.actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True
+            ),
             num_cpus=c.cpus_per_actor,
             num_gpus=c.gpus_per_actor or None,
             batch_format="numpy",

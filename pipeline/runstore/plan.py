@@ -46,6 +46,8 @@ def _dumps(value) -> str:
         return "null"
     if value == {}:
         return "{}"
+    if type(value) is int:  # a class index, as json.dumps writes it
+        return str(value)
     return json.dumps(value, sort_keys=True)
 
 
