@@ -417,7 +417,7 @@ def bench_pipeline(spec, address: str | None = None) -> dict:
     ]
     x = model.preprocess.normalise(torch.from_numpy(np.concatenate(pixels)))
     explainers = build_explainers(model, spec.explainers, spec.compute.max_batch, spec.seed)
-    bs = spec.compute.batch_size
+    bs = spec.compute.batch_for(model.device)
     t0 = _time.perf_counter()
     for s in range(0, len(x), bs):
         xb = x[s : s + bs].to(model.device)

@@ -24,7 +24,7 @@ from conftest import image_bytes
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.engine.job import run_job
+from pipeline.engine.job import JobFailed, run_job
 from pipeline.engine.worker import torch_threads
 from pipeline.explainers import build_explainer
 from pipeline.runstore import finished_block_ids, read_markers, read_table, safe_name, shrink
@@ -401,6 +401,14 @@ def test_torch_threads_per_actor():
     assert torch_threads(ComputeSpec(actors=500, cpus_per_actor=0.5), 8, 2) == 1
 
 
+def test_batch_size_defaults_by_device():
+    from pipeline.spec import ComputeSpec
+
+    assert ComputeSpec().batch_for("cpu") == 16
+    assert ComputeSpec().batch_for("cuda:0") == 64
+    assert ComputeSpec(batch_size=8).batch_for("cuda:0") == 8  # the spec's own wins
+
+
 def test_decode_tasks_follow_the_cluster_cpus():
     from pipeline.engine.job import decode_tasks
     from pipeline.spec import ComputeSpec
@@ -518,8 +526,6 @@ def test_a_run_that_explains_too_little_fails_loudly_and_keeps_its_rows(
     ray_local, demo_images, tmp_path
 ):
     import mlflow
-
-    from pipeline.engine.job import JobFailed
 
     images = tmp_path / "data" / "images"
     images.mkdir(parents=True)
@@ -648,3 +654,23 @@ def test_console_carries_only_salients_lines_and_ctrl_c_says_how_to_resume(demo_
     assert run.info.status == "FINISHED" and "salient.error" not in run.data.tags
     assert run.data.tags["salient.data_uri"] == str(tmp_path / "data" / "images")
     assert run.data.tags["salient.output_uri"] == str(tmp_path / "runs" / "console")
+
+
+def test_a_ray_job_that_ends_without_every_block_fails_not_a_partial_summary(
+    ray_local, demo_images, tmp_path, monkeypatch
+):
+    """If the stream of finished blocks ends early without an error (an interrupt swallowed by
+    a library, a Ray bug), the run must not end as a success over the blocks that did arrive."""
+    from pipeline.engine import job as job_module
+
+    _local_images(tmp_path / "data", demo_images, 4)
+    spec = base_spec(
+        str(tmp_path / "data" / "images"),
+        str(tmp_path / "runs"),
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        explainers=[{"name": "gradcam"}],
+        compute={"block_size": 2},
+    )
+    monkeypatch.setattr(job_module, "_execute", lambda *args: iter(()))
+    with pytest.raises(JobFailed, match="2 of 2 blocks did not finish"):
+        run_job(parse_spec(spec))

@@ -9,6 +9,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -301,16 +303,28 @@ def run_job(
         if todo:
             first = blocks[0].block_id  # the first block of the plan writes a few overlays
             state = Progress(len(blocks), len(plan.done))
-            for marker in _execute(
-                spec, run_id, root, model.preprocess, todo, len(blocks), first, address
-            ):
-                totals.add(marker, computed=True)
-                state.add(marker.n_inputs)
-                point = state.series_point()
-                if point:
-                    tracker.log_metrics(point, step=state.finished)
-                if progress:
-                    progress(marker, state)
+            arrived: set[str] = set()
+            with _CtrlC() as ctrl_c:
+                for marker in _execute(
+                    spec, run_id, root, model.preprocess, todo, len(blocks), first, address
+                ):
+                    ctrl_c.check()
+                    arrived.add(marker.block_id)
+                    totals.add(marker, computed=True)
+                    state.add(marker.n_inputs)
+                    point = state.series_point()
+                    if point:
+                        tracker.log_metrics(point, step=state.finished)
+                    if progress:
+                        progress(marker, state)
+                ctrl_c.check()
+            # a summary over part of the plan would look like a finished run: never report one
+            missing = {b.block_id for b in todo} - arrived
+            if missing:
+                raise JobFailed(
+                    f"{len(missing)} of {len(blocks)} blocks did not finish (the Ray job ended "
+                    "without them); run the same command to resume"
+                )
         compute_seconds = time.perf_counter() - t_compute
         if listing is not None:
             changes = _changes_since(stored, relisted)
@@ -352,6 +366,30 @@ def run_job(
     finally:
         if listing is not None:
             listing.shutdown(wait=False, cancel_futures=True)
+
+
+class _CtrlC:
+    """Remembers a Ctrl-C for the compute loop: the KeyboardInterrupt Python raises can land in
+    library code that swallows it (seen under load), and the loop must still stop."""
+
+    def __enter__(self):
+        self.pressed, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum, frame):
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def _changes_since(stored: list[Block], relisted) -> str:

@@ -199,6 +199,7 @@ class ExplainWorker:
             self.model, self.spec.explainers, self.spec.compute.max_batch, self.spec.seed
         )
         self.schema = heatmap_schema(self.spec.output.heatmap_size, self.spec.output.heatmap_dtype)
+        self.batch_size = self.spec.compute.batch_for(self.model.device)
         # the job gives each actor two calls at once: one block computes (holding this lock: one
         # model, one device) while the one before it uploads its files
         self.computing = threading.Lock()
@@ -279,8 +280,8 @@ class ExplainWorker:
         x = self.model.preprocess.normalise(pixels.to(device))
         probs = torch.cat(
             [
-                self.model.logits(x[s : s + self.spec.compute.batch_size]).float().softmax(-1)
-                for s in range(0, x.shape[0], self.spec.compute.batch_size)
+                self.model.logits(x[s : s + self.batch_size]).float().softmax(-1)
+                for s in range(0, x.shape[0], self.batch_size)
             ]
         )
         predicted = probs.argmax(1).cpu()
@@ -354,7 +355,7 @@ class ExplainWorker:
         maps = torch.zeros(n, h, w)
         pictures: dict[str, torch.Tensor] = {}
         bad: dict[int, Exception] = {}
-        bs = self.spec.compute.batch_size
+        bs = self.batch_size
 
         def run(idx):
             maps[idx] = explainer(x[pairs.image[idx]], pairs.target[idx]).cpu()
@@ -413,7 +414,7 @@ class ExplainWorker:
         """Every metric of the spec on every explainer's maps, batch by batch; a metric that
         raises gives null values and a (non-fatal) error row, never a lost heatmap."""
         device = self.model.device
-        bs = self.spec.compute.batch_size
+        bs = self.batch_size
         n = len(pairs.image)
         for key, maps in maps_by_explainer.items():
             states = result.metric_states.setdefault(key, {})
