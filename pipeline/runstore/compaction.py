@@ -101,6 +101,7 @@ def _compact_table(fs, base, table, parts: dict, old: dict, old_keep, token, fil
     """One table's rows -> its compacted files (run-relative paths)."""
     import ray
     from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
     from ray.data.datasource import FilenameProvider, Partitioning
 
     afs = arrow_filesystem(fs)
@@ -112,8 +113,11 @@ def _compact_table(fs, base, table, parts: dict, old: dict, old_keep, token, fil
     tasks = max(1, min(len(parts) + len(old), 4 * files))
     ctx = DataContext.get_current()
     with _PLANNING:
-        saved = ctx.default_hash_shuffle_parallelism
+        saved = ctx.default_hash_shuffle_parallelism, ctx.shuffle_strategy
         ctx.default_hash_shuffle_parallelism = files
+        # the sort as tasks (Ray's task-based sort): the default hash shuffle starts
+        # aggregator actors, a process each, which a small run waits for far longer than it sorts
+        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
         try:
             datasets = []
             if parts:
@@ -137,7 +141,7 @@ def _compact_table(fs, base, table, parts: dict, old: dict, old_keep, token, fil
             ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
             ds = ds.sort("image_id")
         finally:
-            ctx.default_hash_shuffle_parallelism = saved
+            ctx.default_hash_shuffle_parallelism, ctx.shuffle_strategy = saved
     ds.write_parquet(
         f"{base}/{table}",
         filesystem=afs,
