@@ -117,7 +117,7 @@ def test_load_2000_images_with_bad_inputs_compacted_and_counted_by_duckdb(
     bad = bad_inputs(10)
     good = {f"good/{i:04d}.png": small_png(i) for i in range(1950)}
     upload(s3, bucket, "load", {**good, **{k: v for k, (v, _) in bad.items()}})
-    s = spec("load", tiny_weights, tmp_path, block_size=100)
+    s = spec("load", tiny_weights, tmp_path, block_size=250)
     s["output"]["compact"] = True
     t0 = time.perf_counter()
     result = run_job(parse_spec(s))
@@ -126,8 +126,8 @@ def test_load_2000_images_with_bad_inputs_compacted_and_counted_by_duckdb(
     expected = {k: kind for k, (_, kind) in bad.items() if kind}
     assert {e["image_id"]: e["error_type"] for e in errors.to_pylist()} == expected
     commit = read_commit(result.root)
-    # one explainer, no metric: one heatmap file and one errors file for 20 blocks
-    assert len(commit.blocks) == 20 and result.summary["files"] == {"heatmaps": 1, "errors": 1}
+    # one explainer, no metric: one heatmap file and one errors file for 8 blocks
+    assert len(commit.blocks) == 8 and result.summary["files"] == {"heatmaps": 1, "errors": 1}
     # DuckDB over the compacted files as they lie on S3 (through a pyarrow dataset)
     fs, base = filesystem(result.root)
     heat = pads.dataset(  # noqa: F841 (DuckDB finds it by name)
