@@ -284,6 +284,20 @@ def ray_output_to(path: Path):
     saved = os.dup(2)
     real_stderr = sys.stderr
     ours = not ray.is_initialized()  # a Ray this command starts, it also stops
+    # the raylet's messages (e.g. "N PYTHON worker processes have been started") reach the
+    # driver through a listener thread that prints them to stdout: to the log with the rest
+    import ray._private.worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+
+    def raylet_to_log(data, ignore_prefix):
+        if data.get("pid") != "raylet":
+            return printer(data, ignore_prefix)
+        log.write(("\n".join(data.get("lines", [])) + "\n").encode())
+        log.flush()
+
+    if printer is not None:
+        ray_worker.print_to_stdstream = raylet_to_log
     try:
         os.dup2(log.fileno(), 2)
         if _is_fd(real_stderr, 2):  # a terminal or file: our lines go to the saved fd
@@ -295,6 +309,8 @@ def ray_output_to(path: Path):
         if sys.stderr is not real_stderr:
             sys.stderr.close()
             sys.stderr = real_stderr
+        if printer is not None:
+            ray_worker.print_to_stdstream = printer
         os.dup2(saved, 2)
         os.close(saved)
         log.close()

@@ -217,3 +217,26 @@ def test_explain_random_weights_only_on_purpose(tmp_path, demo_images):
         runner.invoke(app, ["explain", str(image), "--weights", str(weights), "-o", str(out)])
     )
     assert "carries its own weights" in line
+
+
+def test_raylet_messages_go_to_the_log_not_the_console(tmp_path, capsys):
+    """Ray's driver prints the raylet's messages (worker-start warnings and the like) to stdout
+    from a listener thread; under `salient run` they belong in the log."""
+    import ray._private.worker as ray_worker
+
+    from pipeline.cli import ray_output_to
+
+    log = tmp_path / "run.log"
+    line = "WARNING: 8 PYTHON worker processes have been started on node: x"
+    with ray_output_to(log):
+        ray_worker.print_to_stdstream(
+            {"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False
+        )
+        ray_worker.print_to_stdstream(
+            {"lines": ["a task's own line"], "pid": 123, "ip": "1.2.3.4", "is_err": False},
+            ignore_prefix=False,
+        )
+    out = capsys.readouterr().out
+    assert "PYTHON worker" not in out and "a task's own line" in out
+    assert line in log.read_text()
+    assert ray_worker.print_to_stdstream.__name__ == "print_to_stdstream"  # restored

@@ -603,6 +603,7 @@ def test_console_carries_only_salients_lines_and_ctrl_c_says_how_to_resume(demo_
         "sqlite:///mlflow.db",
         explainers=[{"name": "gradcam"}, {"name": "scorecam", "params": {"top_k": 24}}],
         compute={"block_size": 2, "batch_size": 2},
+        output={"compact": True},  # the console of a run as shipped: compaction included
         run_id="console",
     )
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
