@@ -51,11 +51,13 @@ def case_plan(n: int, work: Path) -> dict:
     from pipeline.spec import parse_spec
 
     manifest = work / "manifest.parquet"
-    uris = pa.array([f"s3://bucket/images/{i // 1000:05d}/{i:08d}.jpg" for i in range(n)])
-    pq.write_table(
-        pa.table({"uri": uris, "label": pa.array(np.arange(n) % 1000), "etag": uris}), manifest
-    )
-    del uris
+    schema = pa.schema([("uri", pa.string()), ("label", pa.int64()), ("etag", pa.string())])
+    with pq.ParquetWriter(manifest, schema) as writer:  # in slices: the peak is the plan's
+        for start in range(0, n, 100_000):
+            rows = range(start, min(n, start + 100_000))
+            uris = pa.array([f"s3://bucket/images/{i // 1000:05d}/{i:08d}.jpg" for i in rows])
+            labels = pa.array(np.arange(rows.start, rows.stop) % 1000)
+            writer.write_table(pa.table({"uri": uris, "label": labels, "etag": uris}, schema))
     rss_before = peak_rss_mb()
     t0 = time.perf_counter()
     items = list_inputs(str(manifest), "manifest")
@@ -90,7 +92,7 @@ def _synthetic_run(root: Path, rows: int, with_parts: bool = True) -> list[str]:
         write_block,
     )
     from pipeline.runstore.plan import write_plan
-    from pipeline.sources.listing import Block, InputItem
+    from pipeline.sources.inputs import Block, InputItem
 
     schema = heatmap_schema(8, "uint8")
     rng = np.random.default_rng(0)
@@ -211,6 +213,7 @@ def case_resume(blocks: int, work: Path) -> dict:
     from pipeline.engine.job import Plan, finished_inputs, plan_run
     from pipeline.runstore import finished_block_ids
     from pipeline.runstore.plan import read_plan
+    from pipeline.sources.inputs import Inputs
     from pipeline.spec import parse_spec
 
     root = work / "run"
@@ -228,13 +231,13 @@ def case_resume(blocks: int, work: Path) -> dict:
     rss_before = peak_rss_mb()
     t0 = time.perf_counter()
     stored = read_plan(str(root))
-    done = finished_block_ids(str(root)) & {b.block_id for b in stored}
+    done = finished_block_ids(str(root)) & set(stored.ids)
     kept = Plan(stored, done, [], set())
     seconds = time.perf_counter() - t0
     assert len(kept.done) == blocks and not kept.todo
     rss_kept = peak_rss_mb()
     t1 = time.perf_counter()
-    items = [it for b in stored for it in b.items]  # the listing, as unchanged inputs
+    items = Inputs(stored.inputs)  # the listing, as unchanged inputs
     plan = plan_run(spec, items, finished_inputs(str(root), stored))
     replan = time.perf_counter() - t1
     assert len(plan.done) == blocks and not plan.todo

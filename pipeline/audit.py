@@ -170,7 +170,8 @@ def drift(
 def sanity_verdicts(spec: JobSpec, methods: list[str], n_images: int, endpoint_url=None) -> dict:
     """Parameter randomisation per method on the first n images (in this process)."""
     from .metrics import build_metric
-    from .sources.listing import list_inputs, make_blocks
+    from .sources.inputs import make_blocks
+    from .sources.listing import list_inputs
     from .sources.reader import read_block
 
     model = load_job_model(spec.model, spec.compute.device, spec.tracking.uri)

@@ -13,7 +13,8 @@ import pytest
 from conftest import image_bytes
 
 from pipeline.models import Preprocess
-from pipeline.sources.listing import list_inputs, make_blocks
+from pipeline.sources.inputs import make_blocks
+from pipeline.sources.listing import list_inputs
 from pipeline.sources.reader import read_block
 
 PRE = Preprocess(size=32, policy="squash")

@@ -4,6 +4,7 @@ reads, fails here."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -22,7 +23,8 @@ from conftest import image_bytes
 
 from pipeline.models import Preprocess
 from pipeline.sources import listing, reader
-from pipeline.sources.listing import list_inputs, make_blocks
+from pipeline.sources.inputs import make_blocks
+from pipeline.sources.listing import list_inputs
 from pipeline.sources.reader import read_block, read_input_bytes
 from pipeline.storage import RETRY_POLICY, StorageUnavailable, filesystem
 
@@ -187,7 +189,7 @@ def test_parquet_bytes_are_read_once_over_listing_and_blocks(s3, s3_endpoint, s3
 
 
 def test_row_groups_stay_whole_in_blocks_and_huge_ones_are_sliced_evenly():
-    from pipeline.sources.listing import InputItem
+    from pipeline.sources.inputs import InputItem
 
     def rows(shard, group, n, start=0):
         return [
@@ -310,7 +312,9 @@ def test_parquet_manifest_on_s3_reads_only_its_columns(s3, s3_endpoint, s3_log, 
         None,
         {"boxes": [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]},
     ]
-    assert items[1].version.startswith(etags[1])
+    # the version digests the row's etag (what its bytes are), uri and annotation (none here)
+    text = f"{etags[1]}|s3://{bucket}/photos/1.png|"
+    assert items[1].version == "m:" + hashlib.sha256(text.encode()).hexdigest()[:16]
     s3_log.clear()
     row = read_block(make_blocks(items, 8)[0], PRE, endpoint_url=s3_endpoint)
     assert row["image_ids"] == ["0.png", "1.png", "2.png"]

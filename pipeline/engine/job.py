@@ -16,6 +16,8 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 from ..report.html import ReportInputs, render_report
@@ -31,10 +33,24 @@ from ..runstore import (
 from ..runstore.commit import read_commit
 from ..runstore.compaction import compact, needs_compaction
 from ..runstore.layout import plan_blocks_uri
-from ..runstore.plan import block_from_row, read_plan, write_plan
+from ..runstore.plan import (
+    block_from_row,
+    blocks_from_plan_table,
+    plan_table,
+    read_plan,
+    write_plan,
+)
 from ..secrets import redact
 from ..sources.annotations import load_annotations, to_model_space
-from ..sources.listing import ALL_SAMPLES, Block, InputItem, list_inputs, make_blocks
+from ..sources.inputs import (
+    ALL_SAMPLES,
+    INPUT_SCHEMA,
+    Blocks,
+    InputItem,
+    Inputs,
+    make_blocks,
+)
+from ..sources.listing import list_inputs
 from ..spec import JobSpec, flatten
 from ..storage import (
     StorageUnavailable,
@@ -82,7 +98,7 @@ def default_run_id(spec: JobSpec) -> str:
     return f"run-{digest}"
 
 
-def list_job_inputs(spec: JobSpec) -> list[InputItem]:
+def list_job_inputs(spec: JobSpec) -> Inputs:
     """The inputs of the job, sorted, with their annotations and versions."""
     src = spec.source
     items = list_inputs(
@@ -94,18 +110,18 @@ def list_job_inputs(spec: JobSpec) -> list[InputItem]:
     )
     if src.limit:
         items = items[: src.limit]
-    if not items:
+    if not len(items):
         raise JobFailed(f"source.uri: no inputs found under {src.uri!r}")
     if src.annotations:
         annotations = _by_image_id(
             load_annotations(src.annotations, spec.storage.endpoint_url),
-            [it.image_id for it in items],
+            items.image_ids.to_pylist(),
         )
-        items = [_annotated(it, annotations.get(it.image_id)) for it in items]
+        items = Inputs.from_items(_annotated(it, annotations.get(it.image_id)) for it in items)
     return items
 
 
-def plan_blocks(spec: JobSpec) -> list[Block]:
+def plan_blocks(spec: JobSpec) -> Blocks:
     """The blocks of a fresh run (no earlier attempt)."""
     return plan_run(spec, list_job_inputs(spec), {}).blocks
 
@@ -124,74 +140,148 @@ def _annotated(it: InputItem, annotation: dict | None) -> InputItem:
     )
 
 
+# what an earlier attempt finished: one row per input of each finished block
+FINISHED_SCHEMA = pa.schema(
+    [("block_id", pa.string()), ("image_id", pa.string()), ("version", pa.string())]
+)
+
+
 @dataclass
 class Plan:
     """The blocks of this attempt: those an earlier attempt finished on the same inputs
-    (`done`: block id -> marker) and those to compute; `stale` are finished blocks whose inputs
+    (`done`: their ids) and those to compute; `stale` are finished blocks whose inputs
     changed or went away, and `stale_images` their image ids (their files must go)."""
 
-    blocks: list[Block]
+    blocks: Blocks
     done: set[str]  # ids of the blocks an earlier attempt finished, kept
     stale: list[str]
     stale_images: set[str]
 
     @property
-    def todo(self) -> list[Block]:
-        return [b for b in self.blocks if b.block_id not in self.done]
+    def todo(self) -> Blocks:
+        return self.blocks.select(set(self.blocks.ids) - self.done)
 
 
-def plan_run(spec: JobSpec, items: list[InputItem], finished: dict[str, dict[str, str]]) -> Plan:
+def plan_run(
+    spec: JobSpec,
+    items: Inputs | list[InputItem],
+    finished: pa.Table | dict[str, dict[str, str]],
+) -> Plan:
     """Keep every finished block whose inputs are all still listed with the same version; cut
     the other inputs (new, changed, or left over from a block that changed) into new blocks.
-    The same inputs give the same blocks, so a fresh run and a resumed one hold the same rows."""
-    current = {it.image_id: it for it in items}
-    kept: dict[str, Block] = {}
-    covered: set[str] = set()
-    stale, stale_images = [], set()
-    for bid in sorted(finished):
-        inputs = finished[bid]
-        unchanged = bool(inputs) and all(
-            i in current and current[i].version == v for i, v in inputs.items()
+    The same inputs give the same blocks, so a fresh run and a resumed one hold the same rows.
+    Column by column: a replan of 10M inputs makes no Python object per input."""
+    inputs = Inputs.of(items).table
+    finished = _finished_table(finished)
+    kept, stale = _kept_blocks(inputs, finished)
+    kept_rows = _rows_of(finished, kept)
+    covered = kept_rows.column("image_id")
+    stale_rows = _rows_of(finished, stale)
+    leftover = stale_rows.filter(pc.invert(pc.is_in(stale_rows.column("image_id"), covered)))
+    stale_images = set(pc.drop_null(leftover.column("image_id")).to_pylist())
+    if not kept:  # a fresh plan: the inputs as they are, no copy
+        fresh = make_blocks(Inputs(inputs), spec.compute.block_size)
+        return Plan(fresh, set(), stale, stale_images)
+    # the kept blocks hold the inputs as listed now (same versions), grouped by block
+    now = inputs.join(kept_rows.select(["image_id", "block_id"]), "image_id", join_type="inner")
+    now = now.sort_by([("block_id", "ascending"), ("image_id", "ascending")])
+    kept_blocks = blocks_from_plan_table(now.select(["block_id", *INPUT_SCHEMA.names]))
+    rest = inputs.filter(pc.invert(pc.is_in(inputs.column("image_id"), covered)))
+    fresh = make_blocks(Inputs(rest), spec.compute.block_size)
+    blocks = Blocks.concat([kept_blocks, fresh]).sorted_by_first_image()
+    return Plan(blocks, set(kept), stale, stale_images)
+
+
+def _finished_table(finished: pa.Table | dict[str, dict[str, str]]) -> pa.Table:
+    if isinstance(finished, pa.Table):
+        return finished
+    rows = [(bid, i, v) for bid, inputs in finished.items() for i, v in inputs.items()]
+    columns = list(zip(*rows, strict=True)) if rows else [[], [], []]
+    table = pa.table(dict(zip(FINISHED_SCHEMA.names, columns, strict=True)), FINISHED_SCHEMA)
+    # a marker with no inputs finished nothing that can be kept: a row of its own, no image
+    empty = [bid for bid, inputs in finished.items() if not inputs]
+    if empty:
+        blank = pa.table(
+            {"block_id": empty, "image_id": [None] * len(empty), "version": [None] * len(empty)},
+            FINISHED_SCHEMA,
         )
-        if unchanged and covered.isdisjoint(inputs):  # O(block), not O(covered)
-            kept[bid] = Block(bid, tuple(current[i] for i in sorted(inputs)))
-            covered.update(inputs)  # in place: `|=` with dict keys copies the whole set
-        else:
-            stale.append(bid)
-            stale_images.update(inputs)
-    fresh = make_blocks([it for it in items if it.image_id not in covered], spec.compute.block_size)
-    blocks = sorted([*kept.values(), *fresh], key=lambda b: b.items[0].image_id)
-    return Plan(blocks, set(kept), stale, stale_images - covered)
+        table = pa.concat_tables([table, blank])
+    return table
 
 
-def finished_inputs(
-    root: str, stored: list[Block] | None, endpoint_url: str | None = None
-) -> dict[str, dict[str, str]]:
-    """block id -> {image id: version} of every block an earlier attempt finished: from the
-    stored plan (one listing of the markers' names, no marker read); a run written before plans
-    were stored has them in its markers."""
+def _rows_of(table: pa.Table, block_ids) -> pa.Table:
+    """The rows of `table` that belong to the blocks `block_ids`."""
+    ids = pa.array(sorted(block_ids), pa.string())
+    return table.filter(pc.is_in(table.column("block_id"), ids))
+
+
+def _kept_blocks(inputs: pa.Table, finished: pa.Table) -> tuple[set[str], list[str]]:
+    """(ids of the finished blocks kept, ids of the stale ones, sorted): a block is kept when
+    every one of its inputs is listed now with the same version and no block before it (by
+    id) kept one of them."""
+    if finished.num_rows == 0:
+        return set(), []
+    current = inputs.select(["image_id", "version"]).rename_columns(["image_id", "current"])
+    joined = finished.join(current, "image_id", join_type="left outer")
+    same = pc.fill_null(pc.equal(joined.column("version"), joined.column("current")), False)
+    verdict = (
+        pa.table({"block_id": joined.column("block_id"), "same": same})
+        .group_by("block_id")
+        .aggregate([("same", "all")])
+    )
+    ids = verdict.column("block_id").to_pylist()
+    unchanged = verdict.column("same_all").to_pylist()
+    candidates = {bid for bid, ok in zip(ids, unchanged, strict=True) if ok}
+    # an image in two unchanged blocks (leftovers of an earlier plan): the first by id keeps it
+    rows = _rows_of(finished, candidates)
+    counts = rows.group_by("image_id").aggregate([("block_id", "count")])
+    shared = counts.filter(pc.greater(counts.column("block_id_count"), 1)).column("image_id")
+    if len(shared):
+        clashing = rows.filter(pc.is_in(rows.column("image_id"), shared))
+        contested = sorted(set(clashing.column("block_id").to_pylist()))
+        members = _rows_of(rows, contested)
+        by_block: dict[str, set[str]] = {}
+        for bid, image_id in zip(
+            members.column("block_id").to_pylist(),
+            members.column("image_id").to_pylist(),
+            strict=True,
+        ):
+            by_block.setdefault(bid, set()).add(image_id)
+        taken: set[str] = set()
+        for bid in contested:
+            if taken.isdisjoint(by_block[bid]):
+                taken.update(by_block[bid])
+            else:
+                candidates.discard(bid)
+    return candidates, sorted(set(ids) - candidates)
+
+
+def finished_inputs(root: str, stored: Blocks | None, endpoint_url: str | None = None) -> pa.Table:
+    """(block_id, image_id, version) of every input of every block an earlier attempt
+    finished: from the stored plan (one listing of the markers' names, no marker read); a run
+    written before plans were stored has them in its markers."""
     if stored is None:
-        return {bid: m.inputs for bid, m in finished_blocks(root, endpoint_url).items()}
+        markers = finished_blocks(root, endpoint_url)
+        return _finished_table({bid: m.inputs for bid, m in markers.items()})
     done = finished_block_ids(root, endpoint_url)
-    return {
-        b.block_id: {it.image_id: it.version for it in b.items}
-        for b in stored
-        if b.block_id in done
-    }
+    return _rows_of(plan_table(stored).select(FINISHED_SCHEMA.names), done)
 
 
 def source_changes(
-    stored: list[Block] | None, items: list[InputItem], replanned: bool
+    stored: Blocks | None, items: Inputs | list[InputItem], replanned: bool
 ) -> str | None:
     """One line on how the inputs differ from the stored plan's; None when they do not.
     `replanned`: the plan was cut again from `items` (else the run kept its plan)."""
     if stored is None:
         return None
-    before = {it.image_id: it.version for b in stored for it in b.items}
-    now = {it.image_id: it.version for it in items}
-    added = len(now.keys() - before.keys())
-    removed = len(before.keys() - now.keys())
-    changed = sum(1 for i in now.keys() & before.keys() if now[i] != before[i])
+    before = stored.inputs.select(["image_id", "version"])
+    now = Inputs.of(items).table.select(["image_id", "version"])
+    added = len(now) - pc.sum(pc.is_in(now.column("image_id"), before.column("image_id"))).as_py()
+    removed = (
+        len(before) - pc.sum(pc.is_in(before.column("image_id"), now.column("image_id"))).as_py()
+    )
+    both = before.join(now.rename_columns(["image_id", "now"]), "image_id", join_type="inner")
+    changed = pc.sum(pc.not_equal(both.column("version"), both.column("now"))).as_py() or 0
     if not (added or removed or changed):
         return None
     then = (
@@ -248,7 +338,7 @@ def run_job(
     configure_retries(spec.storage.retries, spec.storage.retry_delay_s)
     _apply_overwrite_policy(spec, root)
     tracker = JobTracker(spec.tracking.uri, spec.tracking.experiment, run_id, spec.tracking.enabled)
-    blocks: list[Block] = []
+    blocks = Blocks.empty()
     listing = None
     try:
         stored = read_plan(root, endpoint)
@@ -257,7 +347,7 @@ def run_job(
         else:
             # a resume keeps its plan and starts at once; the source is listed beside the
             # compute, only to say whether it changed since
-            items = [it for b in stored for it in b.items]
+            items = Inputs(stored.inputs)
             listing = ThreadPoolExecutor(1, thread_name_prefix="listing")
             relisted = listing.submit(list_job_inputs, spec)
         # on the driver, before Ray starts: what `salient validate` checks (the model loaded on
@@ -281,11 +371,11 @@ def run_job(
             write_plan(root, plan.blocks, endpoint)
         else:
             # the kept plan needs only the finished blocks' names (one listing)
-            done = finished_block_ids(root, endpoint) & {b.block_id for b in stored}
+            done = finished_block_ids(root, endpoint) & set(stored.ids)
             plan, changes = Plan(stored, done, [], set()), None
         # parts of blocks that are no longer in the plan (inputs changed or removed, or a block
         # that never finished) would mix stale rows into every table read
-        remove_stale_outputs(root, {b.block_id for b in plan.blocks}, plan.stale_images, endpoint)
+        remove_stale_outputs(root, set(plan.blocks.ids), plan.stale_images, endpoint)
         blocks, todo = plan.blocks, plan.todo
         if on_plan:
             on_plan(len(plan.done), len(blocks), changes)
@@ -301,7 +391,7 @@ def run_job(
             init_ray(address)  # Ray's start-up is not compute: images/s leaves it out
         t_compute = time.perf_counter()
         if todo:
-            first = blocks[0].block_id  # the first block of the plan writes a few overlays
+            first = blocks.ids[0]  # the first block of the plan writes a few overlays
             state = Progress(len(blocks), len(plan.done))
             arrived: set[str] = set()
             with _CtrlC() as ctrl_c:
@@ -319,7 +409,7 @@ def run_job(
                         progress(marker, state)
                 ctrl_c.check()
             # a summary over part of the plan would look like a finished run: never report one
-            missing = {b.block_id for b in todo} - arrived
+            missing = set(todo.ids) - arrived
             if missing:
                 raise JobFailed(
                     f"{len(missing)} of {len(blocks)} blocks did not finish (the Ray job ended "
@@ -332,7 +422,7 @@ def run_job(
         summary["source_changes"] = changes
         digest = totals.digest
         if spec.output.compact:
-            summary["files"] = _compact(root, {b.block_id for b in blocks}, endpoint, address)
+            summary["files"] = _compact(root, set(blocks.ids), endpoint, address)
         write_bytes_atomic(f"{root}/summary.json", json.dumps(summary, indent=2).encode(), endpoint)
         write_bytes_atomic(f"{root}/digest.json", json.dumps(digest.to_json()).encode(), endpoint)
         tracker.log_metrics(_flat_metrics(summary))
@@ -358,7 +448,7 @@ def run_job(
     except KeyboardInterrupt as e:
         tracker.fail(e)
         # what is on storage now: an actor may have finished a block the driver never heard of
-        saved = finished_block_ids(root, endpoint) & {b.block_id for b in blocks}
+        saved = finished_block_ids(root, endpoint) & set(blocks.ids)
         raise JobInterrupted(len(saved), len(blocks)) from e
     except BaseException as e:
         tracker.fail(e)
@@ -392,7 +482,7 @@ class _CtrlC:
         return False
 
 
-def _changes_since(stored: list[Block], relisted) -> str:
+def _changes_since(stored: Blocks, relisted) -> str:
     """The line on how the source differs from the kept plan (None: it does not)."""
     try:
         items = relisted.result()
@@ -432,7 +522,7 @@ def _execute(
     run_id: str,
     root: str,
     preprocess,
-    blocks: list[Block],
+    blocks: Blocks,
     n_planned: int,
     overlay_block: str,
     address: str | None,
@@ -449,7 +539,7 @@ def _execute(
     ctx.max_errored_blocks = 0  # per-input errors are rows; a block error is a real failure
     ctx.issue_detectors_config.detectors = []
     endpoint = spec.storage.endpoint_url
-    ds = _planned_blocks(root, endpoint, {b.block_id for b in blocks}, n_planned)
+    ds = _planned_blocks(root, endpoint, set(blocks.ids), n_planned)
 
     storage = spec.storage
     # a block that still meets an outage after the in-process retries is run again by Ray

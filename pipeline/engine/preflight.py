@@ -9,10 +9,13 @@ needs. Problems are collected and raised together, one line each, as a SpecError
 
 from __future__ import annotations
 
+import pyarrow.compute as pc
+
 from ..metrics import build_metric, metric_class
 from ..models import LoadedModel
 from ..secrets import find_secret
-from ..sources.listing import InputItem, list_inputs
+from ..sources.inputs import InputItem, Inputs, from_json_text
+from ..sources.listing import list_inputs
 from ..spec import JobSpec, SpecError
 from ..storage import describe_error, filesystem, with_retries
 from .worker import build_explainers, load_job_model, resolve_label
@@ -95,7 +98,10 @@ def _label_problems(spec: JobSpec, model: LoadedModel, items) -> list[str]:
         return []
     if items is None:
         items = list_inputs(spec.source.uri, endpoint_url=spec.storage.endpoint_url)
-    if any(resolve_label(it.meta.get("folder"), model.labels) is not None for it in items):
+    # one look per distinct folder, not per input (a listing has one meta text per folder)
+    metas = pc.unique(Inputs.of(items).table.column("meta")).to_pylist()
+    folders = {(from_json_text(m) or {}).get("folder") for m in metas}
+    if any(resolve_label(folder, model.labels) is not None for folder in folders):
         return []
     return [
         "targets.mode: 'label' needs ground-truth labels and no image has one: give "

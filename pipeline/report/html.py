@@ -24,7 +24,7 @@ from ..models.preprocess import Preprocess
 from ..runstore import Digest, read_heatmap
 from ..runstore.digest import HIST_BINS, SCORE, histogram_stats
 from ..sources.decode import decode_image
-from ..sources.listing import InputItem
+from ..sources.inputs import InputItem
 from ..sources.reader import read_input_bytes
 from .overlay import overlay
 

@@ -4,6 +4,7 @@ table), one decoder (every reader's table -> float maps)."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -121,7 +122,17 @@ def decode_heatmaps(table: pa.Table) -> np.ndarray:
     return lo + q.astype(np.float32) / 255 * (hi - lo)
 
 
-def parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
+def parquet_bytes(
+    tables: pa.Table | Iterable[pa.Table],
+    row_group_size: int | None = None,
+    schema: pa.Schema | None = None,
+) -> bytes:
+    """One zstd Parquet file from a table, or from a stream of tables of `schema` written as
+    they come (no copy of them all at once)."""
+    if isinstance(tables, pa.Table):
+        tables, schema = [tables], tables.schema
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
+    with pq.ParquetWriter(buf, schema, compression="zstd") as writer:
+        for table in tables:
+            writer.write_table(table, row_group_size=row_group_size)
     return buf.getvalue()

@@ -11,88 +11,55 @@ shapes of the same rows:
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..sources.listing import Block, InputItem
+from ..sources.inputs import INPUT_SCHEMA, Block, Blocks, item_from_row
 from ..storage import read_bytes, write_bytes_atomic
 from .codec import parquet_bytes
 from .layout import plan_blocks_uri, plan_uri
 
-PLAN_SCHEMA = pa.schema(
-    [
-        ("block_id", pa.string()),
-        ("image_id", pa.string()),
-        ("uri", pa.string()),
-        ("member", pa.string()),  # tar member / Parquet row in uri, or null
-        ("label", pa.string()),  # JSON: an index, a class name or null
-        ("version", pa.string()),  # size + ETag/mtime (+ annotation digest) when listed
-        ("meta", pa.string()),  # JSON: folder, annotation, shard, ...
-    ]
-)
-
-
-ITEM_TYPE = pa.struct([f for f in PLAN_SCHEMA if f.name != "block_id"])
+PLAN_SCHEMA = pa.schema([("block_id", pa.string()), *INPUT_SCHEMA])
+ITEM_TYPE = pa.struct(list(INPUT_SCHEMA))
 BLOCKS_SCHEMA = pa.schema([("block_id", pa.string()), ("items", pa.list_(ITEM_TYPE))])
 BLOCKS_PER_ROW_GROUP = 64  # Ray Data streams a row group at a time to the decode tasks
 
 
-def _dumps(value) -> str:
-    # most inputs have no label or meta: skip the encoder for those (millions of rows)
-    if value is None:
-        return "null"
-    if value == {}:
-        return "{}"
-    if type(value) is int:  # a class index, as json.dumps writes it
-        return str(value)
-    return json.dumps(value, sort_keys=True)
+BLOCKS_PER_WRITE = 1024  # blocks written at a time: the copies a write makes stay this small
 
 
-def item_from_row(r: dict) -> InputItem:
-    return InputItem(
-        r["image_id"], r["uri"], r["member"], _json(r["label"]), _json(r["meta"]), r["version"]
-    )
+def plan_table(blocks: Blocks) -> pa.Table:
+    """One row per input: its block's id, then the input's columns."""
+    inputs = blocks.inputs.select(INPUT_SCHEMA.names).cast(INPUT_SCHEMA)
+    return inputs.add_column(0, "block_id", blocks.block_of_each_input())
 
 
-def plan_table(blocks: list[Block]) -> pa.Table:
-    """One row per input, built column by column (no dict per row: 10M rows on the driver)."""
-    columns: dict[str, list] = {name: [] for name in PLAN_SCHEMA.names}
-    for b in blocks:
-        n = len(b.items)
-        columns["block_id"] += [b.block_id] * n
-        columns["image_id"] += [it.image_id for it in b.items]
-        columns["uri"] += [it.uri for it in b.items]
-        columns["member"] += [it.member for it in b.items]
-        columns["label"] += [_dumps(it.label) for it in b.items]
-        columns["version"] += [it.version for it in b.items]
-        columns["meta"] += [_dumps(it.meta) for it in b.items]
-    return pa.table(columns, schema=PLAN_SCHEMA)
-
-
-def blocks_table(plan: pa.Table, blocks: list[Block]) -> pa.Table:
-    """The per-block shape over the same column buffers: each block's rows as one list."""
+def blocks_table(blocks: Blocks) -> pa.Table:
+    """The per-block shape: each block's rows as one list."""
+    inputs = blocks.inputs.select(INPUT_SCHEMA.names).cast(INPUT_SCHEMA)
     items = pa.StructArray.from_arrays(
-        [plan.column(f.name).combine_chunks() for f in ITEM_TYPE], fields=list(ITEM_TYPE)
+        [inputs.column(f.name).combine_chunks() for f in ITEM_TYPE], fields=list(ITEM_TYPE)
     )
-    offsets = np.cumsum([0] + [len(b.items) for b in blocks], dtype=np.int32)
+    offsets = (blocks.offsets - blocks.offsets[0]).astype(np.int32)
     lists = pa.ListArray.from_arrays(pa.array(offsets), items)
     return pa.table(
-        {"block_id": pa.array([b.block_id for b in blocks], pa.string()), "items": lists},
-        schema=BLOCKS_SCHEMA,
+        {"block_id": pa.array(blocks.ids, pa.string()), "items": lists}, schema=BLOCKS_SCHEMA
     )
 
 
-def write_plan(root: str, blocks: list[Block], endpoint_url: str | None = None) -> None:
-    """Both shapes; the per-input table last (a resume reads it, so it names a complete plan)."""
-    per_input = plan_table(blocks)
-    feed = blocks_table(per_input, blocks)
-    data = parquet_bytes(feed, row_group_size=BLOCKS_PER_ROW_GROUP)
-    write_bytes_atomic(plan_blocks_uri(root), data, endpoint_url)
-    del feed, data
-    write_bytes_atomic(plan_uri(root), parquet_bytes(per_input), endpoint_url)
+def write_plan(root: str, blocks: Blocks | list[Block], endpoint_url: str | None = None) -> None:
+    """Both shapes, each written BLOCKS_PER_WRITE blocks at a time (no copy of the whole plan
+    beside it); the per-input table last (a resume reads it, so it names a complete plan)."""
+    blocks = Blocks.of(blocks)
+    parts = [blocks[s : s + BLOCKS_PER_WRITE] for s in range(0, len(blocks), BLOCKS_PER_WRITE)]
+    feed = parquet_bytes((blocks_table(p) for p in parts), BLOCKS_PER_ROW_GROUP, BLOCKS_SCHEMA)
+    write_bytes_atomic(plan_blocks_uri(root), feed, endpoint_url)
+    del feed
+    per_input = parquet_bytes((plan_table(p) for p in parts), schema=PLAN_SCHEMA)
+    write_bytes_atomic(plan_uri(root), per_input, endpoint_url)
 
 
 def block_from_row(row: dict) -> Block:
@@ -100,30 +67,22 @@ def block_from_row(row: dict) -> Block:
     return Block(str(row["block_id"]), tuple(item_from_row(r) for r in row["items"]))
 
 
-def read_plan(root: str, endpoint_url: str | None = None) -> list[Block] | None:
+def read_plan(root: str, endpoint_url: str | None = None) -> Blocks | None:
     """The blocks of the stored plan, in its order; None when the run has none yet."""
     try:
         data = read_bytes(plan_uri(root), endpoint_url)
     except FileNotFoundError:
         return None
-    table = pq.read_table(io.BytesIO(data))
-    blocks: list[Block] = []
-    current, items = None, []
-    for r in table.to_pylist():
-        if r["block_id"] != current and items:
-            blocks.append(Block(current, tuple(items)))
-            items = []
-        current = r["block_id"]
-        items.append(item_from_row(r))
-    if items:
-        blocks.append(Block(current, tuple(items)))
-    return blocks
+    return blocks_from_plan_table(pq.read_table(io.BytesIO(data)))
 
 
-def _json(text: str):
-    # most rows hold no label or meta: skip the parser for those (millions of rows on resume)
-    if text == "null":
-        return None
-    if text == "{}":
-        return {}
-    return json.loads(text)
+def blocks_from_plan_table(table: pa.Table) -> Blocks:
+    """`_plan/plan.parquet`'s rows (grouped by block) -> Blocks."""
+    block_id = table.column("block_id").combine_chunks()
+    n = len(block_id)
+    if n == 0:
+        return Blocks.empty()
+    changes = pc.not_equal(block_id.slice(1), block_id.slice(0, n - 1))
+    starts = np.r_[0, np.flatnonzero(changes.to_numpy(zero_copy_only=False)) + 1]
+    ids = block_id.take(pa.array(starts)).to_pylist()
+    return Blocks(table.drop_columns(["block_id"]), ids, np.r_[starts, n])

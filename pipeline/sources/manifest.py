@@ -9,10 +9,10 @@ Columns (only these are read):
   version / etag  optional; what the image's bytes are (e.g. the object's ETag)
 
 Versions: with no listing there is nothing to ask the store per image, so an item's version is
-the row's `version` (or `etag`) and, without one, the manifest file's own version: editing a
-manifest that has no version column then recomputes every block on resume. The uri is always
-part of the version (a row re-pointed at another object is a changed input), and so are the
-row's annotations, as `_annotated` does for an annotation file.
+a digest of the row's `version` (or `etag`) or, without one, of the manifest file's own version:
+editing a manifest that has no version column then recomputes every block on resume. The uri is
+always part of the digest (a row re-pointed at another object is a changed input), and so are
+the row's annotations, as `_annotated` does for an annotation file.
 """
 
 from __future__ import annotations
@@ -23,70 +23,106 @@ import io
 import json
 import posixpath
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from ..storage import filesystem, with_retries
-from .listing import InputItem, file_version
+from .inputs import INPUT_SCHEMA, ROWS_PER_BATCH, Inputs, json_text
+from .listing import file_version
 from .objects import fetch_object
 
 COLUMNS = ("uri", "image_id", "label", "boxes", "version", "etag")
 ANNOTATION_COLUMNS = ("label", "boxes")
 
 
-def list_manifest(uri: str, endpoint_url: str | None) -> list[InputItem]:
+def list_manifest(uri: str, endpoint_url: str | None) -> Inputs:
+    """The manifest's rows as inputs, sorted by image id. Read a batch of rows at a time, each
+    batch turned into the inputs' columns before the next is read: at 10M rows the driver
+    holds the inputs, not the manifest beside them, and makes no Python object per row except
+    the version digests of one batch."""
     fs, path = filesystem(uri, endpoint_url)
     try:
         info = with_retries(lambda: fs.info(path), what=f"reading {uri}")
     except FileNotFoundError:
         raise FileNotFoundError(f"source {uri!r} does not exist") from None
-    names, rows = _read_columns(fs, path, uri, info.get("size"), endpoint_url)
-    if "uri" not in rows:
+    names, batches = _batches(fs, path, uri, info.get("size"), endpoint_url)
+    if "uri" not in names:
         raise ValueError(f"manifest {uri}: no column 'uri' (it has: {', '.join(names)})")
-    n = len(rows["uri"])
-    if n == 0:
-        raise ValueError(f"manifest {uri}: no rows (a manifest lists the images to explain)")
-    base = posixpath.dirname(uri)
-    uris = []
-    for i, u in enumerate(rows["uri"]):
-        if u is None or not str(u).strip():
-            raise ValueError(f"manifest {uri}: column 'uri': row {i} is empty")
-        u = str(u).strip()
-        uris.append(u if "://" in u or u.startswith("/") else posixpath.join(base, u))
-    id_column = "image_id" if "image_id" in rows else "uri"
-    ids = [str(v) for v in rows["image_id"]] if "image_id" in rows else _ids_from_uris(uris)
-    first: dict[str, int] = {}
-    for i, image_id in enumerate(ids):
-        if image_id in first:
-            raise ValueError(
-                f"manifest {uri}: column {id_column!r}: duplicate image id {image_id!r} "
-                f"(rows {first[image_id]} and {i})"
-            )
-        first[image_id] = i
-    given = rows.get("version") or rows.get("etag") or [None] * n
     manifest_version = f"manifest:{file_version(info)}"
-    labels = rows.get("label") or [None] * n
-    items = []
-    for i in range(n):
-        annotation = _annotation(rows, i, uri)
-        version = f"{given[i] or manifest_version}|{_digest(uris[i])}"
-        meta = {}
-        if annotation:
-            meta["annotation"] = annotation
-            version += f"+a{_digest(json.dumps(annotation, sort_keys=True))}"
-        items.append(InputItem(ids[i], uris[i], None, labels[i], meta, version))
-    return items
+    parts, first_row = [], 0
+    for batch in batches:
+        parts.append(_inputs_of(batch, uri, first_row, manifest_version))
+        first_row += batch.num_rows
+    if first_row == 0:
+        raise ValueError(f"manifest {uri}: no rows (a manifest lists the images to explain)")
+    table = pa.concat_tables(parts)  # the batches' buffers, not a copy
+    del parts
+    if "image_id" in names:
+        id_column = "image_id"
+    else:
+        id_column = "uri"
+        table = table.set_column(0, "image_id", _ids_from_uris(table.column("uri")))
+    inputs = Inputs(table)
+    duplicate = inputs.first_duplicate()
+    if duplicate is not None:
+        ids = table.column("image_id")
+        rows = np.flatnonzero(pc.equal(ids, duplicate).to_numpy(zero_copy_only=False))
+        raise ValueError(
+            f"manifest {uri}: column {id_column!r}: duplicate image id {duplicate!r} "
+            f"(rows {rows[0]} and {rows[1]})"
+        )
+    return inputs.sorted()
 
 
-def _read_columns(fs, path: str, uri: str, size: int | None, endpoint_url):
-    """(the file's column names, {column: values} for the manifest columns it has): no other
-    column is read."""
+def _inputs_of(batch: pa.Table, uri: str, first_row: int, manifest_version: str) -> pa.Table:
+    """One batch of manifest rows (first_row: the first one's place) -> INPUT_SCHEMA columns;
+    image_id is null until every uri is known when the manifest has no image_id column."""
+    n = batch.num_rows
+    uris = _uris(batch.column("uri").combine_chunks(), uri, first_row)
+    if "image_id" in batch.column_names:
+        ids = _text(batch.column("image_id").combine_chunks(), "image_id", uri, first_row, False)
+    else:
+        ids = pa.nulls(n, pa.string())
+    labels = batch.column("label").combine_chunks() if "label" in batch.column_names else None
+    meta, annotations = _annotations(batch, labels, uri, first_row)
+    given = next((batch.column(c) for c in ("version", "etag") if c in batch.column_names), None)
+    if given is not None:
+        given = pc.fill_null(given.combine_chunks().cast(pa.string()), "").to_pylist()
+    uri_texts = uris.to_pylist()
+    notes = annotations.to_pylist() if annotations is not None else None
+    versions = []
+    for i, u in enumerate(uri_texts):
+        tag = (given and given[i]) or manifest_version
+        versions.append("m:" + _digest(f"{tag}|{u}|{(notes and notes[i]) or ''}", 16))
+    return pa.table(
+        {
+            "image_id": ids,
+            "uri": uris,
+            "member": pa.nulls(n, pa.string()),
+            "label": _label_texts(labels) if labels is not None else pa.nulls(n, pa.string()),
+            "version": pa.array(versions, pa.string()),
+            "meta": meta,
+        },
+        schema=INPUT_SCHEMA,
+    )
+
+
+def _batches(fs, path: str, uri: str, size: int | None, endpoint_url):
+    """(the file's column names, batches of ROWS_PER_BATCH rows of the manifest columns it
+    has): no other column is read, and a Parquet file is read a batch at a time."""
     if path.endswith((".parquet", ".pq")):
         from .parquet import open_parquet
 
         pf = open_parquet(fs, path, uri, size)
         names = pf.schema_arrow.names
         present = [c for c in COLUMNS if c in names]
-        table = pf.read(columns=present)
-    elif path.endswith(".csv"):
-        import pyarrow as pa
+        batches = (
+            pa.Table.from_batches([b])
+            for b in pf.iter_batches(batch_size=ROWS_PER_BATCH, columns=present)
+        )
+        return names, batches
+    if path.endswith(".csv"):
         from pyarrow import csv as pacsv
 
         data = fetch_object(uri, endpoint_url)
@@ -99,41 +135,87 @@ def _read_columns(fs, path: str, uri: str, size: int | None, endpoint_url):
                 column_types={c: pa.string() for c in present if c != "label"},
             ),
         )
-    else:
-        raise ValueError(f"manifest {uri}: not a .parquet or .csv file")
-    return names, {c: table.column(c).to_pylist() for c in present}
+        del data
+        return names, (table.slice(s, ROWS_PER_BATCH) for s in range(0, len(table), ROWS_PER_BATCH))
+    raise ValueError(f"manifest {uri}: not a .parquet or .csv file")
 
 
-def _ids_from_uris(uris: list[str]) -> list[str]:
+def _text(values: pa.Array, column: str, uri: str, first_row: int, trim: bool = True) -> pa.Array:
+    """A column as text (trimmed); an empty or missing value is an error that names its row."""
+    text = values.cast(pa.string())
+    if trim:
+        text = pc.utf8_trim_whitespace(text)
+    empty = pc.fill_null(pc.equal(text, ""), True)
+    row = pc.index(empty, True).as_py()
+    if row >= 0:
+        raise ValueError(f"manifest {uri}: column {column!r}: row {first_row + row} is empty")
+    return text
+
+
+def _uris(values: pa.Array, manifest: str, first_row: int) -> pa.Array:
+    """The uris, a relative one made relative to the manifest's folder."""
+    text = _text(values, "uri", manifest, first_row)
+    absolute = pc.or_(pc.match_substring(text, "://"), pc.starts_with(text, "/"))
+    base = posixpath.dirname(manifest)
+    if not base or pc.all(absolute).as_py():
+        return text
+    joined = pc.binary_join_element_wise(base.rstrip("/"), text, "/")
+    return pc.if_else(absolute, text, joined)
+
+
+def _ids_from_uris(uris):
     """Each uri's path below the deepest folder they all share; the uris themselves when they
-    do not share a scheme and bucket."""
-    split = [_bucket_and_key(u) for u in uris]
-    if len({bucket for bucket, _ in split}) != 1:
+    do not share a scheme and bucket (or mix absolute and relative paths)."""
+    has_scheme = pc.match_substring(uris, "://")
+    if pc.any(has_scheme).as_py() and not pc.all(has_scheme).as_py():
         return uris
-    paths = [key for _, key in split]
-    try:
-        common = posixpath.commonpath([posixpath.dirname(p) for p in paths])
-    except ValueError:  # absolute and relative paths mixed
+    absolute = pc.starts_with(uris, "/")
+    if pc.any(absolute).as_py() and not pc.all(absolute).as_py():
         return uris
-    return [p[len(common) :].lstrip("/") for p in paths]
+    # what every uri shares is what the least and the greatest share; cut back to a folder
+    least, greatest = (v.as_py() for v in pc.min_max(uris).values())
+    common = posixpath.commonprefix([least, greatest])
+    if "://" in least and "/" not in common.partition("://")[2]:
+        return uris  # not one bucket
+    common = common[: common.rfind("/") + 1] if "/" in common else ""
+    return pc.utf8_slice_codeunits(uris, len(common))
 
 
-def _bucket_and_key(uri: str) -> tuple[str, str]:
-    """("s3://bucket", "key/of/object") for an object URI, ("", path) for a path."""
-    if "://" not in uri:
-        return "", uri
-    scheme, rest = uri.split("://", 1)
-    bucket, _, key = rest.partition("/")
-    return f"{scheme}://{bucket}", key
+def _label_texts(labels: pa.Array) -> pa.Array:
+    """The label column as the plan holds it (JSON text: 7, "cat"), null where there is none."""
+    if pa.types.is_integer(labels.type):
+        return labels.cast(pa.string())
+    unique = pc.unique(labels)
+    texts = pa.array([None if v is None else json_text(v) for v in unique.to_pylist()], pa.string())
+    return texts.take(pc.index_in(labels, unique))
 
 
-def _annotation(rows: dict[str, list], i: int, uri: str) -> dict:
-    out = {}
-    if rows.get("label") is not None and rows["label"][i] is not None:
-        out["label"] = rows["label"][i]
-    if rows.get("boxes") is not None and rows["boxes"][i] not in (None, ""):
-        out["boxes"] = _boxes(rows["boxes"][i], i, uri)
-    return out
+def _annotations(table: pa.Table, labels: pa.Array | None, uri: str, first_row: int):
+    """(meta texts, annotation texts or None): a row with a label or boxes carries them as its
+    annotation (in its meta, and in its version). Rows with only a label share their texts
+    (one per distinct label); rows with boxes are parsed one by one."""
+    n = table.num_rows
+    boxes = table.column("boxes").to_pylist() if "boxes" in table.column_names else None
+    if labels is None and boxes is None:
+        return pa.array(["{}"] * n, pa.string()), None
+    if boxes is None:
+        unique = pc.unique(labels)
+        annotations = [None if v is None else {"label": v} for v in unique.to_pylist()]
+        at = pc.index_in(labels, unique)
+        metas = [json_text({"annotation": a} if a else {}) for a in annotations]
+        texts = [json.dumps(a, sort_keys=True) if a else "" for a in annotations]
+        return pa.array(metas, pa.string()).take(at), pa.array(texts, pa.string()).take(at)
+    label_values = labels.to_pylist() if labels is not None else [None] * n
+    metas, texts = [], []
+    for i in range(n):
+        annotation = {}
+        if label_values[i] is not None:
+            annotation["label"] = label_values[i]
+        if boxes[i] not in (None, ""):
+            annotation["boxes"] = _boxes(boxes[i], first_row + i, uri)
+        metas.append(json_text({"annotation": annotation} if annotation else {}))
+        texts.append(json.dumps(annotation, sort_keys=True) if annotation else "")
+    return pa.array(metas, pa.string()), pa.array(texts, pa.string())
 
 
 def _boxes(value, i: int, uri: str) -> list[list[float]]:
@@ -149,5 +231,5 @@ def _boxes(value, i: int, uri: str) -> list[list[float]]:
     return boxes
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def _digest(text: str, length: int = 12) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

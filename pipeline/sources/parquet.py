@@ -15,7 +15,8 @@ import struct
 
 from ..storage import filesystem, with_retries
 from .decode import BadImage
-from .listing import InputItem, _files_under, _unstrip, file_version
+from .inputs import InputItem
+from .listing import _files_under, _unstrip, file_version
 from .objects import RangeFile
 
 _MAGIC = b"PAR1"

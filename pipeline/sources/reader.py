@@ -18,7 +18,7 @@ import numpy as np
 from ..models.preprocess import Preprocess
 from ..storage import StorageUnavailable
 from .decode import BadImage, decode_image
-from .listing import ALL_SAMPLES, Block, InputItem
+from .inputs import ALL_SAMPLES, Block, InputItem
 from .objects import fetch_object
 from .parquet import read_cells
 from .webdataset import read_member, read_shard

@@ -13,7 +13,8 @@ import json
 import posixpath
 import tarfile
 
-from .listing import ALL_SAMPLES, IMAGE_EXTENSIONS, InputItem, _files_under, _unstrip, file_version
+from .inputs import ALL_SAMPLES, InputItem
+from .listing import IMAGE_EXTENSIONS, _files_under, _unstrip, file_version
 from .objects import fetch_object
 
 _SIDECARS = (".cls", ".json")
