@@ -217,10 +217,8 @@ def case_resume(blocks: int, work: Path) -> dict:
     from pipeline.spec import parse_spec
 
     root = work / "run"
-    _synthetic_run(root, blocks * BLOCK * len(EXPLAINERS), with_parts=False)
-    (root / "_blocks").mkdir(parents=True, exist_ok=True)
-    for b in range(blocks):  # the markers' names are what a resume lists
-        (root / "_blocks" / f"b{b:07d}.json").write_text("{}")
+    if not (root / "_plan").exists():  # made by another process: this one's peak is the resume's
+        run_case("make_resume_run", blocks, work)
     spec = parse_spec(
         {
             "source": {"uri": "x"},
@@ -250,6 +248,16 @@ def case_resume(blocks: int, work: Path) -> dict:
         "replan_seconds": replan,
         "replan_peak_rss_mb": peak_rss_mb(),
     }
+
+
+def case_make_resume_run(blocks: int, work: Path) -> dict:
+    """The run `resume` reads: B finished blocks (the plan and the markers' names, no parts)."""
+    root = work / "run"
+    _synthetic_run(root, blocks * BLOCK * len(EXPLAINERS), with_parts=False)
+    (root / "_blocks").mkdir(parents=True, exist_ok=True)
+    for b in range(blocks):  # the markers' names are what a resume lists
+        (root / "_blocks" / f"b{b:07d}.json").write_text("{}")
+    return {"blocks": blocks}
 
 
 def case_make_run(rows: int, work: Path) -> dict:
@@ -498,6 +506,7 @@ def case_listing(n: int, work: Path) -> dict:
 
 CASES = {
     "make_run": case_make_run,
+    "make_resume_run": case_make_resume_run,
     "plan": case_plan,
     "end_of_run": case_end_of_run,
     "resume": case_resume,
@@ -534,7 +543,7 @@ def main() -> None:
         print(json.dumps(CASES[args.case](args.size, work)))
         return
     sizes = {
-        "plan": [100_000] if args.quick else [1_000_000],
+        "plan": [100_000] if args.quick else [10_000_000],
         "resume": [1_000] if args.quick else [20_000],
         "end_of_run": [20_000, 200_000] if args.quick else [100_000, 1_000_000],
         "compaction": [20_000] if args.quick else [1_000_000],
