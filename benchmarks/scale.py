@@ -9,6 +9,7 @@ Each case runs in its own process, so its peak RSS (the process's high-water mar
   plan         a manifest of N rows -> the plan (list, blocks, `_plan/plan.parquet`)
   resume       a run with B finished blocks (plan stored, markers present): the time to know
                what to compute (read the plan, list the markers, plan), on local disk
+  resume_s3    the same with the run on the local S3 endpoint (B = 5k): time and requests
   end_of_run   R heatmap rows in 256-image blocks with their markers (made by another
                process, `make_run`): the time and peak RSS of folding the markers (summary +
                digest) and rendering report.html
@@ -504,12 +505,75 @@ def case_listing(n: int, work: Path) -> dict:
     return result | {"peak_rss_mb": peak_rss_mb()}
 
 
+def case_resume_s3(blocks: int, work: Path) -> dict:
+    """A resume whose run lives on the tests' local S3 endpoint (moto, in a process of its
+    own): B finished blocks' plan and markers. The time and requests until the first new block
+    could start: read `_plan/`, list the markers' names, decide."""
+    import multiprocessing
+
+    import boto3
+
+    from pipeline.engine.job import Plan
+    from pipeline.runstore import finished_block_ids
+    from pipeline.runstore.plan import read_plan
+
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "bench-key-id",
+            "AWS_SECRET_ACCESS_KEY": "bench-secret-value-0123",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
+    local = work / "run"
+    if not (local / "_plan").exists():
+        run_case("make_resume_run", blocks, work)
+    bucket = "bench-resume"
+    markers = [f"run/_blocks/{p.name}" for p in sorted((local / "_blocks").iterdir())]
+    spawn = multiprocessing.get_context("spawn")
+    ours, theirs = spawn.Pipe()
+    endpoint_process = spawn.Process(target=_s3_endpoint, args=(theirs, bucket, markers))
+    endpoint_process.start()
+    endpoint, _, _ = ours.recv()
+
+    def ask(cmd):
+        ours.send(cmd)
+        return ours.recv()
+
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        for name in ("plan.parquet", "blocks.parquet"):
+            body = (local / "_plan" / name).read_bytes()
+            s3.put_object(Bucket=bucket, Key=f"run/_plan/{name}", Body=body)
+        root = f"s3://{bucket}/run"
+        ask("reset")
+        t0 = time.perf_counter()
+        stored = read_plan(root, endpoint)
+        done = finished_block_ids(root, endpoint) & set(stored.ids)
+        plan = Plan(stored, done, [], set())
+        seconds = time.perf_counter() - t0
+        counts = ask("counts")
+        assert len(plan.done) == blocks and not len(plan.todo)
+    finally:
+        ours.send("stop")
+        endpoint_process.join(30)
+    return {
+        "blocks": blocks,
+        "images": blocks * BLOCK,
+        "seconds": seconds,
+        "lists": counts["LIST"],
+        "gets": counts["GET"],
+        "heads": counts["HEAD"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
 CASES = {
     "make_run": case_make_run,
     "make_resume_run": case_make_resume_run,
     "plan": case_plan,
     "end_of_run": case_end_of_run,
     "resume": case_resume,
+    "resume_s3": case_resume_s3,
     "compaction": case_compaction,
     "listing": case_listing,
 }
@@ -545,6 +609,7 @@ def main() -> None:
     sizes = {
         "plan": [100_000] if args.quick else [10_000_000],
         "resume": [1_000] if args.quick else [20_000],
+        "resume_s3": [500] if args.quick else [5_000],
         "end_of_run": [20_000, 200_000] if args.quick else [100_000, 1_000_000],
         "compaction": [20_000] if args.quick else [1_000_000],
         "listing": [20_000] if args.quick else [200_000],
