@@ -172,7 +172,9 @@ def test_parquet_bytes_are_read_once_over_listing_and_blocks(s3, s3_endpoint, s3
     blocks = make_blocks(items, 12)
     # whole row groups: a's two pairs of 6, then b's row group of 10 alone (it fits no pair)
     assert [len(b.items) for b in blocks] == [12, 12, 10]
+    heads = len(s3_log.of(bucket, "HEAD"))
     rows = [read_block(b, PRE, endpoint_url=s3_endpoint) for b in blocks]
+    assert len(s3_log.of(bucket, "HEAD")) == heads  # sizes from the listing: no HEAD per block
     assert sum(len(r["image_ids"]) for r in rows) == 34 and not any(
         json.loads(r["errors"]) for r in rows
     )

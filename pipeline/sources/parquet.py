@@ -79,7 +79,12 @@ def list_parquet(
                         shard,
                         str(row + i),
                         label,
-                        {"image_column": image_column, "shard": shard, "row_group": group},
+                        {
+                            "image_column": image_column,
+                            "shard": shard,
+                            "row_group": group,
+                            "size": files[path].get("size"),  # a block's read needs no HEAD
+                        },
                         version=version,
                     )
                 )
@@ -94,7 +99,7 @@ def read_cells(items: list[InputItem], endpoint_url: str | None) -> list[tuple]:
     rebuilt from a heatmap row)."""
     uri = items[0].uri
     fs, path = filesystem(uri, endpoint_url)
-    pf = open_parquet(fs, path, uri)
+    pf = open_parquet(fs, path, uri, items[0].meta.get("size"))
     starts, row = [], 0
     for group in range(pf.num_row_groups):
         starts.append(row)
