@@ -4,6 +4,8 @@ allows, as columns (`Inputs`; `inputs.make_blocks` cuts them into blocks)."""
 from __future__ import annotations
 
 import posixpath
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -65,9 +67,19 @@ def file_version(info: dict) -> str:
 
 
 def _files_under(uri: str, endpoint_url: str | None):
-    """(fs, root, {path: info}) for every file under `uri` (or the one file it names), sorted.
-    A local folder is walked; an object store is listed over its common prefixes in parallel
-    (`_list_tree`), which gives what one `fs.find(root, detail=True)` gives."""
+    """(fs, root, {path: info}) for every file under `uri` (or the one file it names), sorted:
+    for sources of few files (shards). An image listing reads `_file_parts` a part at a time."""
+    fs, root, parts = _file_parts(uri, endpoint_url)
+    found: dict[str, dict] = {}
+    for part in parts:
+        found.update(part)
+    return fs, root, {p: found[p] for p in sorted(found)}
+
+
+def _file_parts(uri: str, endpoint_url: str | None):
+    """(fs, root, the files under `uri` as {path: info} parts): a local folder is walked; an
+    object store is listed over its common prefixes in parallel (`_tree_parts`), which gives
+    what one `fs.find(root, detail=True)` gives, a prefix at a time."""
     fs, root = filesystem(uri, endpoint_url)
     # a listing this process made before (a resume lists again) must not answer for this one
     fs.invalidate_cache(root)
@@ -76,10 +88,11 @@ def _files_under(uri: str, endpoint_url: str | None):
     except FileNotFoundError:
         raise FileNotFoundError(f"source {uri!r} does not exist") from None
     if info.get("type") == "file":
-        return fs, posixpath.dirname(root), {root: info}
+        return fs, posixpath.dirname(root), iter([{root: info}])
     root = root.rstrip("/")
-    found = fs.find(root, detail=True) if _is_local(fs) else _list_tree(fs, root)
-    return fs, root, {p: found[p] for p in sorted(found)}
+    if _is_local(fs):
+        return fs, root, iter([fs.find(root, detail=True)])
+    return fs, root, _tree_parts(fs, root)
 
 
 def _is_local(fs) -> bool:
@@ -88,13 +101,22 @@ def _is_local(fs) -> bool:
 
 
 def _list_tree(fs, root: str, threads: int = LISTING_THREADS) -> dict[str, dict]:
-    """{path: info} of every file under the folder `root` of an object store: what one
-    `fs.find(root, detail=True)` gives (one serial chain of pages), listed over common
-    prefixes by `threads` requests at once. The top level is listed with a delimiter; a level
-    with fewer than LISTING_FANOUT prefixes is listed one level deeper; each prefix found is
-    then listed in full. Every request is retried (`with_retries`) and bypasses a listings
-    cache; a prefix that is gone by the time it is listed lists nothing."""
+    """{path: info} of every file under the folder `root` of an object store (`_tree_parts`
+    merged)."""
     found: dict[str, dict] = {}
+    for part in _tree_parts(fs, root, threads):
+        found.update(part)
+    return found
+
+
+def _tree_parts(fs, root: str, threads: int = LISTING_THREADS) -> Iterator[dict[str, dict]]:
+    """Every file under the folder `root` of an object store as {path: info} parts, what one
+    `fs.find(root, detail=True)` gives (one serial chain of pages), listed over common prefixes
+    by `threads` requests at once. The top level is listed with a delimiter; a level with fewer
+    than LISTING_FANOUT prefixes is listed one level deeper; each prefix found is then listed
+    in full, at most 2 x `threads` prefixes ahead of the reader (10M keys are never all held
+    as info dicts). Every request is retried (`with_retries`) and bypasses a listings cache; a
+    prefix that is gone by the time it is listed lists nothing."""
     frontier, whole = [root], []
     with ThreadPoolExecutor(threads, thread_name_prefix="listing") as pool:
         for level in range(LISTING_LEVELS):
@@ -103,15 +125,19 @@ def _list_tree(fs, root: str, threads: int = LISTING_THREADS) -> dict[str, dict]
             deeper = []
             for parent, entries in zip(frontier, pool.map(partial(_ls, fs), frontier), strict=True):
                 files, prefixes = _split_level(parent, entries)
-                found.update(files)
+                yield files
                 if prefixes is None:  # a prefix that is no folder level ("a//b"): whole
                     whole.append(parent)
                 else:
                     deeper += prefixes
             frontier = deeper
-        for part in pool.map(partial(_find, fs), whole + frontier):
-            found.update(part)
-    return found
+        pending: deque = deque()
+        for prefix in whole + frontier:
+            pending.append(pool.submit(_find, fs, prefix))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _split_level(parent: str, entries: list[dict]):
@@ -159,21 +185,25 @@ def _unstrip(uri: str, fs, path: str) -> str:
 
 
 def _list_image_files(uri: str, endpoint_url: str | None) -> Inputs:
-    """The image files under `uri`, built as columns (no InputItem per file)."""
-    fs, root, files = _files_under(uri, endpoint_url)
-    columns: dict[str, list] = {name: [] for name in INPUT_SCHEMA.names}
+    """The image files under `uri`, built as columns a listing part at a time (no InputItem
+    per file, and no info dict kept past its part)."""
+    fs, root, parts = _file_parts(uri, endpoint_url)
     folders: dict[str | None, str] = {}  # one meta text per folder, shared
-    for p, info in files.items():
-        if not p.lower().endswith(IMAGE_EXTENSIONS):
-            continue
-        rel = posixpath.relpath(p, root)
-        folder = posixpath.basename(posixpath.dirname(p)) if "/" in rel else None
-        if folder not in folders:
-            folders[folder] = json_text({"folder": folder})
-        columns["image_id"].append(rel)
-        columns["uri"].append(_unstrip(uri, fs, p))
-        columns["version"].append(file_version(info))
-        columns["meta"].append(folders[folder])
-    n = len(columns["image_id"])
-    columns["member"] = columns["label"] = pa.nulls(n, pa.string())
-    return Inputs(pa.table(columns, schema=INPUT_SCHEMA))
+    tables = []
+    for part in parts:
+        columns: dict[str, list] = {"image_id": [], "uri": [], "version": [], "meta": []}
+        for p, info in part.items():
+            if not p.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            rel = posixpath.relpath(p, root)
+            folder = posixpath.basename(posixpath.dirname(p)) if "/" in rel else None
+            if folder not in folders:
+                folders[folder] = json_text({"folder": folder})
+            columns["image_id"].append(rel)
+            columns["uri"].append(_unstrip(uri, fs, p))
+            columns["version"].append(file_version(info))
+            columns["meta"].append(folders[folder])
+        n = len(columns["image_id"])
+        columns["member"] = columns["label"] = pa.nulls(n, pa.string())
+        tables.append(pa.table(columns, schema=INPUT_SCHEMA))
+    return Inputs(pa.concat_tables(tables) if tables else INPUT_SCHEMA.empty_table())
