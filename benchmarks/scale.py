@@ -428,7 +428,7 @@ def case_listing(n: int, work: Path) -> dict:
     import multiprocessing
 
     from pipeline.sources.listing import LISTING_THREADS, _files_under
-    from pipeline.storage import filesystem
+    from pipeline.storage import Storage
 
     os.environ.update(
         {
@@ -451,7 +451,7 @@ def case_listing(n: int, work: Path) -> dict:
         return ours.recv()
 
     uri = f"s3://{bucket}/images/"
-    fs, root = filesystem(uri, endpoint)
+    fs, root = Storage(endpoint_url=endpoint).filesystem(uri)
     result = {
         "keys": n,
         "prefixes": prefixes,

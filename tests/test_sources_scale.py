@@ -24,7 +24,7 @@ from pipeline.models import Preprocess
 from pipeline.sources import listing, reader
 from pipeline.sources.listing import list_inputs, make_blocks
 from pipeline.sources.reader import read_block, read_input_bytes
-from pipeline.storage import RETRY_POLICY, StorageUnavailable, filesystem
+from pipeline.storage import Storage, StorageUnavailable
 
 PRE = Preprocess(size=32, policy="squash")
 
@@ -104,7 +104,7 @@ def test_a_block_of_files_is_one_get_per_image_fetched_concurrently(s3, s3_endpo
     (block,) = make_blocks(items, n)
     s3_log.clear()
     s3_log.delay_s = 0.1
-    row = read_block(block, PRE, endpoint_url=s3_endpoint)
+    row = read_block(block, PRE, storage=Storage(endpoint_url=s3_endpoint))
     s3_log.delay_s = 0.0
     gets, heads = s3_log.of(bucket, "GET"), s3_log.of(bucket, "HEAD")
     assert (len(gets), len(heads), len(s3_log.of(bucket))) == (n, 0, n)
@@ -124,7 +124,7 @@ def test_missing_and_broken_files_are_error_rows_and_an_outage_fails_the_block(
     s3.put_object(Bucket=bucket, Key="e/3.png", Body=b"not a png")
     items = list_inputs(f"s3://{bucket}/e/", endpoint_url=s3_endpoint)
     s3.delete_object(Bucket=bucket, Key="e/1.png")  # gone after the listing
-    row = read_block(make_blocks(items, 8)[0], PRE, endpoint_url=s3_endpoint)
+    row = read_block(make_blocks(items, 8)[0], PRE, storage=Storage(endpoint_url=s3_endpoint))
     errors = [(e["image_id"], e["stage"], e["error_type"]) for e in json.loads(row["errors"])]
     assert errors == [("1.png", "read", "not_found"), ("3.png", "decode", "not_an_image")]
     assert (row["image_ids"], row["n_inputs"]) == (["0.png", "2.png"], 4)
@@ -132,9 +132,9 @@ def test_missing_and_broken_files_are_error_rows_and_an_outage_fails_the_block(
     def away(*_, **__):
         raise StorageUnavailable("reading: storage unreachable after 6 attempts")
 
-    monkeypatch.setattr(reader, "fetch_object", away)
+    monkeypatch.setattr(reader, "read_object", away)
     with pytest.raises(StorageUnavailable):
-        read_block(make_blocks(items, 8)[0], PRE, endpoint_url=s3_endpoint)
+        read_block(make_blocks(items, 8)[0], PRE, storage=Storage(endpoint_url=s3_endpoint))
 
 
 def _object_gets(log: RequestLog, bucket: str) -> list[Request]:
@@ -170,7 +170,7 @@ def test_parquet_bytes_are_read_once_over_listing_and_blocks(s3, s3_endpoint, s3
     blocks = make_blocks(items, 12)
     # whole row groups: a's two pairs of 6, then b's row group of 10 alone (it fits no pair)
     assert [len(b.items) for b in blocks] == [12, 12, 10]
-    rows = [read_block(b, PRE, endpoint_url=s3_endpoint) for b in blocks]
+    rows = [read_block(b, PRE, storage=Storage(endpoint_url=s3_endpoint)) for b in blocks]
     assert sum(len(r["image_ids"]) for r in rows) == 34 and not any(
         json.loads(r["errors"]) for r in rows
     )
@@ -181,7 +181,8 @@ def test_parquet_bytes_are_read_once_over_listing_and_blocks(s3, s3_endpoint, s3
     assert listing_bytes < 0.2 * sum(sizes.values())  # footers and ids, no image
     # a report's thumbnail: one cell, by the row a heatmap row carries (no meta)
     cell = read_input_bytes(
-        reader.InputItem(items[7].image_id, items[7].uri, items[7].member), s3_endpoint
+        reader.InputItem(items[7].image_id, items[7].uri, items[7].member),
+        Storage(endpoint_url=s3_endpoint),
     )
     assert cell == _noise_png(7)
 
@@ -254,7 +255,7 @@ def test_webdataset_shards_are_read_once_by_one_block_each(s3, s3_endpoint, s3_l
     )
     blocks = make_blocks(items, 64)
     assert [len(b.items) for b in blocks] == [1, 1, 1, 1, 1]  # one shard per block
-    rows = [read_block(b, PRE, endpoint_url=s3_endpoint) for b in blocks]
+    rows = [read_block(b, PRE, storage=Storage(endpoint_url=s3_endpoint)) for b in blocks]
     gets = _object_gets(s3_log, bucket)
     total = sum(r.body_bytes for r in gets)
     print(f"webdataset: {len(gets)} GETs, {total} B of {sum(map(len, shards.values()))} B")
@@ -279,7 +280,7 @@ def test_webdataset_shards_are_read_once_by_one_block_each(s3, s3_endpoint, s3_l
     # what a heatmap row carries is enough to read one sample again (a report's thumbnail)
     member = json.loads(rows[1]["members"])[2]
     sample = reader.InputItem(rows[1]["image_ids"][2], rows[1]["uris"][2], member)
-    assert read_input_bytes(sample, s3_endpoint) == _noise_png(12)
+    assert read_input_bytes(sample, Storage(endpoint_url=s3_endpoint)) == _noise_png(12)
 
 
 # -- manifest: the rows name the images; only the manifest's own columns are read -------------
@@ -312,7 +313,7 @@ def test_parquet_manifest_on_s3_reads_only_its_columns(s3, s3_endpoint, s3_log, 
     ]
     assert items[1].version.startswith(etags[1])
     s3_log.clear()
-    row = read_block(make_blocks(items, 8)[0], PRE, endpoint_url=s3_endpoint)
+    row = read_block(make_blocks(items, 8)[0], PRE, storage=Storage(endpoint_url=s3_endpoint))
     assert row["image_ids"] == ["0.png", "1.png", "2.png"]
     assert (len(_object_gets(s3_log, bucket)), len(s3_log.of(bucket, "HEAD"))) == (3, 0)
 
@@ -337,7 +338,7 @@ def _listings(log: RequestLog, bucket: str) -> list[tuple[str, str]]:
 
 def _serial(bucket: str, prefix: str) -> dict:
     """What `_files_under` returned before: one `fs.find`, sorted."""
-    fs, root = filesystem(f"s3://{bucket}/{prefix}")
+    fs, root = Storage().filesystem(f"s3://{bucket}/{prefix}")
     found = fs.find(root, detail=True)
     return {p: found[p] for p in sorted(found)}
 
@@ -385,7 +386,7 @@ def test_a_second_listing_sees_what_changed_even_through_a_listings_cache(
 ):
     """The job lists again on resume: neither the filesystem's listings cache nor the first
     listing may answer for the second. Here the filesystem caches listings (s3fs's dircache,
-    which `storage_options` turns off for s3:// but gcsfs and others keep)."""
+    which `Storage.options` turns off for s3:// but gcsfs and others keep)."""
     import s3fs
 
     bucket = _bucket(s3, "scale-relist")
@@ -449,7 +450,7 @@ class _Flaky:
 def test_listing_retries_each_request_and_a_prefix_gone_between_levels_lists_nothing(
     s3, s3_endpoint, monkeypatch
 ):
-    monkeypatch.setitem(RETRY_POLICY, "first_delay", 0.01)
+    monkeypatch.setattr(listing, "with_retries", Storage(retry_delay_s=0.01).retry)
     monkeypatch.setattr(listing, "LISTING_FANOUT", 4)  # v's 3 prefixes by level, then finds
     bucket = _bucket(s3, "scale-vanish")
     _put_many(
@@ -460,7 +461,7 @@ def test_listing_retries_each_request_and_a_prefix_gone_between_levels_lists_not
         gone = [{"Key": f"{prefix}/s{s}/{i}.png"} for s in range(n) for i in range(3)]
         return lambda: s3.delete_objects(Bucket=bucket, Delete={"Objects": gone})
 
-    fs, root = filesystem(f"s3://{bucket}/v")
+    fs, root = Storage().filesystem(f"s3://{bucket}/v")
     # c is gone before its level is listed; a/s0 once a's level named it, before its find
     after = {root: delete("v/c", 4), f"{root}/a": delete("v/a", 1)}
     flaky = _Flaky(fs, {f"{bucket}/v/b", f"{bucket}/v/a/s1"}, after)

@@ -14,7 +14,7 @@ from ..models import LoadedModel
 from ..secrets import find_secret
 from ..sources.listing import InputItem, list_inputs
 from ..spec import JobSpec, SpecError
-from ..storage import describe_error, filesystem, with_retries
+from ..storage import Storage, describe_error
 from .worker import build_explainers, load_job_model, resolve_label
 
 
@@ -32,10 +32,10 @@ def preflight(
             f"(spec) holds the value of ${key}; credentials come from the environment or a "
             "profile, never from a spec (it would be written to the output and MLflow)"
         )
-    endpoint = spec.storage.endpoint_url
-    source_ok = _exists(spec.source.uri, "source.uri", endpoint, problems)
+    storage = Storage.from_spec(spec.storage)
+    source_ok = _exists(spec.source.uri, "source.uri", storage, problems)
     if spec.source.annotations:
-        _exists(spec.source.annotations, "source.annotations", endpoint, problems)
+        _exists(spec.source.annotations, "source.annotations", storage, problems)
     if model is None:
         try:
             model = load_job_model(spec.model, "cpu", spec.tracking.uri)
@@ -75,12 +75,12 @@ def preflight(
     return model
 
 
-def _exists(uri: str, field: str, endpoint: str | None, problems: list[str]) -> bool:
+def _exists(uri: str, field: str, storage: Storage, problems: list[str]) -> bool:
     if uri.startswith("skimage:"):
         return True
     try:
-        fs, path = filesystem(uri, endpoint)
-        if with_retries(lambda: fs.exists(path), what=f"checking {uri}"):
+        fs, path = storage.filesystem(uri)
+        if storage.retry(lambda: fs.exists(path), what=f"checking {uri}"):
             return True
         problems.append(f"{field}: {uri!r} does not exist")
     except Exception as e:  # no credentials, no such bucket, endpoint away: say which
