@@ -68,7 +68,7 @@ def compact(
     # files of a compaction that never committed: not ours to read, ours to remove
     stray = [p for t in TABLES for p in listed[t] if not part_block(p)]
     stray = [p for p in stray if p[len(base) + 1 :] not in committed]
-    _remove(storage, fs, stray, root)
+    storage.remove_many(_uris(root, base, stray))
     token = uuid.uuid4().hex[:12]
     record = Compacted(token, sorted(keep))
     old_blocks = set(previous.blocks) if previous else set()
@@ -165,10 +165,9 @@ def _compact_table(storage, fs, base, table, parts: dict, old: dict, old_keep, t
     return sorted(p[len(base) + 1 :] for p in written if f"c{token}_" in p)
 
 
-def _remove(storage: Storage, fs, paths: list[str], root: str) -> None:
-    for start in range(0, len(paths), 1000):  # object stores delete 1000 keys per request
-        chunk = paths[start : start + 1000]
-        storage.retry(lambda chunk=chunk: fs.rm(chunk), what=f"removing old files of {root}")
+def _uris(root: str, base: str, paths: list[str]) -> list[str]:
+    """Paths on the run's filesystem (under `base`, as listed) -> URIs under `root`."""
+    return [f"{root}/{p[len(base) + 1 :]}" for p in paths]
 
 
 def _block_id_from_path(batch: pa.Table) -> pa.Table:
@@ -235,7 +234,7 @@ def _clean_up(root, storage: Storage, fs, base, record: Compacted, previous) -> 
         doomed += [p for p in _ls(storage, fs, f"{base}/{table}") if part_block(p) is not None]
     folded = set(record.blocks)
     doomed += [p for p in _ls(storage, fs, f"{base}/_blocks") if _marker_block(p) in folded]
-    _remove(storage, fs, doomed, root)
+    storage.remove_many(_uris(root, base, doomed))
 
 
 def _marker_block(path: str) -> str | None:
