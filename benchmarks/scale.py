@@ -440,7 +440,7 @@ def case_listing(n: int, work: Path) -> dict:
     import multiprocessing
 
     from pipeline.sources.listing import LISTING_THREADS, _files_under
-    from pipeline.storage import filesystem
+    from pipeline.storage import Storage
 
     os.environ.update(
         {
@@ -463,7 +463,7 @@ def case_listing(n: int, work: Path) -> dict:
         return ours.recv()
 
     uri = f"s3://{bucket}/images/"
-    fs, root = filesystem(uri, endpoint)
+    fs, root = Storage(endpoint_url=endpoint).filesystem(uri)
     result = {
         "keys": n,
         "prefixes": prefixes,
@@ -476,7 +476,7 @@ def case_listing(n: int, work: Path) -> dict:
             ask(("latency", latency_ms / 1000))
             ask("reset")
             server0, cpu0, t0 = ask("counts")["cpu_s"], time.process_time(), time.perf_counter()
-            parallel = _files_under(uri, endpoint)[2]
+            parallel = _files_under(uri, Storage(endpoint_url=endpoint))[2]
             parallel_s, parallel_cpu = time.perf_counter() - t0, time.process_time() - cpu0
             counts = ask("counts")
             ask("reset")
@@ -516,6 +516,7 @@ def case_resume_s3(blocks: int, work: Path) -> dict:
     from pipeline.engine.job import Plan
     from pipeline.runstore import finished_block_ids
     from pipeline.runstore.plan import read_plan
+    from pipeline.storage import Storage
 
     os.environ.update(
         {
@@ -547,8 +548,9 @@ def case_resume_s3(blocks: int, work: Path) -> dict:
         root = f"s3://{bucket}/run"
         ask("reset")
         t0 = time.perf_counter()
-        stored = read_plan(root, endpoint)
-        done = finished_block_ids(root, endpoint) & set(stored.ids)
+        store = Storage(endpoint_url=endpoint)
+        stored = read_plan(root, store)
+        done = finished_block_ids(root, store) & set(stored.ids)
         plan = Plan(stored, done, [], set())
         seconds = time.perf_counter() - t0
         counts = ask("counts")

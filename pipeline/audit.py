@@ -11,7 +11,7 @@ folder and MLflow run, with report.html.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from .engine.worker import load_job_model
 from .report.html import ReportInputs, render_report
 from .runstore import decode_heatmaps, read_table
 from .spec import JobSpec, parse_spec
-from .storage import write_bytes_atomic
+from .storage import Storage
 
 FAITHFULNESS = ("deletion", "insertion", "average_drop")
 LOCALISATION = ("pointing_game", "energy_pointing_game")
@@ -46,7 +46,7 @@ def audit_spec(
     experiment: str,
     limit: int | None,
     steps: int,
-    endpoint_url: str | None,
+    storage: Storage,
     trust_pickle: bool,
     size: int | None,
     random_init: bool = False,
@@ -74,7 +74,7 @@ def audit_spec(
                 "experiment": experiment,
                 "tags": {"salient.job": "audit"},
             },
-            "storage": {"endpoint_url": endpoint_url},
+            "storage": asdict(storage),
             "run_id": run_id,
         },
         "audit",
@@ -88,11 +88,11 @@ def accuracy(result: JobResult) -> float | None:
     return correct / labelled if labelled else None
 
 
-def _maps(root: str, endpoint_url: str | None) -> dict[tuple[str, str], tuple[np.ndarray, dict]]:
+def _maps(root: str, storage: Storage) -> dict[tuple[str, str], tuple[np.ndarray, dict]]:
     t = read_table(
         root,
         "heatmaps",
-        endpoint_url,
+        storage,
         columns=[
             "image_id",
             "explainer",
@@ -127,10 +127,10 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def drift(
-    root_a: str, root_b: str, against: str, endpoint_url: str | None = None, most: int = 10
+    root_a: str, root_b: str, against: str, storage: Storage = Storage(), most: int = 10
 ) -> dict:
     """Per image and explainer: rank correlation of model A's and model B's top-1 maps."""
-    a, b = _maps(root_a, endpoint_url), _maps(root_b, endpoint_url)
+    a, b = _maps(root_a, storage), _maps(root_b, storage)
     rows = []
     for key in sorted(set(a) & set(b)):
         (ma, meta_a), (mb, meta_b) = a[key], b[key]
@@ -167,17 +167,19 @@ def drift(
     }
 
 
-def sanity_verdicts(spec: JobSpec, methods: list[str], n_images: int, endpoint_url=None) -> dict:
-    """Parameter randomisation per method on the first n images (in this process)."""
+def sanity_verdicts(spec: JobSpec, methods: list[str], n_images: int) -> dict:
+    """Parameter randomisation per method on the first n images (in this process), read with
+    the spec's storage."""
     from .metrics import build_metric
     from .sources.inputs import make_blocks
     from .sources.listing import list_inputs
     from .sources.reader import read_block
 
     model = load_job_model(spec.model, spec.compute.device, spec.tracking.uri)
-    items = list_inputs(spec.source.uri, spec.source.format, endpoint_url=endpoint_url)
+    storage = Storage.from_spec(spec.storage)
+    items = list_inputs(spec.source.uri, spec.source.format, storage=storage)
     block = make_blocks(items[: max(n_images * 2, n_images)], 10**9)[0]
-    decoded = read_block(block, model.preprocess, endpoint_url=endpoint_url)
+    decoded = read_block(block, model.preprocess, storage=storage)
     import torch
 
     pixels = torch.from_numpy(np.ascontiguousarray(decoded["pixels"][:n_images]))
@@ -215,7 +217,7 @@ def run_audit(
     limit: int | None = None,
     steps: int = 32,
     sanity_images: int = 4,
-    endpoint_url: str | None = None,
+    storage: Storage = Storage(),
     trust_pickle: bool = False,
     size: int | None = None,
     address: str | None = None,
@@ -230,7 +232,7 @@ def run_audit(
         experiment=experiment,
         limit=limit,
         steps=steps,
-        endpoint_url=endpoint_url,
+        storage=storage,
         trust_pickle=trust_pickle,
         size=size,
     )
@@ -243,16 +245,16 @@ def run_audit(
     )
     result = run_job(spec, address=address)
     acc = accuracy(result)
-    sanity = sanity_verdicts(spec, methods, sanity_images, endpoint_url) if sanity_images else {}
+    sanity = sanity_verdicts(spec, methods, sanity_images) if sanity_images else {}
     other, drift_section = None, None
     if against:
         other = run_job(other_spec, address=address)
-        drift_section = drift(result.root, other.root, against, endpoint_url)
-    _record(spec, result, acc, sanity, drift_section, model, endpoint_url)
+        drift_section = drift(result.root, other.root, against, storage)
+    _record(spec, result, acc, sanity, drift_section, model, storage)
     return AuditResult(result, other, acc, sanity, drift_section)
 
 
-def _record(spec, result: JobResult, acc, sanity, drift_section, model_uri, endpoint_url):
+def _record(spec, result: JobResult, acc, sanity, drift_section, model_uri, storage: Storage):
     """Audit results into the run folder (report.html, audit.json) and its MLflow run."""
     from .tracking import JobTracker
 
@@ -264,7 +266,7 @@ def _record(spec, result: JobResult, acc, sanity, drift_section, model_uri, endp
             result.digest,
             f"Salient audit of {model_uri}",
             model.preprocess,
-            endpoint_url,
+            storage,
             sanity=sanity,
             drift=drift_section,
         )
@@ -274,10 +276,8 @@ def _record(spec, result: JobResult, acc, sanity, drift_section, model_uri, endp
         "sanity": sanity,
         "drift": {k: v for k, v in (drift_section or {}).items() if k != "rows"},
     }
-    write_bytes_atomic(f"{result.root}/report.html", report.encode(), endpoint_url)
-    write_bytes_atomic(
-        f"{result.root}/audit.json", json.dumps(payload, indent=2).encode(), endpoint_url
-    )
+    storage.write_bytes_atomic(f"{result.root}/report.html", report.encode())
+    storage.write_bytes_atomic(f"{result.root}/audit.json", json.dumps(payload, indent=2).encode())
     tracker = JobTracker(spec.tracking.uri, spec.tracking.experiment, result.run_id)
     tracker.mlflow_run_id = result.mlflow_run_id
     metrics = {"accuracy": acc} if acc is not None else {}

@@ -408,13 +408,12 @@ def bench_pipeline(spec, address: str | None = None) -> dict:
     from .engine.job import init_ray, plan_blocks, run_job
     from .engine.worker import build_explainers, load_job_model
     from .sources.reader import read_block
+    from .storage import Storage
 
     model = load_job_model(spec.model, spec.compute.device, spec.tracking.uri)
     blocks = plan_blocks(spec)
-    pixels = [
-        read_block(b, model.preprocess, endpoint_url=spec.storage.endpoint_url)["pixels"]
-        for b in blocks
-    ]
+    storage = Storage.from_spec(spec.storage)
+    pixels = [read_block(b, model.preprocess, storage=storage)["pixels"] for b in blocks]
     x = model.preprocess.normalise(torch.from_numpy(np.concatenate(pixels)))
     explainers = build_explainers(model, spec.explainers, spec.compute.max_batch, spec.seed)
     bs = spec.compute.batch_for(model.device)

@@ -457,6 +457,7 @@ def audit(
     from .audit import run_audit
     from .engine.job import JobFailed
     from .spec import SpecError
+    from .storage import Storage
 
     try:
         result = run_audit(
@@ -471,7 +472,7 @@ def audit(
             limit=limit,
             steps=steps,
             sanity_images=sanity_images,
-            endpoint_url=endpoint_url,
+            storage=Storage(endpoint_url=endpoint_url),
             trust_pickle=trust_pickle,
             size=size,
             address=address,

@@ -67,7 +67,7 @@ def build_submission(
     and runtime env. The spec's text travels unchanged, so `{date}` run ids expand on the
     cluster when the job starts."""
     from .spec import SpecError, load_spec
-    from .storage import read_bytes
+    from .storage import Storage
 
     # one line per problem; relative paths stay as written (they resolve on the cluster)
     spec = load_spec(spec_uri, resolve_paths=False)
@@ -76,7 +76,7 @@ def build_submission(
             type(spec).model_validate({**spec.model_dump(), "run_id": run_id})
         except ValueError as e:
             raise SpecError(f"--run-id {run_id!r}: {e.errors()[0]['msg']}") from None
-    text = read_bytes(spec_uri)
+    text = Storage().read_bytes(spec_uri)
     _refuse_secrets(text.decode(errors="replace"), "the spec")
     args = [python, "-m", "pipeline.cli", "run", SPEC_NAME]
     if run_id:

@@ -333,10 +333,10 @@ def load_spec(path: str | Path, *, resolve_paths: bool = True) -> JobSpec:
     directory, unless `resolve_paths` is False (a spec that will run elsewhere). A spec that
     holds the value of a secret environment variable is refused."""
     from .secrets import find_secret
-    from .storage import read_bytes
+    from .storage import Storage
 
     try:
-        text = read_bytes(str(path)).decode()
+        text = Storage().read_bytes(str(path)).decode()
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file") from None
     except IsADirectoryError:

@@ -37,11 +37,11 @@ from pipeline.runstore import (
     shrink,
     write_block,
 )
-from pipeline.runstore import markers as marker_io
 from pipeline.sources.annotations import to_model_space
 from pipeline.sources.inputs import Block, InputItem, block_id, make_blocks
 from pipeline.sources.reader import read_block
 from pipeline.spec import parse_spec
+from pipeline.storage import Storage
 
 
 def _items(*pairs: tuple[str, str]) -> list[InputItem]:
@@ -138,27 +138,26 @@ def _tables(n: int, size: int = 4, errors: int = 0) -> dict[str, pa.Table]:
 
 
 @pytest.mark.parametrize("fail_at", [0, 1, 2, 3, None])
-def test_a_block_is_finished_only_when_its_marker_is_written_last(tmp_path, monkeypatch, fail_at):
+def test_a_block_is_finished_only_when_its_marker_is_written_last(tmp_path, fail_at):
     """Writes: heatmaps, metrics, errors, then the marker. A fault before, between or after the
     data files leaves no marker, so the block is recomputed and its files replaced whole."""
     root = str(tmp_path / "run")
     items = _items(("img0", "1"), ("img1", "1"))
     (block,) = make_blocks(items, 2)
     written = []
-    real = marker_io.write_bytes_atomic
 
-    def flaky(uri, data, endpoint=None):
-        if len(written) == fail_at:
-            raise ConnectionError(f"injected fault at write {fail_at}")
-        written.append(uri.removeprefix(root))
-        real(uri, data, endpoint)
+    class Flaky(Storage):
+        def write_bytes_atomic(self, uri: str, data: bytes) -> None:
+            if len(written) == fail_at:
+                raise ConnectionError(f"injected fault at write {fail_at}")
+            written.append(uri.removeprefix(root))
+            super().write_bytes_atomic(uri, data)
 
-    monkeypatch.setattr(marker_io, "write_bytes_atomic", flaky)
     if fail_at is None:
-        write_block(root, _marker(block), _tables(2, errors=1))
+        write_block(root, _marker(block), _tables(2, errors=1), Flaky())
     else:
         with pytest.raises(ConnectionError, match="injected"):
-            write_block(root, _marker(block), _tables(2, errors=1))
+            write_block(root, _marker(block), _tables(2, errors=1), Flaky())
     bid = block.block_id
     order = [f"/{t}/part-{bid}.parquet" for t in ("heatmaps", "metrics", "errors")]
     assert written == [*order, f"/_blocks/{bid}.json"][: 4 if fail_at is None else fail_at]
@@ -167,7 +166,6 @@ def test_a_block_is_finished_only_when_its_marker_is_written_last(tmp_path, monk
 
     # the next attempt: the plan recomputes what has no marker, then writes it whole; this
     # time the block has no error, so the errors part an earlier attempt left must go
-    monkeypatch.setattr(marker_io, "write_bytes_atomic", real)
     plan = plan_run(_spec(compute={"block_size": 2}), items, finished)
     assert [b.block_id for b in plan.todo] == ([] if fail_at is None else [bid])
     remove_stale_outputs(root, {b.block_id for b in plan.blocks}, plan.stale_images)
@@ -318,7 +316,7 @@ def _worker(tmp_path, folder: Path, targets: dict) -> tuple[ExplainWorker, str, 
         }
     )
     root = str(tmp_path / "run")
-    worker = ExplainWorker(spec.model_dump_json(), "run", root)
+    worker = ExplainWorker(spec.model_dump_json(), "run", root, Storage())
     items = [
         InputItem(f"im{i}.png", str(folder / f"im{i}.png"), version="1", label=label)
         for i, label in enumerate(["2", "5", None])

@@ -24,7 +24,7 @@ from pipeline.sources.inputs import Block, InputItem, Inputs, block_id, make_blo
 from pipeline.sources.listing import list_inputs
 from pipeline.sources.manifest import _ids_from_uris
 from pipeline.spec import parse_spec
-from pipeline.storage import write_bytes_atomic
+from pipeline.storage import Storage
 
 
 def _spec(block_size: int):
@@ -106,7 +106,8 @@ def test_a_stored_plan_resumes_to_the_same_decisions(tmp_path):
     plan = plan_run(_spec(4), items, {})
     write_plan(root, plan.blocks)
     for b in list(plan.blocks)[:2]:  # two of three blocks finished (their markers)
-        write_bytes_atomic(marker_uri(root, b.block_id), BlockMarker(b.block_id).to_json().encode())
+        marker = BlockMarker(b.block_id).to_json().encode()
+        Storage().write_bytes_atomic(marker_uri(root, b.block_id), marker)
     stored = read_plan(root)
     assert list(stored) == list(plan.blocks)
     again = plan_run(_spec(4), items, finished_inputs(root, stored))

@@ -112,7 +112,7 @@ def test_load_2000_images_with_bad_inputs_compacted_and_counted_by_duckdb(
     import pyarrow.dataset as pads
 
     from pipeline.runstore.commit import arrow_filesystem, read_commit
-    from pipeline.storage import filesystem
+    from pipeline.storage import Storage
 
     bad = bad_inputs(10)
     good = {f"good/{i:04d}.png": small_png(i) for i in range(1950)}
@@ -129,7 +129,7 @@ def test_load_2000_images_with_bad_inputs_compacted_and_counted_by_duckdb(
     # one explainer, no metric: one heatmap file and one errors file for 8 blocks
     assert len(commit.blocks) == 8 and result.summary["files"] == {"heatmaps": 1, "errors": 1}
     # DuckDB over the compacted files as they lie on S3 (through a pyarrow dataset)
-    fs, base = filesystem(result.root)
+    fs, base = Storage().filesystem(result.root)
     heat = pads.dataset(  # noqa: F841 (DuckDB finds it by name)
         [f"{base}/{p}" for p in commit.files["heatmaps"]],
         filesystem=arrow_filesystem(fs),

@@ -16,6 +16,7 @@ from pipeline.models import Preprocess
 from pipeline.sources.inputs import make_blocks
 from pipeline.sources.listing import list_inputs
 from pipeline.sources.reader import read_block
+from pipeline.storage import Storage
 
 PRE = Preprocess(size=32, policy="squash")
 
@@ -132,12 +133,12 @@ def test_s3_listing_keeps_the_scheme_and_versions_by_etag(s3, s3_endpoint, demo_
     s3.create_bucket(Bucket="listing")
     photo = _photos(demo_images)[0]
     s3.put_object(Bucket="listing", Key="imgs/a.jpg", Body=photo)
-    (item,) = list_inputs("s3://listing/imgs/", endpoint_url=s3_endpoint)
+    (item,) = list_inputs("s3://listing/imgs/", storage=Storage(endpoint_url=s3_endpoint))
     assert (item.image_id, item.uri) == ("a.jpg", "s3://listing/imgs/a.jpg")
     etag = s3.head_object(Bucket="listing", Key="imgs/a.jpg")["ETag"].strip('"')
     assert item.version == f"{len(photo)}:{etag}"
     s3.put_object(Bucket="listing", Key="imgs/a.jpg", Body=photo[:-1] + b"\0")  # same size
-    (again,) = list_inputs("s3://listing/imgs/", endpoint_url=s3_endpoint)
+    (again,) = list_inputs("s3://listing/imgs/", storage=Storage(endpoint_url=s3_endpoint))
     assert again.version != item.version and again.version.startswith(f"{len(photo)}:")
 
 

@@ -26,7 +26,7 @@ from pipeline.sources import listing, reader
 from pipeline.sources.inputs import make_blocks
 from pipeline.sources.listing import list_inputs
 from pipeline.sources.reader import read_block, read_input_bytes
-from pipeline.storage import RETRY_POLICY, StorageUnavailable, filesystem
+from pipeline.storage import Storage, StorageUnavailable
 
 PRE = Preprocess(size=32, policy="squash")
 
@@ -102,11 +102,11 @@ def test_a_block_of_files_is_one_get_per_image_fetched_concurrently(s3, s3_endpo
     n = 8
     for i in range(n):
         s3.put_object(Bucket=bucket, Key=f"imgs/{i:02d}.png", Body=_noise_png(i))
-    items = list_inputs(f"s3://{bucket}/imgs/", endpoint_url=s3_endpoint)
+    items = list_inputs(f"s3://{bucket}/imgs/", storage=Storage(endpoint_url=s3_endpoint))
     (block,) = make_blocks(items, n)
     s3_log.clear()
     s3_log.delay_s = 0.1
-    row = read_block(block, PRE, endpoint_url=s3_endpoint)
+    row = read_block(block, PRE, storage=Storage(endpoint_url=s3_endpoint))
     s3_log.delay_s = 0.0
     gets, heads = s3_log.of(bucket, "GET"), s3_log.of(bucket, "HEAD")
     assert (len(gets), len(heads), len(s3_log.of(bucket))) == (n, 0, n)
@@ -124,9 +124,9 @@ def test_missing_and_broken_files_are_error_rows_and_an_outage_fails_the_block(
     for i in range(3):
         s3.put_object(Bucket=bucket, Key=f"e/{i}.png", Body=_noise_png(i))
     s3.put_object(Bucket=bucket, Key="e/3.png", Body=b"not a png")
-    items = list_inputs(f"s3://{bucket}/e/", endpoint_url=s3_endpoint)
+    items = list_inputs(f"s3://{bucket}/e/", storage=Storage(endpoint_url=s3_endpoint))
     s3.delete_object(Bucket=bucket, Key="e/1.png")  # gone after the listing
-    row = read_block(make_blocks(items, 8)[0], PRE, endpoint_url=s3_endpoint)
+    row = read_block(make_blocks(items, 8)[0], PRE, storage=Storage(endpoint_url=s3_endpoint))
     errors = [(e["image_id"], e["stage"], e["error_type"]) for e in json.loads(row["errors"])]
     assert errors == [("1.png", "read", "not_found"), ("3.png", "decode", "not_an_image")]
     assert (row["image_ids"], row["n_inputs"]) == (["0.png", "2.png"], 4)
@@ -134,9 +134,9 @@ def test_missing_and_broken_files_are_error_rows_and_an_outage_fails_the_block(
     def away(*_, **__):
         raise StorageUnavailable("reading: storage unreachable after 6 attempts")
 
-    monkeypatch.setattr(reader, "fetch_object", away)
+    monkeypatch.setattr(reader, "read_object", away)
     with pytest.raises(StorageUnavailable):
-        read_block(make_blocks(items, 8)[0], PRE, endpoint_url=s3_endpoint)
+        read_block(make_blocks(items, 8)[0], PRE, storage=Storage(endpoint_url=s3_endpoint))
 
 
 def _object_gets(log: RequestLog, bucket: str) -> list[Request]:
@@ -165,7 +165,7 @@ def test_parquet_bytes_are_read_once_over_listing_and_blocks(s3, s3_endpoint, s3
         sizes[name] = len(data)
         s3.put_object(Bucket=bucket, Key=f"pq/{name}", Body=data)
     s3_log.clear()
-    items = list_inputs(f"s3://{bucket}/pq/", "parquet", endpoint_url=s3_endpoint)
+    items = list_inputs(f"s3://{bucket}/pq/", "parquet", storage=Storage(endpoint_url=s3_endpoint))
     listing_bytes = sum(r.body_bytes for r in _object_gets(s3_log, bucket))
     assert [it.meta["row_group"] for it in items[:7]] == [0, 0, 0, 0, 0, 0, 1]
     assert items[0].meta["shard"] == f"s3://{bucket}/pq/a.parquet"
@@ -173,7 +173,7 @@ def test_parquet_bytes_are_read_once_over_listing_and_blocks(s3, s3_endpoint, s3
     # whole row groups: a's two pairs of 6, then b's row group of 10 alone (it fits no pair)
     assert [len(b.items) for b in blocks] == [12, 12, 10]
     heads = len(s3_log.of(bucket, "HEAD"))
-    rows = [read_block(b, PRE, endpoint_url=s3_endpoint) for b in blocks]
+    rows = [read_block(b, PRE, storage=Storage(endpoint_url=s3_endpoint)) for b in blocks]
     assert len(s3_log.of(bucket, "HEAD")) == heads  # sizes from the listing: no HEAD per block
     assert sum(len(r["image_ids"]) for r in rows) == 34 and not any(
         json.loads(r["errors"]) for r in rows
@@ -185,7 +185,8 @@ def test_parquet_bytes_are_read_once_over_listing_and_blocks(s3, s3_endpoint, s3
     assert listing_bytes < 0.2 * sum(sizes.values())  # footers and ids, no image
     # a report's thumbnail: one cell, by the row a heatmap row carries (no meta)
     cell = read_input_bytes(
-        reader.InputItem(items[7].image_id, items[7].uri, items[7].member), s3_endpoint
+        reader.InputItem(items[7].image_id, items[7].uri, items[7].member),
+        Storage(endpoint_url=s3_endpoint),
     )
     assert cell == _noise_png(7)
 
@@ -244,7 +245,7 @@ def test_webdataset_shards_are_read_once_by_one_block_each(s3, s3_endpoint, s3_l
     for key, data in shards.items():
         s3.put_object(Bucket=bucket, Key=key, Body=data)
     s3_log.clear()
-    items = list_inputs(f"s3://{bucket}/", "webdataset", endpoint_url=s3_endpoint)
+    items = list_inputs(f"s3://{bucket}/", "webdataset", storage=Storage(endpoint_url=s3_endpoint))
     assert not _object_gets(s3_log, bucket)  # the listing opens no shard
     assert [(it.image_id, it.member) for it in items] == [
         ("train/shard-0.tar", "*"),
@@ -258,7 +259,7 @@ def test_webdataset_shards_are_read_once_by_one_block_each(s3, s3_endpoint, s3_l
     )
     blocks = make_blocks(items, 64)
     assert [len(b.items) for b in blocks] == [1, 1, 1, 1, 1]  # one shard per block
-    rows = [read_block(b, PRE, endpoint_url=s3_endpoint) for b in blocks]
+    rows = [read_block(b, PRE, storage=Storage(endpoint_url=s3_endpoint)) for b in blocks]
     gets = _object_gets(s3_log, bucket)
     total = sum(r.body_bytes for r in gets)
     print(f"webdataset: {len(gets)} GETs, {total} B of {sum(map(len, shards.values()))} B")
@@ -283,7 +284,7 @@ def test_webdataset_shards_are_read_once_by_one_block_each(s3, s3_endpoint, s3_l
     # what a heatmap row carries is enough to read one sample again (a report's thumbnail)
     member = json.loads(rows[1]["members"])[2]
     sample = reader.InputItem(rows[1]["image_ids"][2], rows[1]["uris"][2], member)
-    assert read_input_bytes(sample, s3_endpoint) == _noise_png(12)
+    assert read_input_bytes(sample, Storage(endpoint_url=s3_endpoint)) == _noise_png(12)
 
 
 # -- manifest: the rows name the images; only the manifest's own columns are read -------------
@@ -304,7 +305,9 @@ def test_parquet_manifest_on_s3_reads_only_its_columns(s3, s3_endpoint, s3_log, 
     size = (tmp_path / "m.parquet").stat().st_size
     s3.put_object(Bucket=bucket, Key="m.parquet", Body=(tmp_path / "m.parquet").read_bytes())
     s3_log.clear()
-    items = list_inputs(f"s3://{bucket}/m.parquet", "manifest", endpoint_url=s3_endpoint)
+    items = list_inputs(
+        f"s3://{bucket}/m.parquet", "manifest", storage=Storage(endpoint_url=s3_endpoint)
+    )
     read = sum(r.body_bytes for r in _object_gets(s3_log, bucket))
     print(f"manifest: read {read} B of a {size} B file")
     assert read < 0.1 * size
@@ -318,7 +321,7 @@ def test_parquet_manifest_on_s3_reads_only_its_columns(s3, s3_endpoint, s3_log, 
     text = f"{etags[1]}|s3://{bucket}/photos/1.png|"
     assert items[1].version == "m:" + hashlib.sha256(text.encode()).hexdigest()[:16]
     s3_log.clear()
-    row = read_block(make_blocks(items, 8)[0], PRE, endpoint_url=s3_endpoint)
+    row = read_block(make_blocks(items, 8)[0], PRE, storage=Storage(endpoint_url=s3_endpoint))
     assert row["image_ids"] == ["0.png", "1.png", "2.png"]
     assert (len(_object_gets(s3_log, bucket)), len(s3_log.of(bucket, "HEAD"))) == (3, 0)
 
@@ -343,7 +346,7 @@ def _listings(log: RequestLog, bucket: str) -> list[tuple[str, str]]:
 
 def _serial(bucket: str, prefix: str) -> dict:
     """What `_files_under` returned before: one `fs.find`, sorted."""
-    fs, root = filesystem(f"s3://{bucket}/{prefix}")
+    fs, root = Storage().filesystem(f"s3://{bucket}/{prefix}")
     found = fs.find(root, detail=True)
     return {p: found[p] for p in sorted(found)}
 
@@ -368,7 +371,9 @@ def test_an_object_store_is_listed_over_its_prefixes_concurrently(s3, s3_endpoin
         s3_log.clear()
         s3_log.delay_s = 0.05  # a store's latency per page, so overlapping LISTs can be seen
         t0 = time.perf_counter()
-        fs, root, files = listing._files_under(f"s3://{bucket}/{prefix}", s3_endpoint)
+        fs, root, files = listing._files_under(
+            f"s3://{bucket}/{prefix}", Storage(endpoint_url=s3_endpoint)
+        )
         seconds = time.perf_counter() - t0
         s3_log.delay_s = 0.0
         lists = _listings(s3_log, bucket)
@@ -391,7 +396,7 @@ def test_a_second_listing_sees_what_changed_even_through_a_listings_cache(
 ):
     """The job lists again on resume: neither the filesystem's listings cache nor the first
     listing may answer for the second. Here the filesystem caches listings (s3fs's dircache,
-    which `storage_options` turns off for s3:// but gcsfs and others keep)."""
+    which `Storage.options` turns off for s3:// but gcsfs and others keep)."""
     import s3fs
 
     bucket = _bucket(s3, "scale-relist")
@@ -399,10 +404,13 @@ def test_a_second_listing_sees_what_changed_even_through_a_listings_cache(
     cached = s3fs.S3FileSystem(
         endpoint_url=s3_endpoint, use_listings_cache=True, skip_instance_cache=True
     )
-    monkeypatch.setattr(
-        listing, "filesystem", lambda uri, _=None: (cached, cached._strip_protocol(uri))
-    )
-    first = listing._files_under(f"s3://{bucket}/p", s3_endpoint)[2]
+
+    class CachingStorage(Storage):
+        def filesystem(self, uri):
+            return cached, cached._strip_protocol(uri)
+
+    store = CachingStorage(endpoint_url=s3_endpoint)
+    first = listing._files_under(f"s3://{bucket}/p", store)[2]
     assert first == _serial(bucket, "p")
     assert cached.ls(f"{bucket}/p/a/s0", detail=False)  # s3fs kept that listing
     s3.delete_object(Bucket=bucket, Key="p/a/s0/1.png")
@@ -413,7 +421,7 @@ def test_a_second_listing_sees_what_changed_even_through_a_listings_cache(
     s3.delete_objects(Bucket=bucket, Delete={"Objects": gone})
     # the cache still answers with the old listing ...
     assert f"{bucket}/p/a/s0/1.png" in cached.ls(f"{bucket}/p/a/s0", detail=False)
-    second = listing._files_under(f"s3://{bucket}/p", s3_endpoint)[2]
+    second = listing._files_under(f"s3://{bucket}/p", store)[2]
     # ... the listing does not
     assert second == _serial(bucket, "p") and second != first
     assert f"{bucket}/p/a/s0/9.png" in second and f"{bucket}/p/a/s0/1.png" not in second
@@ -422,7 +430,7 @@ def test_a_second_listing_sees_what_changed_even_through_a_listings_cache(
     everything = [{"Key": p.split("/", 1)[1]} for p in second]
     s3.delete_objects(Bucket=bucket, Delete={"Objects": everything})
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        listing._files_under(f"s3://{bucket}/p", s3_endpoint)
+        listing._files_under(f"s3://{bucket}/p", store)
 
 
 class _Flaky:
@@ -455,7 +463,6 @@ class _Flaky:
 def test_listing_retries_each_request_and_a_prefix_gone_between_levels_lists_nothing(
     s3, s3_endpoint, monkeypatch
 ):
-    monkeypatch.setitem(RETRY_POLICY, "first_delay", 0.01)
     monkeypatch.setattr(listing, "LISTING_FANOUT", 4)  # v's 3 prefixes by level, then finds
     bucket = _bucket(s3, "scale-vanish")
     _put_many(
@@ -466,11 +473,11 @@ def test_listing_retries_each_request_and_a_prefix_gone_between_levels_lists_not
         gone = [{"Key": f"{prefix}/s{s}/{i}.png"} for s in range(n) for i in range(3)]
         return lambda: s3.delete_objects(Bucket=bucket, Delete={"Objects": gone})
 
-    fs, root = filesystem(f"s3://{bucket}/v")
+    fs, root = Storage().filesystem(f"s3://{bucket}/v")
     # c is gone before its level is listed; a/s0 once a's level named it, before its find
     after = {root: delete("v/c", 4), f"{root}/a": delete("v/a", 1)}
     flaky = _Flaky(fs, {f"{bucket}/v/b", f"{bucket}/v/a/s1"}, after)
-    found = listing._list_tree(flaky, root)
+    found = listing._list_tree(flaky, root, Storage(retry_delay_s=0.01))
     assert {p: found[p] for p in sorted(found)} == _serial(bucket, "v")
     assert len(found) == 4 * 3 + 3 * 3  # b's four prefixes, a's three left
     assert flaky.calls.count(("ls", f"{bucket}/v/b")) == 2  # failed once, retried

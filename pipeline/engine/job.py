@@ -52,14 +52,7 @@ from ..sources.inputs import (
 )
 from ..sources.listing import list_inputs
 from ..spec import JobSpec, flatten
-from ..storage import (
-    StorageUnavailable,
-    absolute_uri,
-    configure_retries,
-    filesystem,
-    pause_on_outage,
-    write_bytes_atomic,
-)
+from ..storage import Storage, StorageUnavailable, absolute_uri, pause_on_outage
 from ..tracking import JobTracker
 from ..tracking.compare import direction_tags
 from ..tracking.mlflow_run import code_version
@@ -106,7 +99,7 @@ def list_job_inputs(spec: JobSpec) -> Inputs:
         src.format,
         image_column=src.image_column,
         label_column=src.label_column,
-        endpoint_url=spec.storage.endpoint_url,
+        storage=Storage.from_spec(spec.storage),
     )
     if src.limit:
         items = items[: src.limit]
@@ -114,7 +107,7 @@ def list_job_inputs(spec: JobSpec) -> Inputs:
         raise JobFailed(f"source.uri: no inputs found under {src.uri!r}")
     if src.annotations:
         annotations = _by_image_id(
-            load_annotations(src.annotations, spec.storage.endpoint_url),
+            load_annotations(src.annotations, Storage.from_spec(spec.storage)),
             items.image_ids.to_pylist(),
         )
         items = Inputs.from_items(_annotated(it, annotations.get(it.image_id)) for it in items)
@@ -256,14 +249,14 @@ def _kept_blocks(inputs: pa.Table, finished: pa.Table) -> tuple[set[str], list[s
     return candidates, sorted(set(ids) - candidates)
 
 
-def finished_inputs(root: str, stored: Blocks | None, endpoint_url: str | None = None) -> pa.Table:
+def finished_inputs(root: str, stored: Blocks | None, storage: Storage = Storage()) -> pa.Table:
     """(block_id, image_id, version) of every input of every block an earlier attempt
     finished: from the stored plan (one listing of the markers' names, no marker read); a run
     written before plans were stored has them in its markers."""
     if stored is None:
-        markers = finished_blocks(root, endpoint_url)
+        markers = finished_blocks(root, storage)
         return _finished_table({bid: m.inputs for bid, m in markers.items()})
-    done = finished_block_ids(root, endpoint_url)
+    done = finished_block_ids(root, storage)
     return _rows_of(plan_table(stored).select(FINISHED_SCHEMA.names), done)
 
 
@@ -333,15 +326,14 @@ def run_job(
     `progress(marker, Progress)` as each block finishes."""
     run_id = expand_run_id(spec.run_id) if spec.run_id else default_run_id(spec)
     root = run_root(spec.output.uri, run_id)
-    endpoint = spec.storage.endpoint_url
+    storage = Storage.from_spec(spec.storage)
     t_start = time.perf_counter()
-    configure_retries(spec.storage.retries, spec.storage.retry_delay_s)
-    _apply_overwrite_policy(spec, root)
+    _apply_overwrite_policy(spec, root, storage)
     tracker = JobTracker(spec.tracking.uri, spec.tracking.experiment, run_id, spec.tracking.enabled)
     blocks = Blocks.empty()
     listing = None
     try:
-        stored = read_plan(root, endpoint)
+        stored = read_plan(root, storage)
         if stored is None or replan:
             items = list_job_inputs(spec)
         else:
@@ -365,27 +357,27 @@ def run_job(
         }
         tracker.start(flatten(spec), tags)
         if listing is None:
-            plan = plan_run(spec, items, finished_inputs(root, stored, endpoint))
+            plan = plan_run(spec, items, finished_inputs(root, stored, storage))
             changes = source_changes(stored, items, replanned=True)
             # the plan first: a crash from here on leaves a plan that names every finished block
-            write_plan(root, plan.blocks, endpoint)
+            write_plan(root, plan.blocks, storage)
         else:
             # the kept plan needs only the finished blocks' names (one listing)
-            done = finished_block_ids(root, endpoint) & set(stored.ids)
+            done = finished_block_ids(root, storage) & set(stored.ids)
             plan, changes = Plan(stored, done, [], set()), None
         # parts of blocks that are no longer in the plan (inputs changed or removed, or a block
         # that never finished) would mix stale rows into every table read
-        remove_stale_outputs(root, set(plan.blocks.ids), plan.stale_images, endpoint)
+        remove_stale_outputs(root, set(plan.blocks.ids), plan.stale_images, storage)
         blocks, todo = plan.blocks, plan.todo
         if on_plan:
             on_plan(len(plan.done), len(blocks), changes)
         # the copy beside the outputs hides secrets as the MLflow params and tags do
         spec_yaml = yaml.safe_dump(redact(spec.model_dump(mode="json"))).encode()
-        write_bytes_atomic(f"{root}/spec.yaml", spec_yaml, endpoint)
+        storage.write_bytes_atomic(f"{root}/spec.yaml", spec_yaml)
         # the finished blocks' markers are folded as they arrive (read concurrently), then
         # this attempt's as the actors finish them: nothing here grows with the run
         totals = RunTotals(spec)
-        for marker in read_markers(root, sorted(plan.done), endpoint):
+        for marker in read_markers(root, sorted(plan.done), storage):
             totals.add(marker, computed=False)
         if todo:
             init_ray(address)  # Ray's start-up is not compute: images/s leaves it out
@@ -396,7 +388,7 @@ def run_job(
             arrived: set[str] = set()
             with _CtrlC() as ctrl_c:
                 for marker in _execute(
-                    spec, run_id, root, model.preprocess, todo, len(blocks), first, address
+                    spec, storage, run_id, root, model.preprocess, todo, len(blocks), first, address
                 ):
                     ctrl_c.check()
                     arrived.add(marker.block_id)
@@ -422,21 +414,21 @@ def run_job(
         summary["source_changes"] = changes
         digest = totals.digest
         if spec.output.compact:
-            summary["files"] = _compact(root, set(blocks.ids), endpoint, address)
-        write_bytes_atomic(f"{root}/summary.json", json.dumps(summary, indent=2).encode(), endpoint)
-        write_bytes_atomic(f"{root}/digest.json", json.dumps(digest.to_json()).encode(), endpoint)
+            summary["files"] = _compact(root, set(blocks.ids), storage, address)
+        storage.write_bytes_atomic(f"{root}/summary.json", json.dumps(summary, indent=2).encode())
+        storage.write_bytes_atomic(f"{root}/digest.json", json.dumps(digest.to_json()).encode())
         tracker.log_metrics(_flat_metrics(summary))
         report = render_report(
-            ReportInputs(root, summary, digest, f"Salient run {run_id}", model.preprocess, endpoint)
+            ReportInputs(root, summary, digest, f"Salient run {run_id}", model.preprocess, storage)
         )
-        write_bytes_atomic(f"{root}/report.html", report.encode(), endpoint)
+        storage.write_bytes_atomic(f"{root}/report.html", report.encode())
         tracker.log_artifacts(
             {
                 "spec.yaml": spec_yaml,
                 "summary.json": json.dumps(summary, indent=2).encode(),
                 "summary.csv": _summary_csv(summary).encode(),
                 "report.html": report.encode(),
-                **_overlays(root, endpoint),
+                **_overlays(root, storage),
             }
         )
         if summary["lost"] != 0:
@@ -448,7 +440,7 @@ def run_job(
     except KeyboardInterrupt as e:
         tracker.fail(e)
         # what is on storage now: an actor may have finished a block the driver never heard of
-        saved = finished_block_ids(root, endpoint) & set(blocks.ids)
+        saved = finished_block_ids(root, storage) & set(blocks.ids)
         raise JobInterrupted(len(saved), len(blocks)) from e
     except BaseException as e:
         tracker.fail(e)
@@ -491,12 +483,12 @@ def _changes_since(stored: Blocks, relisted) -> str:
     return source_changes(stored, items, replanned=False)
 
 
-def _compact(root: str, keep: set[str], endpoint: str | None, address: str | None) -> dict:
+def _compact(root: str, keep: set[str], storage: Storage, address: str | None) -> dict:
     """Compact the run's outputs when they are not already (table -> files after it)."""
-    if needs_compaction(root, keep, endpoint):
+    if needs_compaction(root, keep, storage):
         init_ray(address)
         try:
-            compact(root, keep, endpoint)
+            compact(root, keep, storage)
         except StorageUnavailable:
             raise
         except Exception as e:
@@ -504,12 +496,12 @@ def _compact(root: str, keep: set[str], endpoint: str | None, address: str | Non
                 f"compacting the outputs failed ({_root_cause(e)}); every row is intact in the "
                 "per-block parts: run the same command to retry"
             ) from e
-    commit = read_commit(root, endpoint)
+    commit = read_commit(root, storage)
     return {table: len(files) for table, files in commit.files.items()} if commit else {}
 
 
-def _apply_overwrite_policy(spec: JobSpec, root: str) -> None:
-    fs, path = filesystem(root, spec.storage.endpoint_url)
+def _apply_overwrite_policy(spec: JobSpec, root: str, storage: Storage) -> None:
+    fs, path = storage.filesystem(root)
     if spec.output.overwrite == "resume" or not fs.exists(path):
         return
     if spec.output.overwrite == "error":
@@ -519,6 +511,7 @@ def _apply_overwrite_policy(spec: JobSpec, root: str) -> None:
 
 def _execute(
     spec: JobSpec,
+    storage: Storage,
     run_id: str,
     root: str,
     preprocess,
@@ -538,23 +531,21 @@ def _execute(
     ctx.enable_progress_bars = False  # the CLI shows its own bar, per finished block
     ctx.max_errored_blocks = 0  # per-input errors are rows; a block error is a real failure
     ctx.issue_detectors_config.detectors = []
-    endpoint = spec.storage.endpoint_url
-    ds = _planned_blocks(root, endpoint, set(blocks.ids), n_planned)
+    ds = _planned_blocks(root, storage, set(blocks.ids), n_planned)
 
-    storage = spec.storage
     # a block that still meets an outage after the in-process retries is run again by Ray
     # (after a jittered pause); only an outage that outlasts those fails the job
+    block_retries, pause_s = spec.storage.block_retries, spec.storage.block_retry_delay_s
     ctx.actor_task_retry_on_errors = [StorageUnavailable]
-    retry = {"retry_exceptions": [StorageUnavailable], "max_retries": storage.block_retries}
+    retry = {"retry_exceptions": [StorageUnavailable], "max_retries": block_retries}
 
     def decode(row: dict) -> dict:
-        configure_retries(storage.retries, storage.retry_delay_s)
         block = block_from_row(row)
         annotations = {
             it.image_id: it.meta["annotation"] for it in block.items if it.meta.get("annotation")
         }
-        with pause_on_outage(storage.block_retry_delay_s):
-            decoded = read_block(block, preprocess, annotations, to_model_space, endpoint)
+        with pause_on_outage(pause_s):
+            decoded = read_block(block, preprocess, annotations, to_model_space, storage)
         # every listed input is an image or an error row (a whole shard's samples are counted
         # as they are found); anything else is a reader bug that would lose inputs silently
         whole_shards = any(it.member == ALL_SAMPLES for it in block.items)
@@ -588,6 +579,7 @@ def _execute(
                 "spec_json": spec.model_dump_json(),
                 "run_id": run_id,
                 "root": root,
+                "storage": storage,
             },
             batch_size=1,
             # two calls per actor: a block's upload overlaps the next block's compute (the
@@ -599,7 +591,7 @@ def _execute(
             num_gpus=c.gpus_per_actor or None,
             batch_format="numpy",
             zero_copy_batch=True,
-            max_task_retries=storage.block_retries,  # with actor_task_retry_on_errors above
+            max_task_retries=block_retries,  # with actor_task_retry_on_errors above
         )
     try:
         for row in ds.iter_rows():
@@ -651,7 +643,7 @@ def init_ray(address: str | None) -> None:
         )
 
 
-def _planned_blocks(root: str, endpoint: str | None, todo: set[str], n_planned: int):
+def _planned_blocks(root: str, storage: Storage, todo: set[str], n_planned: int):
     """The blocks to compute, read by Ray Data from the stored plan (`_plan/blocks.parquet`):
     streamed row group by row group, one block per Ray block so that each decode task takes
     one, and the finished blocks of an earlier attempt filtered out on the way."""
@@ -660,7 +652,7 @@ def _planned_blocks(root: str, endpoint: str | None, todo: set[str], n_planned: 
 
     from ..runstore.commit import arrow_filesystem
 
-    fs, path = filesystem(plan_blocks_uri(root), endpoint)
+    fs, path = storage.filesystem(plan_blocks_uri(root))
     ds = ray.data.read_parquet(path, filesystem=arrow_filesystem(fs))
     if len(todo) < n_planned:
         ds = ds.filter(expr=col("block_id").is_in(sorted(todo)))
@@ -694,9 +686,9 @@ def _run_description(spec: JobSpec) -> str:
     return "\n".join(lines)
 
 
-def _overlays(root: str, endpoint: str | None) -> dict[str, bytes]:
+def _overlays(root: str, storage: Storage) -> dict[str, bytes]:
     """The overlay PNGs the first block left under <root>/overlays/ (artifact name -> bytes)."""
-    fs, path = filesystem(f"{root}/overlays", endpoint)
+    fs, path = storage.filesystem(f"{root}/overlays")
     fs.invalidate_cache(path)
     return {
         "overlays/" + p[len(path) :].lstrip("/"): fs.cat_file(p)

@@ -20,7 +20,7 @@ from ..report.overlay import overlay
 from ..runstore import safe_name
 from ..sources.decode import BadImage, decode_image
 from ..sources.listing import IMAGE_EXTENSIONS, _unstrip, list_inputs
-from ..storage import describe_error, filesystem, read_bytes
+from ..storage import Storage, describe_error
 
 BATCH_SIZE = 16
 
@@ -71,7 +71,7 @@ def expand_inputs(args: list[str], exclude: Path | None = None) -> list[ImageInp
 
 def _expand_one(arg: str, found: dict, excluded, exclude) -> None:
     """One argument -> its inputs, added to `found` (uri -> (name, full path))."""
-    fs, path = filesystem(arg)
+    fs, path = Storage().filesystem(arg)
     if _is_glob(path) and not fs.exists(path):
         matches = fs.glob(path, detail=True)
         files = sorted(
@@ -145,7 +145,7 @@ def read_images(
     """(name, image) per readable input, read lazily; a bad input is reported and left out."""
     for it in inputs:
         try:
-            yield it.name, decode_image(read_bytes(it.uri), it.name)
+            yield it.name, decode_image(Storage().read_bytes(it.uri), it.name)
         except BadImage as e:
             on_skip(str(e))  # the message starts with the name
         except (FileNotFoundError, PermissionError, IsADirectoryError) as e:

@@ -17,7 +17,7 @@ from ..secrets import find_secret
 from ..sources.inputs import InputItem, Inputs, from_json_text
 from ..sources.listing import list_inputs
 from ..spec import JobSpec, SpecError
-from ..storage import describe_error, filesystem, with_retries
+from ..storage import Storage, describe_error
 from .worker import build_explainers, load_job_model, resolve_label
 
 
@@ -35,10 +35,10 @@ def preflight(
             f"(spec) holds the value of ${key}; credentials come from the environment or a "
             "profile, never from a spec (it would be written to the output and MLflow)"
         )
-    endpoint = spec.storage.endpoint_url
-    source_ok = _exists(spec.source.uri, "source.uri", endpoint, problems)
+    storage = Storage.from_spec(spec.storage)
+    source_ok = _exists(spec.source.uri, "source.uri", storage, problems)
     if spec.source.annotations:
-        _exists(spec.source.annotations, "source.annotations", endpoint, problems)
+        _exists(spec.source.annotations, "source.annotations", storage, problems)
     if model is None:
         try:
             model = load_job_model(spec.model, "cpu", spec.tracking.uri)
@@ -78,12 +78,12 @@ def preflight(
     return model
 
 
-def _exists(uri: str, field: str, endpoint: str | None, problems: list[str]) -> bool:
+def _exists(uri: str, field: str, storage: Storage, problems: list[str]) -> bool:
     if uri.startswith("skimage:"):
         return True
     try:
-        fs, path = filesystem(uri, endpoint)
-        if with_retries(lambda: fs.exists(path), what=f"checking {uri}"):
+        fs, path = storage.filesystem(uri)
+        if storage.retry(lambda: fs.exists(path), what=f"checking {uri}"):
             return True
         problems.append(f"{field}: {uri!r} does not exist")
     except Exception as e:  # no credentials, no such bucket, endpoint away: say which
@@ -97,7 +97,7 @@ def _label_problems(spec: JobSpec, model: LoadedModel, items) -> list[str]:
     if spec.source.annotations or spec.source.format != "images":
         return []
     if items is None:
-        items = list_inputs(spec.source.uri, endpoint_url=spec.storage.endpoint_url)
+        items = list_inputs(spec.source.uri, storage=Storage.from_spec(spec.storage))
     # one look per distinct folder, not per input (a listing has one meta text per folder)
     metas = pc.unique(Inputs.of(items).table.column("meta")).to_pylist()
     folders = {(from_json_text(m) or {}).get("folder") for m in metas}

@@ -38,7 +38,7 @@ from ..runstore import (
     write_block,
 )
 from ..spec import JobSpec, MethodSpec, ModelSpec
-from ..storage import configure_retries, pause_on_outage, write_bytes_atomic
+from ..storage import Storage, pause_on_outage
 
 
 @dataclass
@@ -179,10 +179,9 @@ def resolve_label(raw, names: list[str]) -> int | None:
 class ExplainWorker:
     """Callable class for `Dataset.map_batches` (one instance per actor)."""
 
-    def __init__(self, spec_json: str, run_id: str, root: str):
+    def __init__(self, spec_json: str, run_id: str, root: str, storage: Storage):
         self.spec = JobSpec.model_validate_json(spec_json)
-        self.run_id, self.root = run_id, root
-        configure_retries(self.spec.storage.retries, self.spec.storage.retry_delay_s)
+        self.run_id, self.root, self.storage = run_id, root, storage
         # who computed a block: a restarted actor shows up as a new instance in the markers
         self.instance = f"{os.getpid()}-{time.time_ns()}"
         self.created_at = time.time()
@@ -219,10 +218,9 @@ class ExplainWorker:
         """Explain one decoded block and write its files, the marker last."""
         with self.computing:
             output = self.explain_block(row)
-        endpoint = self.spec.storage.endpoint_url
         for path, data in output.files.items():
-            write_bytes_atomic(f"{self.root}/{path}", data, endpoint)
-        write_block(self.root, output.marker, output.tables, endpoint)
+            self.storage.write_bytes_atomic(f"{self.root}/{path}", data)
+        write_block(self.root, output.marker, output.tables, self.storage)
         return output.marker
 
     # -- one block ----------------------------------------------------------------------------

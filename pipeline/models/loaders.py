@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-from ..storage import read_bytes
+from ..storage import Storage
 from .builtin import load_builtin
 from .loaded import LoadedModel
 from .preprocess import Preprocess
@@ -159,7 +159,7 @@ def _count_outputs(module: nn.Module, preprocess: Preprocess, device) -> int:
 
 
 def _state_dict(weights: str) -> tuple[dict, str]:
-    raw = read_bytes(weights)
+    raw = Storage().read_bytes(weights)
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything that is not plain tensors
@@ -225,7 +225,7 @@ def _timm(arch: str, *, weights=None, num_classes=None, **_) -> LoaderResult:
 
 @loader("torchscript")
 def _torchscript(path: str, **_) -> LoaderResult:
-    raw = read_bytes(path)
+    raw = Storage().read_bytes(path)
     module = torch.jit.load(io.BytesIO(raw), map_location="cpu")
     return module, Preprocess(size=224), hashlib.sha256(raw).hexdigest()
 
@@ -238,7 +238,7 @@ def _pickle(path: str, *, trust_pickle=False, **_) -> LoaderResult:
             "Pass trust_pickle=True (CLI: --trust-pickle) only for files you trust, or save a "
             "state dict and load it with torchvision:/timm: and weights=."
         )
-    raw = read_bytes(path)
+    raw = Storage().read_bytes(path)
     module = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
     if not isinstance(module, nn.Module):
         raise ValueError(f"{path!r} holds a {type(module).__name__}, not an nn.Module")

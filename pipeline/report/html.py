@@ -26,6 +26,7 @@ from ..runstore.digest import HIST_BINS, SCORE, histogram_stats
 from ..sources.decode import decode_image
 from ..sources.inputs import InputItem
 from ..sources.reader import read_input_bytes
+from ..storage import Storage
 from .overlay import overlay
 
 CSS = """
@@ -46,7 +47,7 @@ class ReportInputs:
     digest: Digest
     title: str = "Salient run"
     preprocess: Preprocess | None = None
-    endpoint_url: str | None = None
+    storage: Storage = Storage()
     # thumbnails ranked by this metric key (default: the spec's first metric)
     rank_metric: str | None = None
     drift: dict | None = None  # audit: {"rows": [...], "per_class": [...], "most_changed": [...]}
@@ -214,12 +215,12 @@ def _thumbs_section(inp: ReportInputs, rank: tuple[str | None, bool]) -> str:
 def _thumb(inp: ReportInputs, explainer: str, row: dict) -> str:
     """One thumbnail: its heatmap row read from its block's file, over its source image."""
     heat = read_heatmap(
-        inp.root, row["block_id"], row["image_id"], explainer, row["target"], inp.endpoint_url
+        inp.root, row["block_id"], row["image_id"], explainer, row["target"], inp.storage
     )
     pre = inp.preprocess or Preprocess()
     try:
         item = InputItem(row["image_id"], row["source_uri"], row["source_member"])
-        image = pre.resize(decode_image(read_input_bytes(item, inp.endpoint_url), row["image_id"]))
+        image = pre.resize(decode_image(read_input_bytes(item, inp.storage), row["image_id"]))
     except (OSError, ValueError):
         image = Image.new("RGB", (pre.size, pre.size), (128, 128, 128))
     up = Image.fromarray(heat.astype(np.float32), mode="F").resize(image.size, Image.BILINEAR)

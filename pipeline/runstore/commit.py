@@ -8,7 +8,7 @@ import json
 import posixpath
 from dataclasses import asdict, dataclass, field
 
-from ..storage import read_bytes, write_bytes_atomic
+from ..storage import Storage
 
 COMMIT = "_compacted.json"
 
@@ -23,15 +23,15 @@ class Compacted:
     markers: str | None = None  # run-relative path of the folded markers table
 
 
-def read_commit(root: str, endpoint_url: str | None = None) -> Compacted | None:
+def read_commit(root: str, storage: Storage = Storage()) -> Compacted | None:
     try:
-        return Compacted(**json.loads(read_bytes(f"{root}/{COMMIT}", endpoint_url)))
+        return Compacted(**json.loads(storage.read_bytes(f"{root}/{COMMIT}")))
     except FileNotFoundError:
         return None
 
 
-def write_commit(root: str, record: Compacted, endpoint_url: str | None = None) -> None:
-    write_bytes_atomic(f"{root}/{COMMIT}", json.dumps(asdict(record)).encode(), endpoint_url)
+def write_commit(root: str, record: Compacted, storage: Storage = Storage()) -> None:
+    storage.write_bytes_atomic(f"{root}/{COMMIT}", json.dumps(asdict(record)).encode())
 
 
 def arrow_filesystem(fs):

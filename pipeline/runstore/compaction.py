@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..storage import filesystem, with_retries, write_bytes_atomic
+from ..storage import Storage
 from .codec import TABLES
 from .commit import Compacted, arrow_filesystem, part_block, read_commit, write_commit
 
@@ -29,29 +29,29 @@ FILE_BYTES = 256 * 2**20  # target size of a compacted file (Parquet readers lik
 PARTITIONED = ("heatmaps", "metrics")  # by explainer; errors are few
 
 
-def _ls(fs, path: str) -> dict[str, int]:
+def _ls(storage: Storage, fs, path: str) -> dict[str, int]:
     """path -> size of every file under `path` (one listing; the sizes come with it)."""
     try:
-        found = with_retries(lambda: fs.find(path, detail=True), what=f"listing {path}")
+        found = storage.retry(lambda: fs.find(path, detail=True), what=f"listing {path}")
     except FileNotFoundError:
         return {}
     return {p: int(info.get("size") or 0) for p, info in found.items()}
 
 
-def needs_compaction(root: str, keep: set[str], endpoint_url: str | None = None) -> bool:
+def needs_compaction(root: str, keep: set[str], storage: Storage = Storage()) -> bool:
     """True while a part exists or the commit does not hold exactly the blocks in `keep`."""
-    commit = read_commit(root, endpoint_url)
+    commit = read_commit(root, storage)
     if commit is None or set(commit.blocks) != keep:
         return True
-    fs, base = filesystem(root, endpoint_url)
+    fs, base = storage.filesystem(root)
     fs.invalidate_cache(base)
-    return any(part_block(p) for table in TABLES for p in _ls(fs, f"{base}/{table}"))
+    return any(part_block(p) for table in TABLES for p in _ls(storage, fs, f"{base}/{table}"))
 
 
 def compact(
     root: str,
     keep: set[str],
-    endpoint_url: str | None = None,
+    storage: Storage = Storage(),
     file_bytes: int = FILE_BYTES,
 ) -> Compacted:
     """Fold every table's rows of the blocks in `keep` (from parts and from an earlier
@@ -60,15 +60,15 @@ def compact(
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-    fs, base = filesystem(root, endpoint_url)
+    fs, base = storage.filesystem(root)
     fs.invalidate_cache(base)
-    previous = read_commit(root, endpoint_url)
+    previous = read_commit(root, storage)
     committed = {p for files in (previous.files.values() if previous else []) for p in files}
-    listed = {table: _ls(fs, f"{base}/{table}") for table in TABLES}
+    listed = {table: _ls(storage, fs, f"{base}/{table}") for table in TABLES}
     # files of a compaction that never committed: not ours to read, ours to remove
     stray = [p for t in TABLES for p in listed[t] if not part_block(p)]
     stray = [p for p in stray if p[len(base) + 1 :] not in committed]
-    _remove(fs, stray, root)
+    storage.remove_many(_uris(root, base, stray))
     token = uuid.uuid4().hex[:12]
     record = Compacted(token, sorted(keep))
     old_blocks = set(previous.blocks) if previous else set()
@@ -81,23 +81,32 @@ def compact(
     with ThreadPoolExecutor(len(TABLES)) as pool:
         futures = {
             table: pool.submit(
-                _compact_table, fs, base, table, parts, old, keep & old_blocks, token, file_bytes
+                _compact_table,
+                storage,
+                fs,
+                base,
+                table,
+                parts,
+                old,
+                keep & old_blocks,
+                token,
+                file_bytes,
             )
             for table, (parts, old) in jobs.items()
         }
         for table, future in futures.items():
             record.files[table] = future.result()
     record.markers = f"_markers-{token}.parquet"
-    _fold_markers(root, keep, previous, record.markers, endpoint_url)
-    write_commit(root, record, endpoint_url)
-    _clean_up(root, fs, base, record, previous, endpoint_url)
+    _fold_markers(root, keep, previous, record.markers, storage)
+    write_commit(root, record, storage)
+    _clean_up(root, storage, fs, base, record, previous)
     return record
 
 
 _PLANNING = threading.Lock()  # DataContext is process-wide; a dataset copies it when created
 
 
-def _compact_table(fs, base, table, parts: dict, old: dict, old_keep, token, file_bytes):
+def _compact_table(storage, fs, base, table, parts: dict, old: dict, old_keep, token, file_bytes):
     """One table's rows -> its compacted files (run-relative paths)."""
     import ray
     from ray.data import DataContext
@@ -152,13 +161,13 @@ def _compact_table(fs, base, table, parts: dict, old: dict, old_keep, token, fil
         min_bytes_per_file=file_bytes,
     )
     fs.invalidate_cache(f"{base}/{table}")
-    return sorted(p[len(base) + 1 :] for p in _ls(fs, f"{base}/{table}") if f"c{token}_" in p)
+    written = _ls(storage, fs, f"{base}/{table}")
+    return sorted(p[len(base) + 1 :] for p in written if f"c{token}_" in p)
 
 
-def _remove(fs, paths: list[str], root: str) -> None:
-    for start in range(0, len(paths), 1000):  # object stores delete 1000 keys per request
-        chunk = paths[start : start + 1000]
-        with_retries(lambda chunk=chunk: fs.rm(chunk), what=f"removing old files of {root}")
+def _uris(root: str, base: str, paths: list[str]) -> list[str]:
+    """Paths on the run's filesystem (under `base`, as listed) -> URIs under `root`."""
+    return [f"{root}/{p[len(base) + 1 :]}" for p in paths]
 
 
 def _block_id_from_path(batch: pa.Table) -> pa.Table:
@@ -187,13 +196,13 @@ def _explainers(parts: list[str], old: list[str], afs) -> set[str]:
     return names
 
 
-def _fold_markers(root, keep, previous, name, endpoint_url) -> None:
+def _fold_markers(root, keep, previous, name, storage: Storage) -> None:
     """Every kept block's marker into one table (block_id, marker JSON), streamed: markers of
     the earlier compaction from its table, the rest from `_blocks/`."""
     from .markers import read_markers
 
     schema = pa.schema([("block_id", pa.string()), ("marker", pa.string())])
-    fs, base = filesystem(root, endpoint_url)
+    fs, base = storage.filesystem(root)
     folded: set[str] = set()
     with tempfile.NamedTemporaryFile(suffix=".parquet") as tmp:
         with pq.ParquetWriter(tmp.name, schema, compression="zstd") as writer:
@@ -203,7 +212,7 @@ def _fold_markers(root, keep, previous, name, endpoint_url) -> None:
                 writer.write_table(old)
                 folded = set(old.column("block_id").to_pylist())
             batch: list[dict] = []
-            for marker in read_markers(root, sorted(keep - folded), endpoint_url, folded=False):
+            for marker in read_markers(root, sorted(keep - folded), storage, folded=False):
                 batch.append({"block_id": marker.block_id, "marker": marker.to_json()})
                 if len(batch) == 1024:
                     writer.write_table(pa.Table.from_pylist(batch, schema=schema))
@@ -211,10 +220,10 @@ def _fold_markers(root, keep, previous, name, endpoint_url) -> None:
             if batch:
                 writer.write_table(pa.Table.from_pylist(batch, schema=schema))
         with open(tmp.name, "rb") as f:
-            write_bytes_atomic(f"{root}/{name}", f.read(), endpoint_url)
+            storage.write_bytes_atomic(f"{root}/{name}", f.read())
 
 
-def _clean_up(root, fs, base, record: Compacted, previous, endpoint_url) -> None:
+def _clean_up(root, storage: Storage, fs, base, record: Compacted, previous) -> None:
     """After the commit: the parts, markers and earlier compacted files it replaces."""
     doomed = [
         f"{base}/{p}" for files in (previous.files.values() if previous else []) for p in files
@@ -222,10 +231,10 @@ def _clean_up(root, fs, base, record: Compacted, previous, endpoint_url) -> None
     if previous and previous.markers:
         doomed.append(f"{base}/{previous.markers}")
     for table in TABLES:
-        doomed += [p for p in _ls(fs, f"{base}/{table}") if part_block(p) is not None]
+        doomed += [p for p in _ls(storage, fs, f"{base}/{table}") if part_block(p) is not None]
     folded = set(record.blocks)
-    doomed += [p for p in _ls(fs, f"{base}/_blocks") if _marker_block(p) in folded]
-    _remove(fs, doomed, root)
+    doomed += [p for p in _ls(storage, fs, f"{base}/_blocks") if _marker_block(p) in folded]
+    storage.remove_many(_uris(root, base, doomed))
 
 
 def _marker_block(path: str) -> str | None:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
 
-from ..storage import filesystem, read_bytes, remove_file, with_retries, write_bytes_atomic
+from ..storage import Storage
 from .codec import TABLES, parquet_bytes
 from .commit import arrow_filesystem, read_commit, write_commit
 from .digest import Digest
@@ -62,7 +62,7 @@ class BlockMarker:
 
 
 def write_block(
-    root: str, marker: BlockMarker, tables: dict[str, pa.Table], endpoint_url: str | None = None
+    root: str, marker: BlockMarker, tables: dict[str, pa.Table], storage: Storage = Storage()
 ) -> None:
     """Data files first, the marker last: a block without a marker is recomputed on resume and
     its files are replaced whole (same names), so there are never duplicates. An empty table is
@@ -70,46 +70,43 @@ def write_block(
     for name in TABLES:
         uri = part_uri(root, name, marker.block_id)
         if tables[name].num_rows:
-            write_bytes_atomic(uri, parquet_bytes(tables[name]), endpoint_url)
+            storage.write_bytes_atomic(uri, parquet_bytes(tables[name]))
         else:
-            remove_file(uri, endpoint_url)
-    write_bytes_atomic(marker_uri(root, marker.block_id), marker.to_json().encode(), endpoint_url)
+            storage.remove(uri)
+    storage.write_bytes_atomic(marker_uri(root, marker.block_id), marker.to_json().encode())
 
 
-def finished_block_ids(root: str, endpoint_url: str | None = None) -> set[str]:
+def finished_block_ids(root: str, storage: Storage = Storage()) -> set[str]:
     """The ids of every block a previous attempt finished: the markers' names (one listing, no
     reads) and the blocks a compaction folded."""
-    fs, path = filesystem(f"{root}/_blocks", endpoint_url)
+    fs, path = storage.filesystem(f"{root}/_blocks")
     fs.invalidate_cache(path)  # a resume must see the latest markers
-    commit = read_commit(root, endpoint_url)
+    commit = read_commit(root, storage)
     done = set(commit.blocks) if commit else set()
     try:
-        names = with_retries(lambda: fs.ls(path, detail=False), what=f"listing {root}/_blocks")
+        names = storage.retry(lambda: fs.ls(path, detail=False), what=f"listing {root}/_blocks")
     except FileNotFoundError:
         return done
     return done | {posixpath.basename(n)[: -len(".json")] for n in names if n.endswith(".json")}
 
 
 def read_markers(
-    root: str, block_ids: Iterable[str], endpoint_url: str | None = None, folded: bool = True
+    root: str, block_ids: Iterable[str], storage: Storage = Storage(), folded: bool = True
 ) -> Iterator[BlockMarker]:
     """The markers of `block_ids`, yielded as they arrive (in no particular order), so a caller
     can fold them without holding them all: those a compaction folded from its table (unless
     `folded` is False), the others fetched READ_THREADS at a time."""
     wanted = list(block_ids)
-    commit = read_commit(root, endpoint_url) if folded else None
+    commit = read_commit(root, storage) if folded else None
     if commit and commit.markers:
         in_table = set(wanted) & set(commit.blocks)
         wanted = [b for b in wanted if b not in in_table]
-        yield from _folded_markers(root, commit.markers, in_table, endpoint_url)
+        yield from _folded_markers(root, commit.markers, in_table, storage)
     ids = iter(wanted)
     with ThreadPoolExecutor(READ_THREADS) as pool:
 
         def submit(n: int) -> set:
-            return {
-                pool.submit(read_bytes, marker_uri(root, bid), endpoint_url)
-                for bid in _take(ids, n)
-            }
+            return {pool.submit(storage.read_bytes, marker_uri(root, bid)) for bid in _take(ids, n)}
 
         pending = submit(4 * READ_THREADS)
         while pending:
@@ -119,13 +116,13 @@ def read_markers(
             yield BlockMarker.from_json(done.result())
 
 
-def _folded_markers(root, name, block_ids: set[str], endpoint_url) -> Iterator[BlockMarker]:
+def _folded_markers(root, name, block_ids: set[str], storage: Storage) -> Iterator[BlockMarker]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     if not block_ids:
         return
-    fs, base = filesystem(root, endpoint_url)
+    fs, base = storage.filesystem(root)
     parquet = pq.ParquetFile(f"{base}/{name}", filesystem=arrow_filesystem(fs))
     wanted = pa.array(sorted(block_ids), pa.string())
     for batch in parquet.iter_batches(batch_size=1024):  # streamed: never the whole table
@@ -134,10 +131,10 @@ def _folded_markers(root, name, block_ids: set[str], endpoint_url) -> Iterator[B
             yield BlockMarker.from_json(text)
 
 
-def finished_blocks(root: str, endpoint_url: str | None = None) -> dict[str, BlockMarker]:
+def finished_blocks(root: str, storage: Storage = Storage()) -> dict[str, BlockMarker]:
     """block id -> its marker, for every block a previous attempt finished."""
-    ids = finished_block_ids(root, endpoint_url)
-    return {m.block_id: m for m in read_markers(root, sorted(ids), endpoint_url)}
+    ids = finished_block_ids(root, storage)
+    return {m.block_id: m for m in read_markers(root, sorted(ids), storage)}
 
 
 def _take(it: Iterator, n: int) -> list:
@@ -150,12 +147,12 @@ def _take(it: Iterator, n: int) -> list:
 
 
 def remove_stale_outputs(
-    root: str, keep: set[str], stale_images: set[str], endpoint_url: str | None = None
+    root: str, keep: set[str], stale_images: set[str], storage: Storage = Storage()
 ) -> None:
     """Remove every part and marker whose block is not in `keep`, and the per-image pictures
     and overlays of `stale_images`. Markers go first: a crash half-way leaves data files
     without a marker, which the next attempt removes or replaces."""
-    fs, path = filesystem(root, endpoint_url)
+    fs, path = storage.filesystem(root)
     fs.invalidate_cache(path)
 
     def block_of(name: str, prefix: str, suffix: str) -> str | None:
@@ -186,7 +183,7 @@ def remove_stale_outputs(
         fs.rm_file(name)
     # rows of a compaction's blocks that left the plan stay in its files until the next
     # compaction rewrites them; readers only read the blocks the record names
-    commit = read_commit(root, endpoint_url)
+    commit = read_commit(root, storage)
     if commit and not set(commit.blocks) <= keep:
         commit.blocks = sorted(set(commit.blocks) & keep)
-        write_commit(root, commit, endpoint_url)
+        write_commit(root, commit, storage)

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..sources.inputs import INPUT_SCHEMA, Block, Blocks, item_from_row
-from ..storage import read_bytes, write_bytes_atomic
+from ..storage import Storage
 from .codec import parquet_bytes
 from .layout import plan_blocks_uri, plan_uri
 
@@ -50,16 +50,16 @@ def blocks_table(blocks: Blocks) -> pa.Table:
     )
 
 
-def write_plan(root: str, blocks: Blocks | list[Block], endpoint_url: str | None = None) -> None:
+def write_plan(root: str, blocks: Blocks | list[Block], storage: Storage = Storage()) -> None:
     """Both shapes, each written BLOCKS_PER_WRITE blocks at a time (no copy of the whole plan
     beside it); the per-input table last (a resume reads it, so it names a complete plan)."""
     blocks = Blocks.of(blocks)
     parts = [blocks[s : s + BLOCKS_PER_WRITE] for s in range(0, len(blocks), BLOCKS_PER_WRITE)]
     feed = parquet_bytes((blocks_table(p) for p in parts), BLOCKS_PER_ROW_GROUP, BLOCKS_SCHEMA)
-    write_bytes_atomic(plan_blocks_uri(root), feed, endpoint_url)
+    storage.write_bytes_atomic(plan_blocks_uri(root), feed)
     del feed
     per_input = parquet_bytes((plan_table(p) for p in parts), schema=PLAN_SCHEMA)
-    write_bytes_atomic(plan_uri(root), per_input, endpoint_url)
+    storage.write_bytes_atomic(plan_uri(root), per_input)
 
 
 def block_from_row(row: dict) -> Block:
@@ -67,10 +67,10 @@ def block_from_row(row: dict) -> Block:
     return Block(str(row["block_id"]), tuple(item_from_row(r) for r in row["items"]))
 
 
-def read_plan(root: str, endpoint_url: str | None = None) -> Blocks | None:
+def read_plan(root: str, storage: Storage = Storage()) -> Blocks | None:
     """The blocks of the stored plan, in its order; None when the run has none yet."""
     try:
-        data = read_bytes(plan_uri(root), endpoint_url)
+        data = storage.read_bytes(plan_uri(root))
     except FileNotFoundError:
         return None
     return blocks_from_plan_table(pq.read_table(io.BytesIO(data)))

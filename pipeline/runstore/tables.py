@@ -11,17 +11,17 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from ..storage import filesystem
+from ..storage import Storage
 from .codec import decode_heatmaps
 from .commit import arrow_filesystem, part_block, read_commit
 from .layout import part_uri
 
 
-def _dataset(root: str, table: str, endpoint_url: str | None):
+def _dataset(root: str, table: str, storage: Storage):
     """(dataset of the table's current rows, row filter or None), or None when it has none."""
-    fs, base = filesystem(root, endpoint_url)
+    fs, base = storage.filesystem(root)
     fs.invalidate_cache(base)
-    commit = read_commit(root, endpoint_url)
+    commit = read_commit(root, storage)
     covered = set(commit.blocks) if commit else set()
     try:
         found = fs.find(f"{base}/{table}")
@@ -43,14 +43,14 @@ def _dataset(root: str, table: str, endpoint_url: str | None):
 def read_table(
     root: str,
     table: str,
-    endpoint_url: str | None = None,
+    storage: Storage = Storage(),
     columns: list[str] | None = None,
     filters=None,
 ) -> pa.Table:
     """One output table's current rows; `columns` and `filters` (pyarrow's DNF list or an
     expression) are pushed down. Compacted rows carry a `block_id` column; parts do not, so
     it is dropped here: both read alike."""
-    pieces = _dataset(root, table, endpoint_url)
+    pieces = _dataset(root, table, storage)
     if not pieces:
         return pa.table({})
     expr = pq.filters_to_expression(filters) if isinstance(filters, list) else filters
@@ -78,13 +78,13 @@ def read_heatmap(
     image_id: str,
     explainer: str,
     target: int,
-    endpoint_url: str | None = None,
+    storage: Storage = Storage(),
 ):
     """One decoded heatmap [size, size]: from its block's part (one file), or from the
     compacted files of its explainer (sorted by image id, so row groups are skipped)."""
-    fs, base = filesystem(root, endpoint_url)
+    fs, base = storage.filesystem(root)
     where = [("image_id", "=", image_id), ("explainer", "=", explainer), ("target", "=", target)]
-    commit = read_commit(root, endpoint_url)
+    commit = read_commit(root, storage)
     if commit and block_id in commit.blocks:
         paths = [
             f"{base}/{p}"

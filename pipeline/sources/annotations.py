@@ -17,14 +17,14 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from ..models.preprocess import Geometry
-from ..storage import filesystem, read_bytes
+from ..storage import Storage
 
 
-def load_annotations(uri: str, endpoint_url: str | None = None) -> dict[str, dict]:
+def load_annotations(uri: str, storage: Storage = Storage()) -> dict[str, dict]:
     """Dispatch on the content: COCO (dict with images+annotations), imagenet list, VOC XML
     (a file or a folder of .xml)."""
     if uri.rstrip("/").endswith(".xml") or not uri.rstrip("/").endswith(".json"):
-        fs, path = filesystem(uri, endpoint_url)
+        fs, path = storage.filesystem(uri)
         if fs.isdir(path):
             out = {}
             for p in sorted(fs.find(path)):
@@ -33,8 +33,8 @@ def load_annotations(uri: str, endpoint_url: str | None = None) -> dict[str, dic
                         out.update(read_voc(f.read()))
             return out
         if uri.endswith(".xml"):
-            return read_voc(read_bytes(uri, endpoint_url))
-    data = json.loads(read_bytes(uri, endpoint_url))
+            return read_voc(storage.read_bytes(uri))
+    data = json.loads(storage.read_bytes(uri))
     if isinstance(data, dict) and "images" in data and "annotations" in data:
         return read_coco(data)
     if isinstance(data, list):

@@ -11,7 +11,7 @@ from functools import partial
 
 import pyarrow as pa
 
-from ..storage import filesystem, with_retries
+from ..storage import Storage
 from .inputs import INPUT_SCHEMA, InputItem, Inputs, json_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -30,7 +30,7 @@ def list_inputs(
     *,
     image_column: str = "image",
     label_column: str | None = "label",
-    endpoint_url: str | None = None,
+    storage: Storage = Storage(),
 ) -> Inputs:
     """Every input under `uri`, sorted by image id (so blocks are deterministic). A WebDataset
     source lists one item per shard (member ALL_SAMPLES), never opening a shard; a manifest
@@ -38,19 +38,19 @@ def list_inputs(
     if uri.startswith("skimage:"):
         return Inputs.from_items(InputItem(name, f"skimage:{name}") for name in DEMO_IMAGES)
     if fmt == "images":
-        items = _list_image_files(uri, endpoint_url)
+        items = _list_image_files(uri, storage)
     elif fmt == "webdataset":
         from .webdataset import list_shards
 
-        items = Inputs.from_items(list_shards(uri, endpoint_url))
+        items = Inputs.from_items(list_shards(uri, storage))
     elif fmt == "parquet":
         from .parquet import list_parquet
 
-        items = Inputs.from_items(list_parquet(uri, image_column, label_column, endpoint_url))
+        items = Inputs.from_items(list_parquet(uri, image_column, label_column, storage))
     elif fmt == "manifest":
         from .manifest import list_manifest
 
-        items = list_manifest(uri, endpoint_url)
+        items = list_manifest(uri, storage)
     else:
         raise ValueError(f"source.format: unknown format {fmt!r}")
     items = items.sorted()
@@ -66,25 +66,25 @@ def file_version(info: dict) -> str:
     return f"{info.get('size')}:{str(tag).strip(chr(34))}"
 
 
-def _files_under(uri: str, endpoint_url: str | None):
+def _files_under(uri: str, storage: Storage):
     """(fs, root, {path: info}) for every file under `uri` (or the one file it names), sorted:
     for sources of few files (shards). An image listing reads `_file_parts` a part at a time."""
-    fs, root, parts = _file_parts(uri, endpoint_url)
+    fs, root, parts = _file_parts(uri, storage)
     found: dict[str, dict] = {}
     for part in parts:
         found.update(part)
     return fs, root, {p: found[p] for p in sorted(found)}
 
 
-def _file_parts(uri: str, endpoint_url: str | None):
+def _file_parts(uri: str, storage: Storage):
     """(fs, root, the files under `uri` as {path: info} parts): a local folder is walked; an
     object store is listed over its common prefixes in parallel (`_tree_parts`), which gives
     what one `fs.find(root, detail=True)` gives, a prefix at a time."""
-    fs, root = filesystem(uri, endpoint_url)
+    fs, root = storage.filesystem(uri)
     # a listing this process made before (a resume lists again) must not answer for this one
     fs.invalidate_cache(root)
     try:
-        info = with_retries(lambda: fs.info(root), what=f"listing {uri}")
+        info = storage.retry(lambda: fs.info(root), what=f"listing {uri}")
     except FileNotFoundError:
         raise FileNotFoundError(f"source {uri!r} does not exist") from None
     if info.get("type") == "file":
@@ -92,7 +92,7 @@ def _file_parts(uri: str, endpoint_url: str | None):
     root = root.rstrip("/")
     if _is_local(fs):
         return fs, root, iter([fs.find(root, detail=True)])
-    return fs, root, _tree_parts(fs, root)
+    return fs, root, _tree_parts(fs, root, storage)
 
 
 def _is_local(fs) -> bool:
@@ -100,22 +100,26 @@ def _is_local(fs) -> bool:
     return protocol in ("file", "local")
 
 
-def _list_tree(fs, root: str, threads: int = LISTING_THREADS) -> dict[str, dict]:
+def _list_tree(
+    fs, root: str, storage: Storage = Storage(), threads: int = LISTING_THREADS
+) -> dict[str, dict]:
     """{path: info} of every file under the folder `root` of an object store (`_tree_parts`
     merged)."""
     found: dict[str, dict] = {}
-    for part in _tree_parts(fs, root, threads):
+    for part in _tree_parts(fs, root, storage, threads):
         found.update(part)
     return found
 
 
-def _tree_parts(fs, root: str, threads: int = LISTING_THREADS) -> Iterator[dict[str, dict]]:
+def _tree_parts(
+    fs, root: str, storage: Storage, threads: int = LISTING_THREADS
+) -> Iterator[dict[str, dict]]:
     """Every file under the folder `root` of an object store as {path: info} parts, what one
     `fs.find(root, detail=True)` gives (one serial chain of pages), listed over common prefixes
     by `threads` requests at once. The top level is listed with a delimiter; a level with fewer
     than LISTING_FANOUT prefixes is listed one level deeper; each prefix found is then listed
     in full, at most 2 x `threads` prefixes ahead of the reader (10M keys are never all held
-    as info dicts). Every request is retried (`with_retries`) and bypasses a listings cache; a
+    as info dicts). Every request is retried (`storage.retry`) and bypasses a listings cache; a
     prefix that is gone by the time it is listed lists nothing."""
     frontier, whole = [root], []
     with ThreadPoolExecutor(threads, thread_name_prefix="listing") as pool:
@@ -123,7 +127,9 @@ def _tree_parts(fs, root: str, threads: int = LISTING_THREADS) -> Iterator[dict[
             if not frontier or (level and len(frontier) >= LISTING_FANOUT):
                 break
             deeper = []
-            for parent, entries in zip(frontier, pool.map(partial(_ls, fs), frontier), strict=True):
+            for parent, entries in zip(
+                frontier, pool.map(partial(_ls, fs, storage), frontier), strict=True
+            ):
                 files, prefixes = _split_level(parent, entries)
                 yield files
                 if prefixes is None:  # a prefix that is no folder level ("a//b"): whole
@@ -133,7 +139,7 @@ def _tree_parts(fs, root: str, threads: int = LISTING_THREADS) -> Iterator[dict[
             frontier = deeper
         pending: deque = deque()
         for prefix in whole + frontier:
-            pending.append(pool.submit(_find, fs, prefix))
+            pending.append(pool.submit(_find, fs, storage, prefix))
             if len(pending) >= 2 * threads:
                 yield pending.popleft().result()
         while pending:
@@ -158,19 +164,19 @@ def _split_level(parent: str, entries: list[dict]):
     return files, prefixes
 
 
-def _ls(fs, path: str) -> list[dict]:
+def _ls(fs, storage: Storage, path: str) -> list[dict]:
     """One level of `path` (files and common prefixes), never from a listings cache; nothing
     if it is gone."""
     try:
-        return with_retries(lambda: fs.ls(path, detail=True, refresh=True), what=f"listing {path}")
+        return storage.retry(lambda: fs.ls(path, detail=True, refresh=True), what=f"listing {path}")
     except FileNotFoundError:
         return []
 
 
-def _find(fs, path: str) -> dict[str, dict]:
+def _find(fs, storage: Storage, path: str) -> dict[str, dict]:
     """Every file under the prefix `path/` (nothing if it is gone)."""
     try:
-        found = with_retries(lambda: fs.find(path, detail=True), what=f"listing {path}")
+        found = storage.retry(lambda: fs.find(path, detail=True), what=f"listing {path}")
     except FileNotFoundError:
         return {}
     under = path + "/"
@@ -184,10 +190,10 @@ def _unstrip(uri: str, fs, path: str) -> str:
     return path if _is_local(fs) else f"{protocol}://{path}"
 
 
-def _list_image_files(uri: str, endpoint_url: str | None) -> Inputs:
+def _list_image_files(uri: str, storage: Storage) -> Inputs:
     """The image files under `uri`, built as columns a listing part at a time (no InputItem
     per file, and no info dict kept past its part)."""
-    fs, root, parts = _file_parts(uri, endpoint_url)
+    fs, root, parts = _file_parts(uri, storage)
     folders: dict[str | None, str] = {}  # one meta text per folder, shared
     tables = []
     for part in parts:

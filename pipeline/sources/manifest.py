@@ -27,26 +27,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..storage import filesystem, with_retries
+from ..storage import Storage
 from .inputs import INPUT_SCHEMA, ROWS_PER_BATCH, Inputs, json_text
 from .listing import file_version
-from .objects import fetch_object
+from .objects import read_object
 
 COLUMNS = ("uri", "image_id", "label", "boxes", "version", "etag")
 ANNOTATION_COLUMNS = ("label", "boxes")
 
 
-def list_manifest(uri: str, endpoint_url: str | None) -> Inputs:
+def list_manifest(uri: str, storage: Storage) -> Inputs:
     """The manifest's rows as inputs, sorted by image id. Read a batch of rows at a time, each
     batch turned into the inputs' columns before the next is read: at 10M rows the driver
     holds the inputs, not the manifest beside them, and makes no Python object per row except
     the version digests of one batch."""
-    fs, path = filesystem(uri, endpoint_url)
+    fs, path = storage.filesystem(uri)
     try:
-        info = with_retries(lambda: fs.info(path), what=f"reading {uri}")
+        info = storage.retry(lambda: fs.info(path), what=f"reading {uri}")
     except FileNotFoundError:
         raise FileNotFoundError(f"source {uri!r} does not exist") from None
-    names, batches = _batches(fs, path, uri, info.get("size"), endpoint_url)
+    names, batches = _batches(fs, path, uri, info.get("size"), storage)
     if "uri" not in names:
         raise ValueError(f"manifest {uri}: no column 'uri' (it has: {', '.join(names)})")
     manifest_version = f"manifest:{file_version(info)}"
@@ -108,13 +108,13 @@ def _inputs_of(batch: pa.Table, uri: str, first_row: int, manifest_version: str)
     )
 
 
-def _batches(fs, path: str, uri: str, size: int | None, endpoint_url):
+def _batches(fs, path: str, uri: str, size: int | None, storage: Storage):
     """(the file's column names, batches of ROWS_PER_BATCH rows of the manifest columns it
     has): no other column is read, and a Parquet file is read a batch at a time."""
     if path.endswith((".parquet", ".pq")):
         from .parquet import open_parquet
 
-        pf = open_parquet(fs, path, uri, size)
+        pf = open_parquet(fs, path, uri, size, storage=storage)
         names = pf.schema_arrow.names
         present = [c for c in COLUMNS if c in names]
         batches = (
@@ -125,7 +125,7 @@ def _batches(fs, path: str, uri: str, size: int | None, endpoint_url):
     if path.endswith(".csv"):
         from pyarrow import csv as pacsv
 
-        data = fetch_object(uri, endpoint_url)
+        data = read_object(uri, storage)
         names = next(csv.reader([data.split(b"\n", 1)[0].decode("utf-8-sig")]), [])
         present = [c for c in COLUMNS if c in names]
         table = pacsv.read_csv(

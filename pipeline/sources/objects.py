@@ -1,6 +1,6 @@
 """Reads that cost one request each: a whole object in one GET, or exactly a byte range.
 
-`storage.read_bytes` opens a file, which on s3fs costs a HEAD before the GET and reads ahead in
+`Storage.read_bytes` opens a file, which on s3fs costs a HEAD before the GET and reads ahead in
 blocks; at millions of inputs a source pays per request and per byte, so it reads with these.
 """
 
@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import io
 
-from ..storage import filesystem, with_retries
+from ..storage import Storage
 
 
-def fetch_object(uri: str, endpoint_url: str | None = None) -> bytes:
+def read_object(uri: str, storage: Storage = Storage()) -> bytes:
     """The whole object in one GET (no HEAD), retried as every storage read is."""
-    fs, path = filesystem(uri, endpoint_url)
+    fs, path = storage.filesystem(uri)
     # s3fs sizes an object first (a HEAD) to split a big one into parallel ranged GETs
     options = {"max_concurrency": 1} if getattr(fs, "max_concurrency", 1) > 1 else {}
-    return with_retries(lambda: fs.cat_file(path, **options), what=f"reading {uri}")
+    return storage.retry(lambda: fs.cat_file(path, **options), what=f"reading {uri}")
 
 
 class RangeFile(io.RawIOBase):
@@ -24,9 +24,10 @@ class RangeFile(io.RawIOBase):
     those bytes: no read-ahead, so a reader that seeks to what it needs (Parquet's footer and
     column chunks) costs only the bytes it asks for."""
 
-    def __init__(self, fs, path: str, size: int, uri: str):
+    def __init__(self, fs, path: str, size: int, uri: str, storage: Storage):
         super().__init__()
         self.fs, self.path, self.size, self.uri = fs, path, size, uri
+        self.storage = storage
         self.pos = 0
 
     def readable(self) -> bool:
@@ -48,7 +49,7 @@ class RangeFile(io.RawIOBase):
         if end <= self.pos:
             return b""
         start = self.pos
-        data = with_retries(
+        data = self.storage.retry(
             lambda: self.fs.cat_file(self.path, start=start, end=end),
             what=f"reading {self.uri} bytes {start}-{end}",
         )

@@ -13,7 +13,7 @@ import bisect
 import posixpath
 import struct
 
-from ..storage import filesystem, with_retries
+from ..storage import Storage
 from .decode import BadImage
 from .inputs import InputItem
 from .listing import _files_under, _unstrip, file_version
@@ -22,15 +22,15 @@ from .objects import RangeFile
 _MAGIC = b"PAR1"
 
 
-def open_parquet(fs, path: str, uri: str, size: int | None = None):
+def open_parquet(fs, path: str, uri: str, size: int | None = None, storage: Storage = Storage()):
     """A ParquetFile that fetches its footer in two exact GETs and each column chunk it reads
-    in one; `size` from a listing saves a HEAD."""
+    in one; `size` from a listing saves a HEAD. `storage` retries those reads."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if size is None:
-        size = with_retries(lambda: fs.size(path), what=f"reading {uri}")
-    f = RangeFile(fs, path, size, uri)
+        size = storage.retry(lambda: fs.size(path), what=f"reading {uri}")
+    f = RangeFile(fs, path, size, uri, storage)
     if size < 12:
         raise ValueError(f"{uri}: not a Parquet file ({size} bytes)")
     f.seek(size - 8)
@@ -51,14 +51,14 @@ def open_parquet(fs, path: str, uri: str, size: int | None = None):
 
 
 def list_parquet(
-    uri: str, image_column: str, label_column: str | None, endpoint_url: str | None
+    uri: str, image_column: str, label_column: str | None, storage: Storage
 ) -> list[InputItem]:
     """One item per row; ids from an `image_id` column, else the row number in its file."""
-    fs, _, files = _files_under(uri, endpoint_url)
+    fs, _, files = _files_under(uri, storage)
     items = []
     for path in (p for p in files if p.endswith(".parquet")):
         shard = _unstrip(uri, fs, path)
-        pf = open_parquet(fs, path, shard, files[path].get("size"))
+        pf = open_parquet(fs, path, shard, files[path].get("size"), storage=storage)
         names = pf.schema_arrow.names
         if image_column not in names:
             raise ValueError(f"source {path!r} has no column {image_column!r}")
@@ -92,14 +92,14 @@ def list_parquet(
     return items
 
 
-def read_cells(items: list[InputItem], endpoint_url: str | None) -> list[tuple]:
+def read_cells(items: list[InputItem], storage: Storage) -> list[tuple]:
     """(item, image bytes or the exception for that item) for items of one Parquet file, in
     order: only the image column of the row groups they are in is read. An item's `member` is
     its row in the file; its row group comes from meta (or the footer, for an item a report
     rebuilt from a heatmap row)."""
     uri = items[0].uri
-    fs, path = filesystem(uri, endpoint_url)
-    pf = open_parquet(fs, path, uri, items[0].meta.get("size"))
+    fs, path = storage.filesystem(uri)
+    pf = open_parquet(fs, path, uri, items[0].meta.get("size"), storage=storage)
     starts, row = [], 0
     for group in range(pf.num_row_groups):
         starts.append(row)

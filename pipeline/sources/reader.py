@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..models.preprocess import Preprocess
-from ..storage import StorageUnavailable
+from ..storage import Storage, StorageUnavailable
 from .decode import BadImage, decode_image
 from .inputs import ALL_SAMPLES, Block, InputItem
-from .objects import fetch_object
+from .objects import read_object
 from .parquet import read_cells
 from .webdataset import read_member, read_shard
 
@@ -36,7 +36,7 @@ def read_block(
     preprocess: Preprocess,
     annotations: dict[str, dict] | None = None,
     to_model_space: AnnotationFn | None = None,
-    endpoint_url: str | None = None,
+    storage: Storage = Storage(),
     threads: int = READ_THREADS,
 ) -> dict:
     """Decode every image of a block. Returns a dict of plain columns:
@@ -53,7 +53,7 @@ def read_block(
     order while the next ones download. A storage outage (StorageUnavailable) fails the block.
     """
     ok_ids, uris, members, labels, anns, pixels, errors = [], [], [], [], [], [], []
-    for item, data in _read_all(block.items, endpoint_url, errors, threads):
+    for item, data in _read_all(block.items, storage, errors, threads):
         try:
             image = decode_image(data, item.image_id)
             resized = preprocess.resize(image)
@@ -90,10 +90,10 @@ def read_block(
     }
 
 
-def read_input_bytes(item: InputItem, endpoint_url: str | None = None) -> bytes:
+def read_input_bytes(item: InputItem, storage: Storage = Storage()) -> bytes:
     """One input's bytes (file, tar member, Parquet cell or demo image), e.g. for a report."""
     errors: list[dict] = []
-    for _, data in _read_all([item], endpoint_url, errors, threads=1):
+    for _, data in _read_all([item], storage, errors, threads=1):
         return data
     raise FileNotFoundError(errors[0]["message"] if errors else item.uri)
 
@@ -114,12 +114,12 @@ def _read_error(item: InputItem, e: Exception) -> dict:
     return _error(item, "read", type(e).__name__, f"{item.uri}: {e}")
 
 
-def _read_all(items, endpoint_url, errors, threads):
+def _read_all(items, storage: Storage, errors, threads):
     """Yield (item, bytes) for each readable input, in block order; unreadable ones become
     error rows. Each container (a shard, a Parquet file) is read once per run of its items."""
     units = _read_units(items)
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="read") as pool:
-        reads = _in_order(pool, lambda unit: _read_unit(unit, endpoint_url), units, 2 * threads)
+        reads = _in_order(pool, lambda unit: _read_unit(unit, storage), units, 2 * threads)
         for results in reads:
             for item, data in results:
                 if isinstance(data, Exception):
@@ -144,7 +144,7 @@ def _read_units(items) -> list[list[InputItem]]:
     return units
 
 
-def _read_unit(unit: list[InputItem], endpoint_url) -> list[tuple]:
+def _read_unit(unit: list[InputItem], storage: Storage) -> list[tuple]:
     """(item, bytes or the exception that item gets) for each input of a unit; an error that
     hits the whole unit (a missing file) is every item's. StorageUnavailable propagates."""
     first = unit[0]
@@ -152,12 +152,12 @@ def _read_unit(unit: list[InputItem], endpoint_url) -> list[tuple]:
         if first.uri.startswith("skimage:"):
             return [(first, _skimage_png(first.uri.removeprefix("skimage:")))]
         if first.member is None:
-            return [(first, fetch_object(first.uri, endpoint_url))]
+            return [(first, read_object(first.uri, storage))]
         if first.member == ALL_SAMPLES:
-            return read_shard(first, endpoint_url)
+            return read_shard(first, storage)
         if first.uri.endswith(".tar"):
-            return read_member(unit, endpoint_url)
-        return read_cells(unit, endpoint_url)
+            return read_member(unit, storage)
+        return read_cells(unit, storage)
     except StorageUnavailable:
         raise  # an outage fails the block (and is resumed later), it is not a bad input
     except Exception as e:

@@ -13,16 +13,17 @@ import json
 import posixpath
 import tarfile
 
+from ..storage import Storage
 from .inputs import ALL_SAMPLES, InputItem
 from .listing import IMAGE_EXTENSIONS, _files_under, _unstrip, file_version
-from .objects import fetch_object
+from .objects import read_object
 
 _SIDECARS = (".cls", ".json")
 
 
-def list_shards(uri: str, endpoint_url: str | None) -> list[InputItem]:
+def list_shards(uri: str, storage: Storage) -> list[InputItem]:
     """One item per `.tar` under `uri`; its id is the shard's path relative to the source."""
-    fs, root, files = _files_under(uri, endpoint_url)
+    fs, root, files = _files_under(uri, storage)
     items = []
     for path in (p for p in files if p.endswith(".tar")):
         shard = _unstrip(uri, fs, path)
@@ -38,13 +39,13 @@ def list_shards(uri: str, endpoint_url: str | None) -> list[InputItem]:
     return items
 
 
-def read_shard(shard: InputItem, endpoint_url: str | None) -> list[tuple]:
+def read_shard(shard: InputItem, storage: Storage) -> list[tuple]:
     """(sample item, image bytes or its exception) for every sample of a shard, by image id.
     A shard cut short keeps the samples before the cut and adds one error for the shard."""
     members: dict[str, bytes] = {}
     broken = None
     try:
-        data = fetch_object(shard.uri, endpoint_url)
+        data = read_object(shard.uri, storage)
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
             for m in tar:
                 ext = posixpath.splitext(m.name)[1].lower()
@@ -84,10 +85,10 @@ def read_shard(shard: InputItem, endpoint_url: str | None) -> list[tuple]:
     return samples
 
 
-def read_member(items: list[InputItem], endpoint_url: str | None) -> list[tuple]:
+def read_member(items: list[InputItem], storage: Storage) -> list[tuple]:
     """(item, bytes or exception) for sample items of one shard (`member` = tar member name,
     as heatmap rows carry it): one GET of the shard for all of them."""
-    data = fetch_object(items[0].uri, endpoint_url)
+    data = read_object(items[0].uri, storage)
     # in memory, nothing to close
     tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:")  # noqa: SIM115
     out = []
