@@ -152,7 +152,12 @@ class Plan:
 
     @property
     def todo(self) -> Blocks:
-        return self.blocks.select(set(self.blocks.ids) - self.done)
+        return self.blocks.select(set(self.todo_ids))
+
+    @property
+    def todo_ids(self) -> list[str]:
+        """The ids of the blocks to compute, in plan order (no copy of their rows)."""
+        return [bid for bid in self.blocks.ids if bid not in self.done]
 
 
 def plan_run(
@@ -368,7 +373,7 @@ def run_job(
         # parts of blocks that are no longer in the plan (inputs changed or removed, or a block
         # that never finished) would mix stale rows into every table read
         remove_stale_outputs(root, set(plan.blocks.ids), plan.stale_images, storage)
-        blocks, todo = plan.blocks, plan.todo
+        blocks, todo = plan.blocks, plan.todo_ids
         if on_plan:
             on_plan(len(plan.done), len(blocks), changes)
         # the copy beside the outputs hides secrets as the MLflow params and tags do
@@ -401,7 +406,7 @@ def run_job(
                         progress(marker, state)
                 ctrl_c.check()
             # a summary over part of the plan would look like a finished run: never report one
-            missing = set(todo.ids) - arrived
+            missing = set(todo) - arrived
             if missing:
                 raise JobFailed(
                     f"{len(missing)} of {len(blocks)} blocks did not finish (the Ray job ended "
@@ -515,12 +520,13 @@ def _execute(
     run_id: str,
     root: str,
     preprocess,
-    blocks: Blocks,
+    todo: list[str],
     n_planned: int,
     overlay_block: str,
     address: str | None,
 ):
-    """Stream the Ray Data plan; yield each finished block's marker as it arrives."""
+    """Stream the Ray Data plan over the blocks `todo`; yield each finished block's marker as
+    it arrives."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
@@ -531,7 +537,7 @@ def _execute(
     ctx.enable_progress_bars = False  # the CLI shows its own bar, per finished block
     ctx.max_errored_blocks = 0  # per-input errors are rows; a block error is a real failure
     ctx.issue_detectors_config.detectors = []
-    ds = _planned_blocks(root, storage, set(blocks.ids), n_planned)
+    ds = _planned_blocks(root, storage, set(todo), n_planned)
 
     # a block that still meets an outage after the in-process retries is run again by Ray
     # (after a jittered pause); only an outage that outlasts those fails the job
