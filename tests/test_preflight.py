@@ -78,7 +78,8 @@ def test_validate_types_source_weights_and_secrets(tmp_path, folder, monkeypatch
     cases = [
         (
             {**base, "explainers": [{"name": "scorecam", "params": {"top_k": "abc"}}]},
-            "explainers.0.params.top_k: explainer 'scorecam': top_k must be int | None, got 'abc'",
+            "explainers.0.params.top_k: explainer 'scorecam': top_k must be an integer or null, "
+            "got 'abc'",
         ),
         ({**base, "source": {"uri": str(tmp_path / "absent")}}, "source.uri: "),
         (

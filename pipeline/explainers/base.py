@@ -18,6 +18,7 @@ explainer_params = EXPLAINERS.params
 
 
 def build_explainer(name: str, model: LoadedModel, **params) -> Explainer:
+    """Names checked here, values by the class as it is built (the registry's check)."""
     EXPLAINERS.check_params(name, params)
     explainer = explainer_class(name)(model, **params)
     explainer.params = dict(params)  # how it was built: sanity checks rebuild it on a copy
