@@ -30,7 +30,29 @@ def _validate(tmp_path, spec: dict):
     return result, lines, str(path)
 
 
-def test_validate_builds_everything_and_reports_every_problem_on_its_line(tmp_path, folder):
+def _no_model_no_ray(monkeypatch) -> list[str]:
+    """Make loading a model or starting Ray fail loudly; returns what was attempted."""
+    import ray
+
+    import pipeline.engine.preflight as preflight_module
+
+    tried: list[str] = []
+
+    def refuse(what):
+        def call(*args, **kwargs):
+            tried.append(what)
+            raise RuntimeError(f"{what} was attempted")
+
+        return call
+
+    monkeypatch.setattr(preflight_module, "load_job_model", refuse("model"))
+    monkeypatch.setattr(ray, "init", refuse("ray"))
+    return tried
+
+
+def test_validate_builds_everything_and_reports_every_problem_on_its_line(
+    tmp_path, folder, monkeypatch
+):
     spec = {
         "source": {"uri": str(folder)},
         "targets": {"mode": "label"},
@@ -46,13 +68,30 @@ def test_validate_builds_everything_and_reports_every_problem_on_its_line(tmp_pa
             {"name": "deletion"},
         ],
     }
+    # parameter values are the spec's own: all of them refused, each at its path, before the
+    # model is loaded (a wrong layer needs the model, so it waits for the values to be mended)
+    with monkeypatch.context() as m:
+        tried = _no_model_no_ray(m)
+        result, lines, path = _validate(tmp_path, spec)
+    assert result.exit_code == 2, result.output
+    expected = [
+        "explainers.0.params.k: explainer 'glas': k must be an integer >= 1, got 0",
+        "explainers.1.params.n_masks: explainer 'rise': n_masks must be an integer >= 1, got -5",
+        "metrics.0.params.steps: metric 'insertion': steps must be an integer >= 1, got 0",
+    ]
+    assert len(lines) == len(expected), result.output
+    for line, want in zip(lines, expected, strict=True):
+        assert line.removeprefix("error: ") == f"{path}: {want}", (line, want)
+    assert tried == [] and "Traceback" not in result.output
+
+    # values mended: what needs the model, the source and the ground truth, one line each
+    spec["explainers"][0]["params"] = {"k": 3}
+    spec["explainers"][1]["params"] = {"n_masks": 8}
+    spec["metrics"][0]["params"] = {"steps": 4}
     result, lines, path = _validate(tmp_path, spec)
     assert result.exit_code == 2, result.output
     expected = [
-        "explainers.0 (glas): glas: k must be a positive integer, got 0",
-        "explainers.1 (rise): rise: n_masks must be a positive integer, got -5",
         "explainers.2 (gradcam): model 'builtin:efficientnet-lite0' has no layer 'bn9'",
-        "metrics.0 (insertion): insertion: steps must be >= 1, got 0",
         "metrics.1 (pointing_game): needs boxes or mask from source.annotations",
         "targets.mode: 'label' needs ground-truth labels and no image has one",
     ]
@@ -78,8 +117,8 @@ def test_validate_types_source_weights_and_secrets(tmp_path, folder, monkeypatch
     cases = [
         (
             {**base, "explainers": [{"name": "scorecam", "params": {"top_k": "abc"}}]},
-            "explainers.0.params.top_k: explainer 'scorecam': top_k must be an integer or null, "
-            "got 'abc'",
+            "explainers.0.params.top_k: explainer 'scorecam': top_k must be an integer >= 1 "
+            "or null, got 'abc'",
         ),
         ({**base, "source": {"uri": str(tmp_path / "absent")}}, "source.uri: "),
         (
