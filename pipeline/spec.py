@@ -282,26 +282,33 @@ class JobSpec(_Strict):
 
 
 def _check_methods(methods: list[MethodSpec], registry, kind: str) -> None:
-    seen = set()
+    """Names, parameter names and parameter values (against the constructors' annotations:
+    types, ranges, choices), all without building anything. Every problem is raised at once,
+    one "@path: message" line each."""
+    seen, problems = set(), []
     for i, m in enumerate(methods):
         try:
             accepted = registry.params(m.name)
         except ValueError as e:
-            raise ValueError(f"@{i}.name: {e}") from None
+            problems.append(f"@{i}.name: {e}")
+            continue
         takes_any = any(p.kind == p.VAR_KEYWORD for p in accepted.values())
         for key in m.params:
             if key not in accepted and not takes_any:
-                raise ValueError(
+                problems.append(
                     f"@{i}.params.{key}: {kind} {m.name!r} has no parameter {key!r} "
                     f"(accepts: {', '.join(k for k in accepted if k != 'kwargs') or 'none'})"
                 )
+                continue
             try:
-                registry.check_types(m.name, {key: m.params[key]})
+                registry.check_values(m.name, {key: m.params[key]})
             except ValueError as e:
-                raise ValueError(f"@{i}.params.{key}: {e}") from None
+                problems.append(f"@{i}.params.{key}: {e}")
         if m.key in seen:
-            raise ValueError(f"@{i}: two {kind}s named {m.key!r}; give one a distinct 'label'")
+            problems.append(f"@{i}: two {kind}s named {m.key!r}; give one a distinct 'label'")
         seen.add(m.key)
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 class SpecError(ValueError):
@@ -320,10 +327,12 @@ def parse_spec(data: dict, source: str = "spec") -> JobSpec:
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
-            if msg.startswith("@"):  # a validator that knows the path below its field
-                sub, _, msg = msg[1:].partition(": ")
-                path = f"{path}.{sub}".strip(".")
-            lines.append(f"{source}: {path or '(top)'}: {msg}")
+            for line in msg.split("\n"):  # a validator may report several problems
+                where = path
+                if line.startswith("@"):  # a validator that knows the path below its field
+                    sub, _, line = line[1:].partition(": ")
+                    where = f"{path}.{sub}".strip(".")
+                lines.append(f"{source}: {where or '(top)'}: {line}")
         raise SpecError("\n".join(lines)) from None
 
 

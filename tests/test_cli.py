@@ -191,7 +191,7 @@ def test_user_mistakes_are_one_line_each(tmp_path, demo_images, monkeypatch):
     line = _one_line_error(
         runner.invoke(app, ["explain", str(image), "-m", "glas", "-p", "glas.k=abc"])
     )
-    assert "explainer 'glas': k must be int, got 'abc'" in line
+    assert "explainer 'glas': k must be an integer >= 1, got 'abc'" in line
     if not torch.cuda.is_available():
         line = _one_line_error(runner.invoke(app, ["explain", str(image), "--device", "cuda"]))
         assert "no usable CUDA GPU; use --device cpu" in line

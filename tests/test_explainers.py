@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import re
 
 import pytest
 import torch
@@ -245,6 +246,107 @@ def test_bad_explainer_names_and_params(tiny):
         build_explainer("integrated_gradients", tiny, stepz=3)
     with pytest.raises(ValueError, match="no layer 'featurez'"):
         build_explainer("gradcam", tiny, layer="featurez")
+
+
+# Every range and choice the constructors once checked by hand, now stated by their annotations
+# (pipeline/params.py): each value here is refused, with the same message from a spec and from
+# Python, before the model is touched.
+REFUSED = [
+    ("glas", "mode", "both", "one of 'fusion', 'light', 'shadow'"),
+    ("glas", "k", 0, "an integer >= 1"),
+    ("glas", "k", 2.0, "an integer >= 1"),
+    ("glas", "sigma_light", 0, "a finite number > 0"),
+    ("glas", "sigma_shadow", float("inf"), "a finite number > 0"),
+    ("glas", "sigma_spatial", float("nan"), "a finite number > 0"),
+    ("glas", "sigma_unit", "px", "one of 'cells', 'pixels'"),
+    ("glas", "distance", "manhattan", "one of 'squared', 'euclidean'"),
+    ("glas", "gamma", -1e-9, "a number >= 0"),
+    ("glas", "fill", 1.5, "a number in [0, 1]"),
+    ("glas", "max_batch", 0, "an integer >= 1 or null"),
+    ("rglas", "t1", 1.0, "a number in [0, 1)"),
+    ("rglas", "t2", 0, "a number > 0"),
+    ("rglas", "max_iter", 0, "an integer >= 1"),
+    ("rglas", "k", 0, "an integer >= 1"),
+    ("rise", "n_masks", -5, "an integer >= 1"),
+    ("rise", "grid", 0, "an integer >= 1"),
+    ("rise", "p", 0.0, "a number in (0, 1]"),
+    ("rise", "fill", -0.1, "a number in [0, 1]"),
+    ("rise", "max_batch", 0, "an integer >= 1 or null"),
+    ("occlusion", "window", 0, "an integer >= 1 or null"),
+    ("occlusion", "stride", 0, "an integer >= 1 or null"),
+    ("occlusion", "fill", 1.5, "a number in [0, 1]"),
+    ("occlusion", "max_batch", 0, "an integer >= 1 or null"),
+    ("lime", "n_samples", 1, "an integer >= 2"),
+    ("lime", "n_segments", 0, "an integer >= 1"),
+    ("lime", "keep_prob", 1.0, "a number in (0, 1)"),
+    ("lime", "keep_prob", 0.0, "a number in (0, 1)"),
+    ("lime", "kernel_width", 0, "a number > 0"),
+    ("lime", "compactness", -1.0, "a number > 0"),
+    ("lime", "ridge", -1.0, "a number >= 0"),
+    ("lime", "fill", 2, "a number in [0, 1]"),
+    ("evet", "transforms", ["hflip", "spin"], "a list, each item one of 'identity', 'hflip'"),
+    ("evet", "alpha", float("inf"), "a finite number >= 0"),
+    ("evet", "alpha", -1.0, "a finite number >= 0"),
+    ("evet", "gamma", 1.5, "a number in [0, 1]"),
+    ("evet", "base_batch", 0, "an integer >= 1 or null"),
+    ("evet", "max_batch", 0, "an integer >= 1 or null"),
+    ("lrp", "composite", "epsilon", "one of 'epsilon_plus_flat', 'epsilon_plus'"),
+    ("lrp", "rule", "alpha1_beta0", "one of 'epsilon', 'gamma', 'alpha_beta', 'zplus', 'flat'"),
+    ("lrp", "epsilon", -1e-6, "a number >= 0"),
+    ("lrp", "gamma", -0.25, "a number >= 0"),
+    ("lrp", "beta", -1.0, "a number >= 0"),
+    ("integrated_gradients", "steps", 0, "an integer >= 1"),
+    ("smoothgrad", "n", 0, "an integer >= 1"),
+    ("scorecam", "top_k", 0, "an integer >= 1 or null"),
+    ("attribution_visualization", "steps", -1, "an integer >= 0"),
+    ("attribution_visualization", "attr_steps", 0, "an integer >= 1"),
+    ("attribution_visualization", "depth", 0, "an integer >= 1"),
+    ("attribution_visualization", "beta", 1.0, "a number in (0, 1) or null"),
+    ("gradcam", "score", "logits", "one of 'logit', 'prob' or null"),
+    ("saliency", "score", "softmax", "one of 'logit', 'prob' or null"),
+]
+
+
+@pytest.mark.parametrize(("name", "param", "value", "expected"), REFUSED)
+def test_values_out_of_range_are_refused_before_the_model_is_touched(name, param, value, expected):
+    from pipeline.explainers import explainer_class
+    from pipeline.spec import SpecError, parse_spec
+
+    message = f"explainer {name!r}: {param} must be {expected}"
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        explainer_class(name)(None, **{param: value})  # None: no model is needed to refuse
+    spec = {"source": {"uri": "x"}, "explainers": [{"name": name, "params": {param: value}}]}
+    with pytest.raises(SpecError) as err:
+        parse_spec(spec)
+    assert f"spec: explainers.0.params.{param}: {message}" in str(err.value)
+
+
+# the edges of those ranges, and an int where a number belongs, are accepted as before
+ACCEPTED = [
+    ("glas", {"gamma": 0, "fill": 1, "sigma_light": 5, "k": 1, "mode": "shadow"}),
+    ("glas", {"sigma_unit": "pixels", "distance": "euclidean", "max_batch": 1}),
+    ("rglas", {"t1": 0.0, "t2": float("inf"), "max_iter": 1}),
+    ("rise", {"p": 1.0, "fill": 0.0, "n_masks": 1, "grid": 1}),
+    ("occlusion", {"window": 1, "stride": 1, "fill": 1.0}),
+    ("lime", {"n_samples": 2, "ridge": 0, "kernel_width": float("inf"), "keep_prob": 0.01}),
+    ("evet", {"gamma": 0, "alpha": 0, "transforms": ("identity", "hflip_shear")}),
+    ("lrp", {"rule": "alpha_beta", "beta": 1, "epsilon": 0, "gamma": 0}),
+    ("attribution_visualization", {"steps": 0, "beta": 0.5}),
+    ("gradcam", {"score": "prob"}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), ACCEPTED)
+def test_values_at_the_edges_are_accepted(name, params, tiny):
+    assert build_explainer(name, tiny, **params).name == name
+
+
+def test_transform_names_are_the_transforms():
+    from typing import get_args
+
+    from pipeline.explainers.transforms import TRANSFORMS, TransformName
+
+    assert set(get_args(TransformName)) == set(TRANSFORMS)
 
 
 class _MemoryLimited(torch.nn.Module):

@@ -71,6 +71,16 @@ def _conservation(model, x, targets, **params):
     return maps.flatten(1).sum(1), e.extras["score"], e.extras["absorbed"]
 
 
+def test_every_composite_and_rule_is_a_legal_choice():
+    """The `composite` / `rule` choices the spec accepts are exactly the ones LRP can run."""
+    from typing import get_args
+
+    from pipeline.explainers.lrp import COMPOSITES, RULES, Composite, Rule
+
+    assert set(get_args(Composite)) == set(COMPOSITES)
+    assert set(get_args(Rule)) == set(RULES) == {r for rules in COMPOSITES.values() for r in rules}
+
+
 @pytest.mark.parametrize(
     "params",
     [

@@ -266,6 +266,73 @@ def test_unknown_metric_and_parameter():
         build_metric("deletion", stepz=3)
 
 
+# The ranges and choices the constructors once checked by hand (and the new ones: each value
+# here would have failed or meant nothing when the metric ran), now stated by their annotations.
+REFUSED = [
+    ("deletion", "steps", 0, "an integer >= 1"),
+    ("insertion", "steps", -3, "an integer >= 1"),
+    ("deletion", "substrate", "grey", "one of 'black', 'blur' or a number in [0, 1] or null"),
+    ("insertion", "substrate", 1.5, "one of 'black', 'blur' or a number in [0, 1] or null"),
+    ("deletion", "max_batch", 0, "an integer >= 1 or null"),
+    ("pointing_game", "variant", "centroid", "one of 'max', 'blob'"),
+    ("pointing_game", "tolerance", -1, "a number >= 0"),
+    ("pointing_game_small", "max_area", 1.5, "a number in [0, 1]"),
+    ("stability_index", "transforms", ["spin"], "a list, each item one of 'identity'"),
+    ("iou_curve", "thresholds", 0, "an integer >= 1"),
+    ("localisation_error", "energy", 1.2, "a number in [0, 1]"),
+    ("localisation_error", "iou", -0.5, "a number in [0, 1]"),
+    ("parameter_randomisation", "steps", 0, "an integer >= 1"),
+    ("parameter_randomisation", "threshold", 2.0, "a number in [0, 1]"),
+    ("average_drop", "max_batch", -1, "an integer >= 1 or null"),
+    ("win", "max_batch", 0, "an integer >= 1 or null"),
+]
+
+
+@pytest.mark.parametrize(("name", "param", "value", "expected"), REFUSED)
+def test_values_out_of_range_are_refused_by_spec_and_constructor(name, param, value, expected):
+    import re
+
+    from pipeline.metrics import metric_class
+    from pipeline.spec import SpecError, parse_spec
+
+    message = f"metric {name!r}: {param} must be {expected}"
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        metric_class(name)(**{param: value})
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        build_metric(name, **{param: value})
+    spec = {
+        "source": {"uri": "x"},
+        "explainers": [{"name": "gradcam"}],
+        "metrics": [{"name": name, "params": {param: value}}],
+    }
+    with pytest.raises(SpecError) as err:
+        parse_spec(spec)
+    assert f"spec: metrics.0.params.{param}: {message}" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("deletion", {"steps": 1, "substrate": "blur", "max_batch": 1}),
+        ("insertion", {"substrate": 0.5}),
+        ("insertion", {"substrate": 1}),
+        ("pointing_game", {"tolerance": 0, "variant": "blob"}),
+        ("pointing_game_small", {"max_area": 1.0, "tolerance": 15}),
+        ("localisation_error", {"energy": 1, "iou": 0.0}),
+        ("stability_index", {"transforms": ["identity", "hflip_rotate"]}),
+        ("iou_curve", {"thresholds": 1}),
+    ],
+)
+def test_values_at_the_edges_are_accepted(name, params):
+    assert build_metric(name, **params).name == name
+
+
+def test_win_still_needs_a_rival():
+    """Not a range: the rival is required (and must be one of the job's explainers)."""
+    with pytest.raises(ValueError, match="name the explainer to compare with"):
+        build_metric("win")
+
+
 def test_sanity_verdicts_of_seed_002_table_3_on_the_builtin(builtin, demo_images):
     """Gradients and Grad-CAM pass (their maps change with the weights), guided backprop fails
     (its maps survive randomising the top layers), as in seed 002 Table 3."""

@@ -1,10 +1,11 @@
 """Everything a job would trip on, found before Ray starts: `salient validate` and `run` call
 the same checks, so a spec that validates does not fail on its first block.
 
-Beyond the spec's schema (pipeline/spec.py), this loads the model on the CPU, builds every
-explainer and metric with its parameters (their own value checks, layers resolved), checks that
-the source and annotations exist and that each metric and target mode has the ground truth it
-needs. Problems are collected and raised together, one line each, as a SpecError.
+Beyond the spec's schema (pipeline/spec.py, which already checked every parameter's value),
+this loads the model on the CPU, builds every explainer and metric with its parameters (what
+depends on the model: a layer it lacks, a head CAM cannot use), checks that the source and
+annotations exist and that each metric and target mode has the ground truth it needs.
+Problems are collected and raised together, one line each, as a SpecError.
 """
 
 from __future__ import annotations

@@ -36,6 +36,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..params import (
+    FiniteNonNegativeFloat,
+    FinitePositiveFloat,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveInt,
+    Score,
+)
 from .base import Explainer, generator, image_seeds, register
 from .layers import record_activations, resolve_layer
 
@@ -122,22 +130,18 @@ class AttributionVisualization(Explainer):
         model,
         *,
         layer: str | None = None,
-        steps: int = 2000,
-        attr_steps: int = 16,
-        beta: float | None = None,
-        depth: int = 5,
-        lr: float = 0.05,
-        lam_growth: float = 1.2,
-        lam_init: float = 1000.0,
+        steps: NonNegativeInt = 2000,
+        attr_steps: PositiveInt = 16,
+        beta: OpenUnitInterval | None = None,
+        depth: PositiveInt = 5,
+        lr: FinitePositiveFloat = 0.05,
+        lam_growth: FinitePositiveFloat = 1.2,
+        lam_init: FiniteNonNegativeFloat = 1000.0,
         transforms: bool = True,
         seed: int = 0,
-        score=None,
+        score: Score | None = None,
     ):
         super().__init__(model, score=score)
-        if steps < 0 or attr_steps < 1 or depth < 1:
-            raise ValueError("attribution_visualization: steps >= 0, attr_steps >= 1, depth >= 1")
-        if beta is not None and not 0 < beta < 1:
-            raise ValueError(f"attribution_visualization: beta must be in (0, 1), got {beta}")
         self.layer_name, self.layer = resolve_layer(model, layer)
         self.steps, self.attr_steps, self.beta, self.depth = steps, attr_steps, beta, depth
         self.lr, self.lam_growth, self.transforms, self.seed = lr, lam_growth, transforms, seed

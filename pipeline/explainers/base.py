@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.loaded import LoadedModel
+from ..params import Score
 from ..registry import Registry
 
 EXPLAINERS = Registry("explainer", skip=("self", "model"))
@@ -18,6 +19,7 @@ explainer_params = EXPLAINERS.params
 
 
 def build_explainer(name: str, model: LoadedModel, **params) -> Explainer:
+    """Names checked here, values by the class as it is built (the registry's check)."""
     EXPLAINERS.check_params(name, params)
     explainer = explainer_class(name)(model, **params)
     explainer.params = dict(params)  # how it was built: sanity checks rebuild it on a copy
@@ -29,6 +31,9 @@ class Explainer:
 
     Subclasses implement `explain`; `__call__` validates inputs and outputs and records the cost
     (`last_forward_passes`). `signed` methods may return negative values; others return >= 0.
+    Constructor parameters carry their legal values in their annotations (pipeline/params.py),
+    which the registry enforces; a constructor checks only what they cannot state (a layer the
+    model lacks, a base explainer that is not registered).
     """
 
     name: ClassVar[str] = ""
@@ -42,11 +47,9 @@ class Explainer:
     # benchmark's bound is then forward+backward throughput, not forward alone
     input_gradient: ClassVar[bool] = False
 
-    def __init__(self, model: LoadedModel, *, score: str | None = None):
+    def __init__(self, model: LoadedModel, *, score: Score | None = None):
         self.model = model
         self.score = score or self.default_score
-        if self.score not in ("logit", "prob"):
-            raise ValueError(f"{self.name}: score must be 'logit' or 'prob', got {self.score!r}")
         self.last_forward_passes = 0
         self.extras: dict = {}  # per-call side outputs (e.g. RGLAS evidence maps)
 

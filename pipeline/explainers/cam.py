@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..params import PositiveInt, Score
 from .base import Explainer, minmax, register
 from .gradients import GuidedBackprop
 from .layers import record_activations, resolve_layer
@@ -18,7 +19,7 @@ from .perturb import perturbed_scores
 
 
 class _LayerExplainer(Explainer):
-    def __init__(self, model, *, layer: str | None = None, score=None):
+    def __init__(self, model, *, layer: str | None = None, score: Score | None = None):
         super().__init__(model, score=score)
         self.layer_name, self.layer = resolve_layer(model, layer)
 
@@ -73,7 +74,7 @@ class CAM(_LayerExplainer):
     name = "cam"
     signed = True
 
-    def __init__(self, model, *, layer: str | None = None, score=None):
+    def __init__(self, model, *, layer: str | None = None, score: Score | None = None):
         super().__init__(model, layer=layer, score=score)
         linears = [m for m in model.module.modules() if isinstance(m, nn.Linear)]
         if not linears:
@@ -99,7 +100,7 @@ class GuidedGradCAM(_LayerExplainer):
 
     name = "guided_gradcam"
 
-    def __init__(self, model, *, layer: str | None = None, score=None):
+    def __init__(self, model, *, layer: str | None = None, score: Score | None = None):
         super().__init__(model, layer=layer, score=score)
         self.gradcam = GradCAM(model, layer=self.layer_name, score=score)
         self.guided = GuidedBackprop(model, score=score)
@@ -119,10 +120,16 @@ class ScoreCAM(_LayerExplainer):
     name = "scorecam"
     default_score = "prob"
 
-    def __init__(self, model, *, layer=None, top_k: int | None = None, max_batch=None, score=None):
+    def __init__(
+        self,
+        model,
+        *,
+        layer: str | None = None,
+        top_k: PositiveInt | None = None,
+        max_batch: PositiveInt | None = None,
+        score: Score | None = None,
+    ):
         super().__init__(model, layer=layer, score=score)
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"scorecam: top_k must be >= 1, got {top_k}")
         self.top_k, self.max_batch = top_k, max_batch
 
     def explain(self, x, targets):
@@ -154,7 +161,9 @@ class FEM(_LayerExplainer):
 
     name = "fem"
 
-    def __init__(self, model, *, layer=None, k: float = 1.0, score=None):
+    def __init__(
+        self, model, *, layer: str | None = None, k: float = 1.0, score: Score | None = None
+    ):
         super().__init__(model, layer=layer, score=score)
         self.k = k
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..params import PixelValue, Score
 from .base import Explainer, register
 from .lrp import ACTIVATIONS, hooked, prepared_copy
 
@@ -79,7 +80,7 @@ class DeepLift(Explainer):
     signed = True
     input_gradient = True
 
-    def __init__(self, model, *, reference: float = 0.0, score=None):
+    def __init__(self, model, *, reference: PixelValue = 0.0, score: Score | None = None):
         super().__init__(model, score=score)
         self.reference = reference
         size = model.input_size

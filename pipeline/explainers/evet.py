@@ -19,9 +19,10 @@ import math
 
 import torch
 
+from ..params import FiniteNonNegativeFloat, PositiveInt, Score, UnitInterval
 from .base import EXPLAINERS, Explainer, build_explainer, minmax, register
 from .perturb import blend, perturbed_scores
-from .transforms import EVET_TRANSFORMS, TRANSFORMS
+from .transforms import EVET_TRANSFORMS, TRANSFORMS, TransformName
 
 
 def std_bound(n: int) -> float:
@@ -78,29 +79,19 @@ class EVET(Explainer):
         model,
         *,
         base: str = "gradcam",
-        transforms: list[str] | tuple[str, ...] | None = None,
-        alpha: float = 1.0,
-        gamma: float = 0.99,
-        base_batch: int | None = None,
-        max_batch: int | None = None,
+        transforms: list[TransformName] | tuple[TransformName, ...] | None = None,
+        alpha: FiniteNonNegativeFloat = 1.0,
+        gamma: UnitInterval = 0.99,
+        base_batch: PositiveInt | None = None,
+        max_batch: PositiveInt | None = None,
         base_params: dict | None = None,
-        score: str | None = None,
+        score: Score | None = None,
     ):
         super().__init__(model, score=score)
         if base == self.name or base not in EXPLAINERS:
             known = ", ".join(sorted(k for k in EXPLAINERS if k != self.name))
             raise ValueError(f"evet: base must be a registered explainer ({known}), got {base!r}")
         names = list(EVET_TRANSFORMS) if transforms is None else list(transforms)
-        unknown = [t for t in names if t not in TRANSFORMS]
-        if unknown:
-            raise ValueError(f"evet: unknown transforms {unknown}; known: {', '.join(TRANSFORMS)}")
-        if not math.isfinite(alpha) or alpha < 0:
-            raise ValueError(f"evet: alpha must be a finite number >= 0, got {alpha!r}")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"evet: gamma must be in [0,1], got {gamma!r}")
-        for pname, v in (("base_batch", base_batch), ("max_batch", max_batch)):
-            if v is not None and v < 1:
-                raise ValueError(f"evet: {pname} must be >= 1, got {v!r}")
         self.base = build_explainer(base, model, **(base_params or {}))
         self.transforms = [TRANSFORMS[t] for t in names]
         self.transform_names = names

@@ -15,14 +15,27 @@ Conventions fixed here (the paper leaves them open; tests rely on them):
 
 from __future__ import annotations
 
-import math
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
+from ..params import (
+    FinitePositiveFloat,
+    NonNegativeFloat,
+    PixelValue,
+    PositiveFloat,
+    PositiveInt,
+    Score,
+)
 from .base import Explainer, minmax, register
 from .perturb import blend, perturbed_scores
 
 _ORIG, _LIGHT, _SHADOW = 0, 1, 2
+
+Mode = Literal["fusion", "light", "shadow"]
+SigmaUnit = Literal["cells", "pixels"]
+Distance = Literal["squared", "euclidean"]
 
 
 @register
@@ -41,41 +54,19 @@ class GLAS(Explainer):
         self,
         model,
         *,
-        mode: str = "fusion",
-        k: int = 15,
-        sigma_light: float = 5.0,
-        sigma_shadow: float = 3.0,
-        sigma_spatial: float = 6.0,
-        sigma_unit: str = "cells",
-        distance: str = "squared",
-        gamma: float = 1e-5,
-        fill: float = 0.0,
-        max_batch: int | None = None,
-        score: str | None = None,
+        mode: Mode = "fusion",
+        k: PositiveInt = 15,
+        sigma_light: FinitePositiveFloat = 5.0,
+        sigma_shadow: FinitePositiveFloat = 3.0,
+        sigma_spatial: FinitePositiveFloat = 6.0,
+        sigma_unit: SigmaUnit = "cells",
+        distance: Distance = "squared",
+        gamma: NonNegativeFloat = 1e-5,
+        fill: PixelValue = 0.0,
+        max_batch: PositiveInt | None = None,
+        score: Score | None = None,
     ):
         super().__init__(model, score=score)
-        n = self.name
-        if mode not in ("fusion", "light", "shadow"):
-            raise ValueError(f"{n}: mode must be 'fusion', 'light' or 'shadow', got {mode!r}")
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"{n}: k must be a positive integer, got {k!r}")
-        for pname, v in (
-            ("sigma_light", sigma_light),
-            ("sigma_shadow", sigma_shadow),
-            ("sigma_spatial", sigma_spatial),
-        ):
-            if not (v > 0 and math.isfinite(v)):
-                raise ValueError(f"{n}: {pname} must be a positive number, got {v!r}")
-        if sigma_unit not in ("cells", "pixels"):
-            raise ValueError(f"{n}: sigma_unit must be 'cells' or 'pixels', got {sigma_unit!r}")
-        if distance not in ("squared", "euclidean"):
-            raise ValueError(f"{n}: distance must be 'squared' or 'euclidean', got {distance!r}")
-        if not gamma >= 0:
-            raise ValueError(f"{n}: gamma must be >= 0, got {gamma!r}")
-        if not 0.0 <= fill <= 1.0:
-            raise ValueError(f"{n}: fill is a pixel value in [0,1], got {fill!r}")
-        if max_batch is not None and max_batch < 1:
-            raise ValueError(f"{n}: max_batch must be >= 1, got {max_batch!r}")
         self.mode, self.k = mode, k
         self.sigma_light, self.sigma_shadow = float(sigma_light), float(sigma_shadow)
         self.sigma_spatial = float(sigma_spatial)
@@ -209,20 +200,20 @@ class RGLAS(GLAS):
         self,
         model,
         *,
-        t1: float = 0.8,
-        t2: float = 5.0,
-        max_iter: int = 5,
-        mode: str = "fusion",
-        k: int = 15,
-        sigma_light: float = 5.0,
-        sigma_shadow: float = 3.0,
-        sigma_spatial: float = 6.0,
-        sigma_unit: str = "cells",
-        distance: str = "squared",
-        gamma: float = 1e-5,
-        fill: float = 0.0,
-        max_batch: int | None = None,
-        score: str | None = None,
+        t1: Annotated[float, Field(ge=0, lt=1)] = 0.8,
+        t2: PositiveFloat = 5.0,
+        max_iter: PositiveInt = 5,
+        mode: Mode = "fusion",
+        k: PositiveInt = 15,
+        sigma_light: FinitePositiveFloat = 5.0,
+        sigma_shadow: FinitePositiveFloat = 3.0,
+        sigma_spatial: FinitePositiveFloat = 6.0,
+        sigma_unit: SigmaUnit = "cells",
+        distance: Distance = "squared",
+        gamma: NonNegativeFloat = 1e-5,
+        fill: PixelValue = 0.0,
+        max_batch: PositiveInt | None = None,
+        score: Score | None = None,
     ):
         super().__init__(
             model,
@@ -238,12 +229,6 @@ class RGLAS(GLAS):
             max_batch=max_batch,
             score=score,
         )
-        if not 0.0 <= t1 < 1.0:
-            raise ValueError(f"rglas: t1 must be in [0,1), got {t1!r}")
-        if not t2 > 0:
-            raise ValueError(f"rglas: t2 must be > 0, got {t2!r}")
-        if not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"rglas: max_iter must be a positive integer, got {max_iter!r}")
         self.t1, self.t2, self.max_iter = float(t1), float(t2), max_iter
 
     def explain(self, x, targets):

@@ -18,6 +18,7 @@ import torch
 from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from torch import nn
 
+from ..params import FiniteNonNegativeFloat, PixelValue, PositiveInt, Score
 from .base import Explainer, build_explainer, generator, image_seeds, register
 from .perturb import default_max_batch
 
@@ -67,11 +68,15 @@ class IntegratedGradientsExplainer(_CaptumExplainer):
     signed = True
 
     def __init__(
-        self, model, *, steps: int = 50, baseline: float = 0.0, max_batch=None, score=None
+        self,
+        model,
+        *,
+        steps: PositiveInt = 50,
+        baseline: PixelValue = 0.0,
+        max_batch: PositiveInt | None = None,
+        score: Score | None = None,
     ):
         super().__init__(model, score=score)
-        if steps < 1:
-            raise ValueError(f"integrated_gradients: steps must be >= 1, got {steps}")
         self.steps, self.baseline = steps, baseline
         self.max_batch = max_batch
 
@@ -193,16 +198,14 @@ class SmoothGrad(Explainer):
         model,
         *,
         base: str = "saliency",
-        n: int = 50,
-        sigma: float = 0.15,
+        n: PositiveInt = 50,
+        sigma: FiniteNonNegativeFloat = 0.15,
         seed: int = 0,
-        max_batch=None,
-        score=None,
+        max_batch: PositiveInt | None = None,
+        score: Score | None = None,
         **base_params,
     ):
         super().__init__(model, score=score)
-        if n < 1:
-            raise ValueError(f"smoothgrad: n must be >= 1, got {n}")
         if score is not None:
             base_params["score"] = score
         self.base = build_explainer(base, model, **base_params)

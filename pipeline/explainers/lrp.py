@@ -42,12 +42,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from ..params import NonNegativeFloat, Score
 from .base import Explainer, register
 
 ACTIVATIONS = (
@@ -69,8 +71,12 @@ _LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-RULES = ("epsilon", "gamma", "alpha_beta", "zplus", "flat")
-COMPOSITES = {
+Rule = Literal["epsilon", "gamma", "alpha_beta", "zplus", "flat"]
+Composite = Literal[
+    "epsilon_plus_flat", "epsilon_plus", "epsilon_gamma_flat", "epsilon_alpha2_beta1_flat"
+]
+RULES = get_args(Rule)
+COMPOSITES: dict[Composite, tuple[Rule, Rule, Rule]] = {
     # first conv/linear layer, other convolutions, dense layers (zennit's naming)
     "epsilon_plus_flat": ("flat", "zplus", "epsilon"),
     "epsilon_plus": ("zplus", "zplus", "epsilon"),
@@ -342,22 +348,14 @@ class LRP(Explainer):
         self,
         model,
         *,
-        composite: str = "epsilon_plus_flat",
-        rule: str | None = None,
-        epsilon: float = 1e-6,
-        gamma: float = 0.25,
-        beta: float = 0.0,
-        score=None,
+        composite: Composite = "epsilon_plus_flat",
+        rule: Rule | None = None,
+        epsilon: NonNegativeFloat = 1e-6,
+        gamma: NonNegativeFloat = 0.25,
+        beta: NonNegativeFloat = 0.0,
+        score: Score | None = None,
     ):
         super().__init__(model, score=score)
-        if composite not in COMPOSITES:
-            raise ValueError(
-                f"lrp: composite must be one of {sorted(COMPOSITES)}, got {composite!r}"
-            )
-        if rule is not None and rule not in RULES:
-            raise ValueError(f"lrp: rule must be one of {RULES}, got {rule!r}")
-        if beta < 0 or epsilon < 0 or gamma < 0:
-            raise ValueError("lrp: epsilon, gamma and beta must be >= 0")
         self.composite, self.rule = composite, rule
         self.epsilon, self.gamma, self.beta = epsilon, gamma, beta
         size = model.input_size

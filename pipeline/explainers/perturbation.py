@@ -7,10 +7,20 @@ through `perturbed_scores`; neither ever holds all full-size masks at once.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from ..params import (
+    NonNegativeFloat,
+    OpenUnitInterval,
+    PixelValue,
+    PositiveFloat,
+    PositiveInt,
+    Score,
+)
 from .base import Explainer, generator, image_seeds, register
 from .perturb import blend, perturbed_scores
 
@@ -33,25 +43,15 @@ class RISE(Explainer):
         self,
         model,
         *,
-        n_masks: int = 4000,
-        grid: int = 7,
-        p: float = 0.5,
-        fill: float = 0.0,
+        n_masks: PositiveInt = 4000,
+        grid: PositiveInt = 7,
+        p: Annotated[float, Field(gt=0, le=1)] = 0.5,
+        fill: PixelValue = 0.0,
         seed: int = 0,
-        max_batch: int | None = None,
-        score: str | None = None,
+        max_batch: PositiveInt | None = None,
+        score: Score | None = None,
     ):
         super().__init__(model, score=score)
-        if not isinstance(n_masks, int) or n_masks < 1:
-            raise ValueError(f"rise: n_masks must be a positive integer, got {n_masks!r}")
-        if not isinstance(grid, int) or grid < 1:
-            raise ValueError(f"rise: grid must be a positive integer, got {grid!r}")
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"rise: p (keep probability) must be in (0,1], got {p!r}")
-        if not 0.0 <= fill <= 1.0:
-            raise ValueError(f"rise: fill is a pixel value in [0,1], got {fill!r}")
-        if max_batch is not None and max_batch < 1:
-            raise ValueError(f"rise: max_batch must be >= 1, got {max_batch!r}")
         self.n_masks, self.grid, self.p = n_masks, grid, float(p)
         self.fill, self.seed, self.max_batch = float(fill), seed, max_batch
 
@@ -124,20 +124,13 @@ class Occlusion(Explainer):
         self,
         model,
         *,
-        window: int | None = None,
-        stride: int | None = None,
-        fill: float = 0.5,
-        max_batch: int | None = None,
-        score: str | None = None,
+        window: PositiveInt | None = None,
+        stride: PositiveInt | None = None,
+        fill: PixelValue = 0.5,
+        max_batch: PositiveInt | None = None,
+        score: Score | None = None,
     ):
         super().__init__(model, score=score)
-        for pname, v in (("window", window), ("stride", stride)):
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"occlusion: {pname} must be a positive integer, got {v!r}")
-        if not 0.0 <= fill <= 1.0:
-            raise ValueError(f"occlusion: fill is a pixel value in [0,1], got {fill!r}")
-        if max_batch is not None and max_batch < 1:
-            raise ValueError(f"occlusion: max_batch must be >= 1, got {max_batch!r}")
         self.window, self.stride, self.fill, self.max_batch = window, stride, float(fill), max_batch
 
     def explain(self, x, targets):
@@ -189,28 +182,18 @@ class LIME(Explainer):
         self,
         model,
         *,
-        n_samples: int = 1000,
-        n_segments: int = 50,
-        compactness: float = 10.0,
-        keep_prob: float = 0.5,
-        kernel_width: float = 0.25,
-        ridge: float = 1.0,
-        fill: float = 0.0,
+        n_samples: Annotated[int, Field(ge=2)] = 1000,
+        n_segments: PositiveInt = 50,
+        compactness: PositiveFloat = 10.0,
+        keep_prob: OpenUnitInterval = 0.5,
+        kernel_width: PositiveFloat = 0.25,
+        ridge: NonNegativeFloat = 1.0,
+        fill: PixelValue = 0.0,
         seed: int = 0,
-        max_batch: int | None = None,
-        score: str | None = None,
+        max_batch: PositiveInt | None = None,
+        score: Score | None = None,
     ):
         super().__init__(model, score=score)
-        if not isinstance(n_samples, int) or n_samples < 2:
-            raise ValueError(f"lime: n_samples must be an integer >= 2, got {n_samples!r}")
-        if not isinstance(n_segments, int) or n_segments < 1:
-            raise ValueError(f"lime: n_segments must be a positive integer, got {n_segments!r}")
-        if not 0.0 < keep_prob < 1.0:
-            raise ValueError(f"lime: keep_prob must be in (0,1), got {keep_prob!r}")
-        if not (kernel_width > 0 and compactness > 0 and ridge >= 0):
-            raise ValueError("lime: kernel_width and compactness must be > 0 and ridge >= 0")
-        if not 0.0 <= fill <= 1.0:
-            raise ValueError(f"lime: fill is a pixel value in [0,1], got {fill!r}")
         self.n_samples, self.n_segments, self.compactness = n_samples, n_segments, compactness
         self.keep_prob, self.kernel_width, self.ridge = keep_prob, kernel_width, ridge
         self.fill, self.seed, self.max_batch = float(fill), seed, max_batch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -101,3 +102,7 @@ EVET_TRANSFORMS: dict[str, Transform] = {
     ]
 }
 TRANSFORMS: dict[str, Transform] = {"identity": make_transform("identity"), **EVET_TRANSFORMS}
+# what a `transforms` parameter may name (EVET, the stability index): the keys of TRANSFORMS
+TransformName = Literal[
+    "identity", "hflip", "scale", "rotate", "shear", "hflip_scale", "hflip_rotate", "hflip_shear"
+]

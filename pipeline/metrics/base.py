@@ -22,6 +22,7 @@ metric_params = METRICS.params
 
 
 def build_metric(name: str, **params) -> Metric:
+    """Names checked here, values by the class as it is built (the registry's check)."""
     METRICS.check_params(name, params)
     return metric_class(name)(**params)
 

@@ -5,10 +5,13 @@ of many images run in a few large batches.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
 from ..explainers.perturb import blend, perturbed_scores
+from ..params import PixelValue, PositiveInt
 from .base import CurveMetric, Metric, normalise01, register
 
 
@@ -33,7 +36,7 @@ class AverageDrop(Metric):
     name = "average_drop"
     higher_is_better = False
 
-    def __init__(self, max_batch: int | None = None):
+    def __init__(self, max_batch: PositiveInt | None = None):
         super().__init__()
         self.max_batch = max_batch
 
@@ -68,7 +71,7 @@ class Win(AverageDrop):
     name = "win"
     higher_is_better = True  # a win rate, not a drop (the base class's direction)
 
-    def __init__(self, against: str = "", max_batch: int | None = None):
+    def __init__(self, against: str = "", max_batch: PositiveInt | None = None):
         super().__init__(max_batch)
         if not against:
             raise ValueError("win: name the explainer to compare with (against=...)")
@@ -96,11 +99,12 @@ class _PixelCurve(CurveMetric):
     deletion: bool
 
     def __init__(
-        self, steps: int = 224, substrate: str | float | None = None, max_batch: int | None = None
+        self,
+        steps: PositiveInt = 224,
+        substrate: Literal["black", "blur"] | PixelValue | None = None,
+        max_batch: PositiveInt | None = None,
     ):
         super().__init__(steps + 1)
-        if steps < 1:
-            raise ValueError(f"{self.name}: steps must be >= 1, got {steps}")
         self.steps, self.max_batch = steps, max_batch
         self.substrate = (
             substrate if substrate is not None else ("black" if self.deletion else "blur")

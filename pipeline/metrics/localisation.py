@@ -9,10 +9,12 @@ and area use the positive part.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
 
+from ..params import NonNegativeFloat, PositiveInt, UnitInterval
 from .base import CurveMetric, Metric, normalise01, positive, register
 
 
@@ -65,6 +67,9 @@ def distance_to_boxes(y: float, x: float, boxes) -> float:
     return best
 
 
+Variant = Literal["max", "blob"]  # the pointing game's point: the maximum or seed 000's blob
+
+
 @register
 class PointingGame(Metric):
     """Hit (1) if the map's maximum lies in a ground-truth box (within `tolerance` px), else 0;
@@ -74,12 +79,8 @@ class PointingGame(Metric):
     name = "pointing_game"
     needs = "boxes|mask"
 
-    def __init__(self, tolerance: float = 0.0, variant: str = "max"):
+    def __init__(self, tolerance: NonNegativeFloat = 0.0, variant: Variant = "max"):
         super().__init__()
-        if variant not in ("max", "blob"):
-            raise ValueError(f"pointing_game: variant must be 'max' or 'blob', got {variant!r}")
-        if tolerance < 0:
-            raise ValueError(f"pointing_game: tolerance must be >= 0, got {tolerance}")
         self.tolerance, self.variant = float(tolerance), variant
 
     def hit(self, m: torch.Tensor, ann: dict) -> float | None:
@@ -116,7 +117,12 @@ class PointingGameSmall(PointingGame):
 
     name = "pointing_game_small"
 
-    def __init__(self, tolerance: float = 0.0, variant: str = "max", max_area: float = 0.25):
+    def __init__(
+        self,
+        tolerance: NonNegativeFloat = 0.0,
+        variant: Variant = "max",
+        max_area: UnitInterval = 0.25,
+    ):
         super().__init__(tolerance, variant)
         self.max_area = max_area
 
@@ -152,7 +158,7 @@ class IoUCurve(CurveMetric):
     name = "iou_curve"
     needs = "boxes|mask"
 
-    def __init__(self, thresholds: int = 20):
+    def __init__(self, thresholds: PositiveInt = 20):
         super().__init__(thresholds)
         self.t = torch.arange(thresholds) / thresholds
 
@@ -205,7 +211,7 @@ class LocalisationError(Metric):
     higher_is_better = False
     needs = "boxes"
 
-    def __init__(self, energy: float = 0.95, iou: float = 0.5):
+    def __init__(self, energy: UnitInterval = 0.95, iou: UnitInterval = 0.5):
         super().__init__()
         self.energy, self.iou = energy, iou
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..params import PositiveInt, UnitInterval
 from .base import Metric, normalise01, register
 
 _PARAMETERISED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)
@@ -74,8 +75,8 @@ class ParameterRandomisation(Metric):
         self,
         explainer: str | None = None,
         explainer_params: dict | None = None,
-        steps: int = 4,
-        threshold: float = 0.5,
+        steps: PositiveInt = 4,
+        threshold: UnitInterval = 0.5,
         seed: int = 0,
     ):
         super().__init__()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..explainers.transforms import TRANSFORMS
+from ..explainers.transforms import TRANSFORMS, TransformName
 from .base import Metric, normalise01, register
 
 
@@ -30,14 +30,9 @@ class StabilityIndex(Metric):
     name = "stability_index"
     needs_explainer = True
 
-    def __init__(self, transforms: list[str] | None = None):
+    def __init__(self, transforms: list[TransformName] | None = None):
         super().__init__()
         names = transforms or [t for t in TRANSFORMS if t != "identity"]
-        unknown = [t for t in names if t not in TRANSFORMS]
-        if unknown:
-            raise ValueError(
-                f"stability_index: unknown transforms {unknown}; known {list(TRANSFORMS)}"
-            )
         self.transforms = {n: TRANSFORMS[n] for n in names}
         self.per_transform = {n: [0, 0.0] for n in names}
 
