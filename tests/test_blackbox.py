@@ -11,9 +11,11 @@ import torch
 from conftest import pearson, random_images, region_model, tiny_model
 from torch import nn
 
-from pipeline.explainers import EXPLAINERS, build_explainer, minmax, perturbed_scores
+from pipeline.compute.maps import normalise01
+from pipeline.compute.perturbed_forward import perturbed_scores
+from pipeline.compute.transforms import EVET_TRANSFORMS
+from pipeline.explainers import EXPLAINERS, build_explainer
 from pipeline.explainers.evet import evet_combine, std_bound
-from pipeline.explainers.transforms import EVET_TRANSFORMS
 from pipeline.models import Preprocess, wrap_module
 
 BLACKBOX = ["glas", "rglas", "rise", "occlusion", "evet", "lime"]
@@ -76,7 +78,7 @@ def test_peak_inside_known_region(name):
 
 def area95(maps: torch.Tensor) -> torch.Tensor:
     """Pixels needed to hold 95% of each min-max normalised map's energy."""
-    v = minmax(maps).flatten(1).sort(1, descending=True).values
+    v = normalise01(maps).flatten(1).sort(1, descending=True).values
     cum = v.cumsum(1) / v.sum(1, keepdim=True)
     return (cum < 0.95).sum(1) + 1
 
@@ -293,14 +295,14 @@ def test_every_transform_inverts_maps(name):
 
 def test_evet_with_no_transform_or_identity_returns_the_base_map(tiny):
     x, t = random_images(2, 32, seed=10), torch.tensor([3, 7])
-    base = minmax(build_explainer("gradcam", tiny)(x, t))
+    base = normalise01(build_explainer("gradcam", tiny)(x, t))
     alone = build_explainer("evet", tiny, base="gradcam", transforms=[], alpha=1.0)
     torch.testing.assert_close(alone(x, t), base, rtol=1e-5, atol=1e-6)
     ident0 = build_explainer("evet", tiny, base="gradcam", transforms=["identity"], alpha=0.0)
     torch.testing.assert_close(ident0(x, t), base, rtol=1e-5, atol=1e-6)
     # two identical maps: std 0, so M* is the fully boosted clip(M + alpha (M - 0.5))
     ident1 = build_explainer("evet", tiny, base="gradcam", transforms=["identity"], alpha=1.0)
-    want = minmax((base + (base - 0.5)).clamp(0, 1))
+    want = normalise01((base + (base - 0.5)).clamp(0, 1))
     torch.testing.assert_close(ident1(x, t), want, rtol=1e-5, atol=1e-6)
     assert ident1.last_forward_passes == 2 * (2 + 2)  # 2 base (1F each) + 2 filter forwards
 

@@ -344,7 +344,7 @@ def test_values_at_the_edges_are_accepted(name, params, tiny):
 def test_transform_names_are_the_transforms():
     from typing import get_args
 
-    from pipeline.explainers.transforms import TRANSFORMS, TransformName
+    from pipeline.compute.transforms import TRANSFORMS, TransformName
 
     assert set(get_args(TransformName)) == set(TRANSFORMS)
 

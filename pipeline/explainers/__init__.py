@@ -19,10 +19,7 @@ from .base import (
     build_explainer,
     explainer_class,
     explainer_params,
-    image_seeds,
-    minmax,
 )
-from .perturb import perturbed_scores
 
 __all__ = [
     "EXPLAINERS",
@@ -30,7 +27,4 @@ __all__ = [
     "build_explainer",
     "explainer_class",
     "explainer_params",
-    "image_seeds",
-    "minmax",
-    "perturbed_scores",
 ]

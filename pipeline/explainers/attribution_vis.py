@@ -36,6 +36,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..compute.maps import upsample
+from ..compute.seeds import generator, image_seeds
 from ..params import (
     FiniteNonNegativeFloat,
     FinitePositiveFloat,
@@ -44,7 +46,7 @@ from ..params import (
     PositiveInt,
     Score,
 )
-from .base import Explainer, generator, image_seeds, register
+from .base import Explainer, register
 from .layers import record_activations, resolve_layer
 
 # lucid's square root of the ImageNet colour covariance (SVD), columns normalised to max norm 1
@@ -179,7 +181,7 @@ class AttributionVisualization(Explainer):
         ).clamp(0.01, 0.99)
         image, mask = self.optimise(x, targets, r, beta)
         self.extras.update(image=image, mask=mask, beta=beta, attributions=r)
-        return self.upsample(heat, (h, w))
+        return upsample(heat, (h, w))
 
     def optimise(self, x, targets, r, beta):
         b, _, h, w = x.shape

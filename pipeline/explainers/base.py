@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ..models.loaded import LoadedModel
 from ..params import Score
@@ -107,35 +105,3 @@ class Explainer:
         if self.score == "prob":
             outputs = outputs.float().softmax(-1)
         return outputs.gather(1, targets[:, None])[:, 0]
-
-    def upsample(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """[B,h,w] -> [B,H,W], bilinear, align_corners=False (METHODS.md conventions)."""
-        if tuple(maps.shape[-2:]) == tuple(size):
-            return maps
-        return F.interpolate(
-            maps[:, None].float(), size=size, mode="bilinear", align_corners=False
-        )[:, 0]
-
-
-def image_seeds(x: torch.Tensor, seed: int) -> list[int]:
-    """A seed per image from its content, so random draws do not depend on the batch around it."""
-    host = x.detach().float().cpu().contiguous().numpy()
-    seeds = []
-    for img in host:
-        h = hashlib.blake2b(img.tobytes(), digest_size=8, key=str(seed).encode())
-        seeds.append(int.from_bytes(h.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF)
-    return seeds
-
-
-def generator(device: torch.device, seed: int) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
-
-
-def minmax(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Per-map min-max to [0,1]; a constant map becomes all zeros (no NaN)."""
-    flat = maps.flatten(1)
-    lo = flat.min(1, keepdim=True).values
-    hi = flat.max(1, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(maps)

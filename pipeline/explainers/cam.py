@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compute.maps import normalise01, upsample
+from ..compute.perturbed_forward import perturbed_scores
 from ..params import PositiveInt, Score
-from .base import Explainer, minmax, register
+from .base import Explainer, register
 from .gradients import GuidedBackprop
 from .layers import record_activations, resolve_layer
-from .perturb import perturbed_scores
 
 
 class _LayerExplainer(Explainer):
@@ -36,7 +37,7 @@ class _LayerExplainer(Explainer):
         return a.detach().float(), g.float()
 
     def finish(self, cam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.upsample(cam, x.shape[-2:])
+        return upsample(cam, x.shape[-2:])
 
 
 @register
@@ -111,7 +112,8 @@ class GuidedGradCAM(_LayerExplainer):
 
 @register
 class ScoreCAM(_LayerExplainer):
-    """H^k = minmax(upsample(A^k)); s_k = P_c(x * H^k); ReLU(sum_k softmax(s)_k A^k) (Wang et al.).
+    """H^k = normalise01(upsample(A^k)); s_k = P_c(x * H^k);
+    ReLU(sum_k softmax(s)_k A^k) (Wang et al.).
 
     top_k: keep only the K' channels of largest spatial variance per image (the faster variant
     seed 004 used); None uses all K channels. Cost (K or K')+1 forwards, chunked by max_batch.
@@ -143,7 +145,7 @@ class ScoreCAM(_LayerExplainer):
 
         def make(img, j):
             act = a[img, channels[img, j]]  # [n,h,w]
-            mask = minmax(self.upsample(act, size))
+            mask = normalise01(upsample(act, size))
             return x[img] * mask[:, None]
 
         s = perturbed_scores(

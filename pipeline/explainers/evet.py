@@ -19,10 +19,11 @@ import math
 
 import torch
 
+from ..compute.maps import normalise01
+from ..compute.perturbed_forward import blend, perturbed_scores
+from ..compute.transforms import EVET_TRANSFORMS, TRANSFORMS, TransformName
 from ..params import FiniteNonNegativeFloat, PositiveInt, Score, UnitInterval
-from .base import EXPLAINERS, Explainer, build_explainer, minmax, register
-from .perturb import blend, perturbed_scores
-from .transforms import EVET_TRANSFORMS, TRANSFORMS, TransformName
+from .base import EXPLAINERS, Explainer, build_explainer, register
 
 
 def std_bound(n: int) -> float:
@@ -57,7 +58,7 @@ def evet_combine(
     )
     m_tilde = (m_hat + alpha * (m_hat - 0.5)).clamp(0, 1)
     m_star = sigma * m_hat + (1 - sigma) * m_tilde
-    return minmax(m_star), kept, w
+    return normalise01(m_star), kept, w
 
 
 @register
@@ -112,7 +113,7 @@ class EVET(Explainer):
                 for i in range(0, flat_x.shape[0], step)
             ]
         ).view(b, n, h, w)
-        normed = minmax(raw.flatten(0, 1)).view(b, n, h, w)
+        normed = normalise01(raw.flatten(0, 1)).view(b, n, h, w)
         maps = torch.stack(
             [normed[:, 0]] + [t.invert(normed[:, i + 1]) for i, t in enumerate(self.transforms)],
             1,

@@ -20,6 +20,8 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
+from ..compute.maps import normalise01
+from ..compute.perturbed_forward import blend, perturbed_scores
 from ..params import (
     FinitePositiveFloat,
     NonNegativeFloat,
@@ -28,8 +30,7 @@ from ..params import (
     PositiveInt,
     Score,
 )
-from .base import Explainer, minmax, register
-from .perturb import blend, perturbed_scores
+from .base import Explainer, register
 
 _ORIG, _LIGHT, _SHADOW = 0, 1, 2
 
@@ -249,7 +250,7 @@ class RGLAS(GLAS):
                 break
             p_known = None if p0 is None else p0[idx]
             _, fl, fs = self.point_scores(image[idx], targets[idx], active[idx], p_known)
-            s = minmax(self.fuse(fl, fs, active[idx], (h, w)))  # line 4, normalised
+            s = normalise01(self.fuse(fl, fs, active[idx], (h, w)))  # line 4, normalised
             # lines 5-7: drop the search points inside B = S > t1
             inside = s[:, rows_px, cols_px] > self.t1
             active[idx] &= ~inside
@@ -279,4 +280,4 @@ class RGLAS(GLAS):
         t = int(iterations.max())
         self.extras["evidence"] = evidence[:, :t]
         self.extras["iterations"] = iterations
-        return minmax(fused)  # line 11
+        return normalise01(fused)  # line 11

@@ -18,9 +18,10 @@ import torch
 from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from torch import nn
 
+from ..compute.perturbed_forward import default_max_batch
+from ..compute.seeds import generator, image_seeds
 from ..params import FiniteNonNegativeFloat, PixelValue, PositiveInt, Score
-from .base import Explainer, build_explainer, generator, image_seeds, register
-from .perturb import default_max_batch
+from .base import Explainer, build_explainer, register
 
 # Captum warns on each call that it set requires_grad on our detached inputs: expected here.
 warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")

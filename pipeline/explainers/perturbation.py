@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..compute.perturbed_forward import blend, perturbed_scores
+from ..compute.seeds import generator, image_seeds
 from ..params import (
     NonNegativeFloat,
     OpenUnitInterval,
@@ -21,8 +23,7 @@ from ..params import (
     PositiveInt,
     Score,
 )
-from .base import Explainer, generator, image_seeds, register
-from .perturb import blend, perturbed_scores
+from .base import Explainer, register
 
 
 @register

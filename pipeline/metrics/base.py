@@ -101,9 +101,3 @@ class CurveMetric(Metric):
 def positive(maps: torch.Tensor) -> torch.Tensor:
     """Signed maps count only their positive evidence in energy- and area-based metrics."""
     return maps.clamp_min(0)
-
-
-def normalise01(maps: torch.Tensor) -> torch.Tensor:
-    from ..explainers.base import minmax
-
-    return minmax(maps.float())

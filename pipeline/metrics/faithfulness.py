@@ -10,9 +10,10 @@ from typing import Literal
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-from ..explainers.perturb import blend, perturbed_scores
+from ..compute.maps import normalise01
+from ..compute.perturbed_forward import blend, perturbed_scores
 from ..params import PixelValue, PositiveInt
-from .base import CurveMetric, Metric, normalise01, register
+from .base import CurveMetric, Metric, register
 
 
 def explanation_map_scores(model, x, targets, maps, max_batch=None) -> torch.Tensor:

@@ -14,8 +14,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..compute.maps import normalise01
 from ..params import NonNegativeFloat, PositiveInt, UnitInterval
-from .base import CurveMetric, Metric, normalise01, positive, register
+from .base import CurveMetric, Metric, positive, register
 
 
 def box_mask(boxes, h: int, w: int, device=None) -> torch.Tensor:

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compute.maps import normalise01
 from ..params import PositiveInt, UnitInterval
-from .base import Metric, normalise01, register
+from .base import Metric, register
 
 _PARAMETERISED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..explainers.transforms import TRANSFORMS, TransformName
-from .base import Metric, normalise01, register
+from ..compute.maps import normalise01
+from ..compute.transforms import TRANSFORMS, TransformName
+from .base import Metric, register
 
 
 def psi(m1: torch.Tensor, m2: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
