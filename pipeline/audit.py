@@ -179,7 +179,9 @@ def sanity_verdicts(spec: JobSpec, methods: list[str], n_images: int) -> dict:
     storage = Storage.from_spec(spec.storage)
     items = list_inputs(spec.source.uri, spec.source.format, storage=storage)
     block = make_blocks(items[: max(n_images * 2, n_images)], 10**9)[0]
-    decoded = read_block(block, model.preprocess, storage=storage)
+    decoded = read_block(
+        block, model.preprocess, storage=storage, labels_from=spec.source.labels_from
+    )
     import torch
 
     pixels = torch.from_numpy(np.ascontiguousarray(decoded["pixels"][:n_images]))

@@ -38,7 +38,13 @@ class SourceSpec(_Strict):
     annotations: str | None = Field(
         None, description="Ground truth: Salient JSON (see README), COCO JSON or Pascal-VOC XML"
     )
-    labels_from: Literal["annotations", "folder", "none"] = "annotations"
+    labels_from: Literal["annotations", "folder", "none"] = Field(
+        "annotations",
+        description="Where an image's class comes from. annotations: the source's own label "
+        "(a manifest, Parquet or WebDataset label), else the annotations file's, else the "
+        "folder the image sits in. folder: only the folder (format 'images'). none: no labels "
+        "(targets.mode 'label' then has none; boxes still count)",
+    )
     image_column: str = "image"
     label_column: str | None = "label"
     limit: int | None = Field(
@@ -47,6 +53,15 @@ class SourceSpec(_Strict):
         description="Take only the first N inputs of the sorted listing (for webdataset, the "
         "first N shards)",
     )
+
+    @model_validator(mode="after")
+    def _folders_exist(self):
+        if self.labels_from == "folder" and self.format != "images":
+            raise ValueError(
+                f"labels_from 'folder' needs format 'images' (a {self.format} source has no "
+                "image folders)"
+            )
+        return self
 
 
 class ModelSpec(_Strict):

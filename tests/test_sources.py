@@ -37,6 +37,36 @@ def test_image_folder_listing_is_sorted_with_folder_labels(tmp_path, demo_images
     assert json.loads(row["labels"]) == ["class0", "class1", "class2"]
 
 
+@pytest.mark.parametrize(
+    ("labels_from", "want"),
+    [
+        ("annotations", [5, "class1", "class2"]),  # the annotation's label, else the folder
+        ("folder", ["class0", "class1", "class2"]),
+        ("none", [None, None, None]),
+    ],
+)
+def test_labels_from_chooses_where_a_class_comes_from(tmp_path, demo_images, labels_from, want):
+    for i, data in enumerate(_photos(demo_images)):
+        (tmp_path / f"class{i}").mkdir()
+        (tmp_path / f"class{i}" / f"z{i}.jpg").write_bytes(data)
+    box = {"label": 5, "boxes": [[0, 0, 3, 3]]}
+    row = read_block(
+        make_blocks(list_inputs(str(tmp_path)), 8)[0],
+        PRE,
+        {"class0/z0.jpg": box},
+        labels_from=labels_from,
+    )
+    assert json.loads(row["labels"]) == want
+    assert json.loads(row["annotations"][0])["boxes"] == [[0, 0, 3, 3]]  # boxes kept in any mode
+
+
+def test_labels_from_folder_needs_image_folders():
+    from pipeline.spec import SourceSpec
+
+    with pytest.raises(ValueError, match="labels_from 'folder' needs format 'images'"):
+        SourceSpec(uri="s3://b/shards", format="webdataset", labels_from="folder")
+
+
 def test_blocks_are_deterministic_and_cover_every_input(tmp_path, demo_images):
     for i in range(7):
         (tmp_path / f"{i}.png").write_bytes(image_bytes(demo_images[0][::16, ::16], "PNG"))

@@ -542,6 +542,7 @@ def _execute(
     # a block that still meets an outage after the in-process retries is run again by Ray
     # (after a jittered pause); only an outage that outlasts those fails the job
     block_retries, pause_s = spec.storage.block_retries, spec.storage.block_retry_delay_s
+    labels_from = spec.source.labels_from
     ctx.actor_task_retry_on_errors = [StorageUnavailable]
     retry = {"retry_exceptions": [StorageUnavailable], "max_retries": block_retries}
 
@@ -551,7 +552,9 @@ def _execute(
             it.image_id: it.meta["annotation"] for it in block.items if it.meta.get("annotation")
         }
         with pause_on_outage(pause_s):
-            decoded = read_block(block, preprocess, annotations, to_model_space, storage)
+            decoded = read_block(
+                block, preprocess, annotations, to_model_space, storage, labels_from=labels_from
+            )
         # every listed input is an image or an error row (a whole shard's samples are counted
         # as they are found); anything else is a reader bug that would lose inputs silently
         whole_shards = any(it.member == ALL_SAMPLES for it in block.items)

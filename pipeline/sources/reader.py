@@ -12,6 +12,7 @@ import json
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import numpy as np
 
@@ -24,6 +25,8 @@ from .parquet import read_cells
 from .webdataset import read_member, read_shard
 
 AnnotationFn = Callable[[dict, object], dict]
+# where an image's class comes from (spec `source.labels_from`)
+LabelsFrom = Literal["annotations", "folder", "none"]
 
 
 # concurrent fetches per block: object stores answer in tens of ms per GET, so one at a time
@@ -38,6 +41,7 @@ def read_block(
     to_model_space: AnnotationFn | None = None,
     storage: Storage = Storage(),
     threads: int = READ_THREADS,
+    labels_from: LabelsFrom = "annotations",
 ) -> dict:
     """Decode every image of a block. Returns a dict of plain columns:
 
@@ -64,15 +68,13 @@ def read_block(
             errors.append(_error(item, "decode", type(e).__name__, f"{item.image_id}: {e}"))
             continue
         ann = (annotations or {}).get(item.image_id)
-        label = item.label
-        if ann is not None and label is None:
-            label = ann.get("label")
+        label = _label(item, ann, labels_from)
         if ann is not None and to_model_space is not None:
             ann = to_model_space(ann, preprocess.geometry(image.width, image.height))
         ok_ids.append(item.image_id)
         uris.append(item.uri)
         members.append(item.member)
-        labels.append(label if label is not None else item.meta.get("folder"))
+        labels.append(label)
         anns.append(json.dumps(ann or {}))
         pixels.append(np.asarray(resized, dtype=np.uint8))
     size = preprocess.size
@@ -112,6 +114,23 @@ def _read_error(item: InputItem, e: Exception) -> dict:
     if isinstance(e, FileNotFoundError):
         return _error(item, "read", "not_found", f"{item.uri}: {e}")
     return _error(item, "read", type(e).__name__, f"{item.uri}: {e}")
+
+
+def _label(item: InputItem, annotation: dict | None, labels_from: LabelsFrom):
+    """The image's class as the source gives it (an index or a name), or None.
+
+    annotations: the source's own label (a manifest, Parquet or WebDataset label), else the
+    annotation's, else the folder the image sits in; folder: only the folder; none: no label
+    (boxes and masks still count)."""
+    folder = item.meta.get("folder")
+    if labels_from == "none":
+        return None
+    if labels_from == "folder":
+        return folder
+    for label in (item.label, (annotation or {}).get("label"), folder):
+        if label is not None:
+            return label
+    return None
 
 
 def _read_all(items, storage: Storage, errors, threads):
