@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from pipeline.explainers import build_explainer
-from pipeline.metrics import build_metric
+from pipeline.metrics import ExplainedBatch, build_metric
 from pipeline.models import load_model
 from pipeline.sources.annotations import read_imagenet, to_model_space
 
@@ -56,11 +56,12 @@ def main() -> None:
     ):
         e = build_explainer(name, model, **params)
         t0 = time.perf_counter()
-        maps = torch.cat([e(x[i : i + 1], t[i : i + 1]) for i in range(len(x))])
+        explained = [e.explain(x[i : i + 1], t[i : i + 1]) for i in range(len(x))]
         seconds = (time.perf_counter() - t0) / len(x)
-        passes = e.last_forward_passes
+        maps = torch.cat([r.maps for r in explained])
+        passes = sum(r.forward_passes for r in explained) / len(x)
         pg = build_metric("pointing_game", variant="blob")
-        pg.update(model, x, t, maps, anns)
+        pg.update(ExplainedBatch(maps, anns, model=model, x=x, targets=t))
         rows.append(
             {
                 "method": name,

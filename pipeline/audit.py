@@ -170,7 +170,8 @@ def drift(
 def sanity_verdicts(spec: JobSpec, methods: list[str], n_images: int) -> dict:
     """Parameter randomisation per method on the first n images (in this process), read with
     the spec's storage."""
-    from .metrics import build_metric
+    from .explainers import build_explainer
+    from .metrics import ExplainedBatch, build_metric
     from .sources.inputs import make_blocks
     from .sources.listing import list_inputs
     from .sources.reader import read_block
@@ -189,8 +190,13 @@ def sanity_verdicts(spec: JobSpec, methods: list[str], n_images: int) -> dict:
     targets = model.predict(x)[1][:, 0]
     out = {}
     for method in methods:
-        metric = build_metric("parameter_randomisation", explainer=method)
-        metric.update(model, x, targets, None, [{} for _ in range(len(x))])
+        explainer = build_explainer(method, model)
+        metric = build_metric("parameter_randomisation")
+        metric.update(
+            ExplainedBatch(
+                explainer(x, targets), model=model, x=x, targets=targets, explainer=explainer
+            )
+        )
         report = metric.report()
         curve = [round(v, 3) for v in report["spearman_by_step"]]
         out[method] = {

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .chunks import chunks
 from .explainers import build_explainer
 from .models import LoadedModel
 
@@ -114,7 +115,7 @@ def probe_step(model: LoadedModel, x: torch.Tensor, f: Forward) -> Callable[[], 
     """One forward of kind `f` and nothing else (plus the backward to the input, if `f` has
     one): the least a method that ran such a forward paid for it."""
     xb = _probe_batch(x, f.rows, (f.height, f.width))
-    run = model.compiled if f.perturbed and model.compiled is not None else model.module
+    run = model.perturbed_module if f.perturbed else model.module
     kind = model.device.type
 
     def amp():
@@ -216,8 +217,8 @@ def _recorded(model: LoadedModel, explainer, log: list[Forward]):
 
 
 def _one_pass(fn, x: torch.Tensor, t: torch.Tensor, batch: int) -> None:
-    for s in range(0, len(x), batch):
-        fn(x[s : s + batch], t[s : s + batch])
+    for part in chunks(len(x), batch):
+        fn(x[part], t[part])
 
 
 def bench_method(
@@ -418,8 +419,8 @@ def bench_pipeline(spec, address: str | None = None) -> dict:
     explainers = build_explainers(model, spec.explainers, spec.compute.max_batch, spec.seed)
     bs = spec.compute.batch_for(model.device)
     t0 = _time.perf_counter()
-    for s in range(0, len(x), bs):
-        xb = x[s : s + bs].to(model.device)
+    for part in chunks(len(x), bs):
+        xb = x[part].to(model.device)
         t = model.predict(xb)[1][:, 0]
         for e in explainers.values():
             e(xb, t)

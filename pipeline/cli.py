@@ -371,15 +371,13 @@ def bench_command(
         return
 
     from . import bench
-    from .models import load_model
+    from .models import RunPolicy, load_model
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     try:
         params = parse_params(param, names)
         m = load_model(model, device=device, size=size)
-        m.autocast_cpu = autocast_cpu
-        if compile_model:
-            m.compile()
+        m.set_policy(RunPolicy(autocast_cpu=autocast_cpu, compile=compile_model))
         rows = bench.bench(
             m,
             bench.demo_batch(m, images),

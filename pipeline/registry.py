@@ -28,7 +28,8 @@ class Registry(dict):
         self._checks: dict[str, dict[str, tuple[Any, TypeAdapter]]] = {}
 
     def register(self, cls):
-        """Register `cls` under `cls.name`; its constructor then checks its arguments' values."""
+        """Register `cls` under `cls.name`; its constructor then checks its arguments' values and
+        records them as the object's `params`."""
         if cls.name in self:
             raise ValueError(f"{self.kind} {cls.name!r} registered twice")
         cls.__init__ = self._checked_init(cls)
@@ -106,10 +107,24 @@ class Registry(dict):
                 k: v for k, v in bound.arguments.items() if sig.parameters[k].kind not in plain
             }
             self.check_values(cls.name, given)
+            if "params" not in vars(obj):  # the outermost constructor: what the user passed
+                obj.params = self._user_params(sig, bound)
             init(obj, *args, **kwargs)
 
         checked._checks_values = True
         return checked
+
+    def _user_params(self, sig: inspect.Signature, bound: inspect.BoundArguments) -> dict:
+        """The parameters a user gave (not the object or the model), those passed on through
+        **kwargs included: enough to build the same thing again on another model."""
+        params = {}
+        for k, v in bound.arguments.items():
+            kind = sig.parameters[k].kind
+            if kind == inspect.Parameter.VAR_KEYWORD:
+                params.update(v)
+            elif k not in self.skip and kind != inspect.Parameter.VAR_POSITIONAL:
+                params[k] = v
+        return params
 
 
 _NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}

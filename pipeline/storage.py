@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 
 import fsspec
 
+from .chunks import chunks
+
 T = TypeVar("T")
 
 # object stores delete at most this many keys in one request
@@ -151,8 +153,8 @@ class Storage:
                 remote.setdefault(_protocol(uri), []).append(uri)
         for group in remote.values():
             fs, _ = self.filesystem(group[0])
-            for start in range(0, len(group), DELETE_BATCH):
-                chunk = group[start : start + DELETE_BATCH]
+            for part in chunks(len(group), DELETE_BATCH):
+                chunk = group[part]
                 # one bulk DELETE, which answers for absent keys as for deleted ones
                 self.retry(
                     partial(fs.rm, [fs._strip_protocol(uri) for uri in chunk]),

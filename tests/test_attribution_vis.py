@@ -33,10 +33,10 @@ def test_mask_meets_the_area_constraint_and_covers_the_region():
     e = build_explainer(
         "attribution_visualization", model, steps=2000, attr_steps=8
     )  # the default step count
-    heat = e(x, torch.tensor([0, 1]))
-    mask, beta = e.extras["mask"], e.extras["beta"]
+    got = e.explain(x, torch.tensor([0, 1]))
+    heat, mask, beta = got.maps, got.extras["mask"], got.extras["beta"]
     assert heat.shape == (2, 32, 32) and mask.shape == (2, 32, 32)
-    assert e.extras["image"].shape == (2, 3, 32, 32)
+    assert got.extras["image"].shape == (2, 3, 32, 32)
     assert ((beta > 0.01) & (beta < 0.2)).all(), beta  # Otsu picks part of the 12.5% region
     assert (mask.mean((1, 2)) - beta).abs().max() < 0.02, (mask.mean((1, 2)), beta)
     y0, x0, y1, x1 = REGION
@@ -47,7 +47,7 @@ def test_mask_meets_the_area_constraint_and_covers_the_region():
     ring = heat.abs().clone()
     ring[:, y0 - 1 : y1 + 1, x0 - 1 : x1 + 1] = 0
     assert ring.sum() <= 0.05 * heat.abs().sum()
-    assert e.last_forward_passes == 2 * (2 + 8 + 2000)
+    assert got.forward_passes == 2 * (2 + 8 + 2000)
 
 
 def test_short_run_is_deterministic_and_batch_invariant():
@@ -55,13 +55,11 @@ def test_short_run_is_deterministic_and_batch_invariant():
     x = random_images(3, 32, seed=1)
     t = torch.tensor([0, 2, 3])
     e = build_explainer("attribution_visualization", model, steps=5, attr_steps=2, seed=7)
-    e(x, t)
-    a = {k: e.extras[k] for k in ("image", "mask")}
-    e(x, t)
-    assert all(torch.equal(a[k], e.extras[k]) for k in a)
-    e(x[1:2], t[1:2])
-    assert torch.allclose(e.extras["mask"][0], a["mask"][1], rtol=1e-4, atol=1e-6)
-    assert torch.allclose(e.extras["image"][0], a["image"][1], rtol=1e-4, atol=1e-6)
+    a = e.explain(x, t).extras
+    again = e.explain(x, t).extras
+    assert all(torch.equal(a[k], again[k]) for k in ("image", "mask"))
+    alone = e.explain(x[1:2], t[1:2]).extras
+    assert torch.allclose(alone["mask"][0], a["mask"][1], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(alone["image"][0], a["image"][1], rtol=1e-4, atol=1e-6)
     other = build_explainer("attribution_visualization", model, steps=5, attr_steps=2, seed=8)
-    other(x, t)
-    assert not torch.allclose(other.extras["image"], a["image"])
+    assert not torch.allclose(other.explain(x, t).extras["image"], a["image"])

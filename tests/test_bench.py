@@ -165,7 +165,7 @@ class _ForwardsOnly(Explainer):
 
     name = "forwards_only"
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         with torch.inference_mode():
             for _ in range(4):
                 for s in range(0, len(x), 16):

@@ -16,7 +16,7 @@ from pipeline.compute.perturbed_forward import perturbed_scores
 from pipeline.compute.transforms import EVET_TRANSFORMS
 from pipeline.explainers import EXPLAINERS, build_explainer
 from pipeline.explainers.evet import evet_combine, std_bound
-from pipeline.models import Preprocess, wrap_module
+from pipeline.models import Preprocess, RunPolicy, wrap_module
 
 BLACKBOX = ["glas", "rglas", "rise", "occlusion", "evet", "lime"]
 REGION = (4, 12, 12, 28)  # rows 4-11, cols 12-27: not square, so a transposed map fails
@@ -63,13 +63,14 @@ REGION_PARAMS = {
 def test_peak_inside_known_region(name):
     m, x, t = region_case()
     e = build_explainer(name, m, **REGION_PARAMS[name])
-    maps = e(x, t)
+    got = e.explain(x, t)
+    maps = got.maps
     assert maps.shape == (3, 32, 32) and maps.dtype == torch.float32
     assert torch.isfinite(maps).all()
     if not EXPLAINERS[name].signed:
         assert (maps >= 0).all()
     if name == "rglas":  # the fused map sums later, weaker evidence; the first is the peak
-        maps = e.extras["evidence"][:, 0]
+        maps = got.extras["evidence"][:, 0]
     inside = inside_mask()
     for b in range(3):
         r, c = divmod(int(maps[b].argmax()), 32)
@@ -110,8 +111,7 @@ def test_glas_smaller_sigma_concentrates_the_map():
 def test_glas_forward_count(mode, per_image, tiny):
     x, t = random_images(2, 16, seed=3), torch.tensor([1, 2])
     e = build_explainer("glas", tiny, k=3, mode=mode, max_batch=7)
-    e(x, t)
-    assert e.last_forward_passes == 2 * per_image
+    assert e.explain(x, t).forward_passes == 2 * per_image
 
 
 def _hand_glas(model, x, target, k, sl, ss, ssp, gamma=1e-5):
@@ -194,8 +194,8 @@ def test_rglas_finds_the_second_patch_and_ends_within_its_cap():
     model, x = two_patch_case()
     params = {"k": 8, "sigma_light": 1.0, "sigma_shadow": 1.0, "sigma_spatial": 1.0}
     e = build_explainer("rglas", model, max_iter=3, **params)
-    fused = e(x, torch.tensor([0]))
-    ev, iters = e.extras["evidence"], e.extras["iterations"]
+    got = e.explain(x, torch.tensor([0]))
+    fused, ev, iters = got.maps, got.extras["evidence"], got.extras["iterations"]
     assert 2 <= int(iters[0]) <= 3 and ev.shape[:2] == (1, int(iters.max()))
     assert ev.shape[-2:] == (48, 48) and torch.isfinite(fused).all()
     first, second = ev[0, 0], ev[0, 1]
@@ -208,8 +208,8 @@ def test_rglas_finds_the_second_patch_and_ends_within_its_cap():
     assert first[r2, c2] <= e.t1  # the second evidence lies outside the first's region B
     # a cap of 1 ends after one GLAS: 2k^2 + 1 forwards and one f(y|I) of the darkened image
     one = build_explainer("rglas", model, max_iter=1, **params)
-    one(x, torch.tensor([0]))
-    assert int(one.extras["iterations"][0]) == 1 and one.last_forward_passes == 2 * 64 + 2
+    alone = one.explain(x, torch.tensor([0]))
+    assert int(alone.extras["iterations"][0]) == 1 and alone.forward_passes == 2 * 64 + 2
 
 
 # -- RISE and occlusion -------------------------------------------------------------------------
@@ -223,8 +223,9 @@ def test_rise_streams_masks_in_chunks_and_normalises_by_np(tiny):
     p_const = float(const.logits(x[:1]).softmax(-1)[0, 0])
     ratio = maps.mean() / p_const
     assert 0.9 < float(ratio) < 1.1, ratio
-    chunked = e(x, t)
-    assert e.last_forward_passes == 600
+    got = e.explain(x, t)
+    chunked = got.maps
+    assert got.forward_passes == 600
     whole = build_explainer("rise", tiny, n_masks=300, grid=5, p=0.3, max_batch=600)(x, t)
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-6)
 
@@ -260,14 +261,14 @@ def test_occlusion_matches_a_plain_loop(tiny):
                 total[y : y + 6, xx : xx + 6] += base - float(tiny.module(occ)[0, t])
                 count[y : y + 6, xx : xx + 6] += 1
     torch.testing.assert_close(got, total / count, rtol=1e-4, atol=1e-5)
-    assert e.last_forward_passes == 1 + 16
+    assert e.explain(x, t).forward_passes == 1 + 16
 
 
 def test_occlusion_defaults_scale_with_input_size(tiny):
     e = build_explainer("occlusion", tiny)
-    e(random_images(1, 32, seed=9), torch.tensor([0]))
+    got = e.explain(random_images(1, 32, seed=9), torch.tensor([0]))
     # 32 px -> window round(32*32/224)=5, stride 2: starts 0,2,...,26 and 27 -> 15 per axis
-    assert e.last_forward_passes == 1 + 15 * 15
+    assert got.forward_passes == 1 + 15 * 15
 
 
 # -- EVET ------------------------------------------------------------------------------------
@@ -303,8 +304,9 @@ def test_evet_with_no_transform_or_identity_returns_the_base_map(tiny):
     # two identical maps: std 0, so M* is the fully boosted clip(M + alpha (M - 0.5))
     ident1 = build_explainer("evet", tiny, base="gradcam", transforms=["identity"], alpha=1.0)
     want = normalise01((base + (base - 0.5)).clamp(0, 1))
-    torch.testing.assert_close(ident1(x, t), want, rtol=1e-5, atol=1e-6)
-    assert ident1.last_forward_passes == 2 * (2 + 2)  # 2 base (1F each) + 2 filter forwards
+    got = ident1.explain(x, t)
+    torch.testing.assert_close(got.maps, want, rtol=1e-5, atol=1e-6)
+    assert got.forward_passes == 2 * (2 + 2)  # 2 base (1F each) + 2 filter forwards
 
 
 def test_evet_combination_steps():
@@ -337,8 +339,8 @@ def test_evet_gamma_filter_drops_a_map_with_low_probability():
     filter must drop that map while keeping the identity one."""
     m, x, t = region_case()
     e = build_explainer("evet", m, base="gradcam", transforms=["identity", "hflip"])
-    e(x, t)
-    probs, kept = e.extras["probs"], e.extras["kept"]
+    extras = e.explain(x, t).extras
+    probs, kept = extras["probs"], extras["kept"]
     assert (probs[:, 2] < 0.99 * probs[:, 0]).all(), probs
     assert kept[:, :2].all() and not kept[:, 2].any()
     # and the result is then what the two identical kept maps give
@@ -470,18 +472,21 @@ def test_glas_pointing_game_on_imagenet_not_below_gradcam(builtin, imagenet300):
 
 
 def test_compiled_perturbation_forwards_give_the_same_maps():
-    """`LoadedModel.compile()` (compute.compile) swaps only the engine of the perturbation
+    """`RunPolicy(compile=True)` (compute.compile) swaps only the engine of the perturbation
     forwards: maps and forward counts are those of the eager model."""
     x = random_images(3, 32, seed=4)
     t = torch.tensor([1, 4, 7])
-    eager_model, compiled_model = tiny_model(), tiny_model().compile()
+    eager_model = tiny_model()
+    compiled_model = tiny_model().set_policy(RunPolicy(compile=True))
     for name, params in (("rise", {"n_masks": 24}), ("occlusion", {"window": 8, "stride": 8})):
         eager = build_explainer(name, eager_model, max_batch=16, **params)
         compiled = build_explainer(name, compiled_model, max_batch=16, **params)
-        want, got = eager(x, t), compiled(x, t)
-        assert compiled.last_forward_passes == eager.last_forward_passes
+        want, got = eager.explain(x, t), compiled.explain(x, t)
+        assert got.forward_passes == want.forward_passes
+        want, got = want.maps, got.maps
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max()), name
-    assert compiled_model.compiled is not None and eager_model.compiled is None
+    assert compiled_model.perturbed_module is not compiled_model.module
+    assert eager_model.perturbed_module is eager_model.module
 
 
 @pytest.mark.realdata
@@ -510,7 +515,7 @@ def test_bf16_autocast_keeps_maps_and_pointing_game(builtin, imagenet300):
         for name, params in settings:
             maps = {}
             for bf16 in (False, True):
-                builtin.autocast_cpu = bf16
+                builtin.set_policy(RunPolicy(autocast_cpu=bf16))
                 maps[bf16] = build_explainer(name, builtin, max_batch=32, **params)(x, t)
             r = [pearson(a, b) for a, b in zip(maps[False], maps[True], strict=True)]
             assert sum(r) / len(r) >= 0.99 and min(r) >= 0.98, (name, r)
@@ -519,4 +524,4 @@ def test_bf16_autocast_keeps_maps_and_pointing_game(builtin, imagenet300):
             ]
             assert hits[0] == hits[1], name
     finally:
-        builtin.autocast_cpu = False
+        builtin.set_policy(RunPolicy())

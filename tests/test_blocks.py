@@ -430,6 +430,40 @@ def test_a_metric_that_raises_gives_nulls_and_a_non_fatal_error(tmp_path, tiny_b
     assert {len(e["message"]) for e in errors} == {2000}
 
 
+def test_a_metric_that_fails_on_one_image_nulls_that_image_only(tmp_path, tiny_block, monkeypatch):
+    """A failing batch is retried pair by pair: the neighbours of the bad image keep values."""
+    import pipeline.engine.worker as worker_module
+
+    real = worker_module.build_metric
+    worker, root, row = _worker(tmp_path, tiny_block, {"mode": "predicted"})
+    pixels = torch.from_numpy(row["pixels"])
+    poisoned = worker.model.preprocess.normalise(pixels[1:2])  # im1, as the worker sees it
+
+    class FailsOnIm1:
+        def __init__(self, metric):
+            self.metric = metric
+
+        def update(self, batch):
+            if any(torch.equal(xi, poisoned[0]) for xi in batch.x):
+                raise ArithmeticError("cannot score im1")
+            return self.metric.update(batch)
+
+        def state(self):
+            return self.metric.state()
+
+    monkeypatch.setattr(worker_module, "build_metric", lambda n, **p: FailsOnIm1(real(n, **p)))
+    worker.process_block(row)
+    rows = read_table(root, "metrics").to_pylist()
+    nulls = {(r["explainer"], r["image_id"]) for r in rows if r["value"] is None}
+    assert nulls == {("gradcam", "im1.png"), ("saliency", "im1.png")}
+    assert sum(r["value"] is not None for r in rows) == 2 * 2
+    errors = read_table(root, "errors").to_pylist()
+    assert (
+        sorted((e["image_id"], e["stage"], e["fatal"]) for e in errors)
+        == [("im1.png", "metric:average_drop", False)] * 2
+    )
+
+
 # -- the summary and the run's outcome -----------------------------------------------------------
 def _block_marker(bid: str, ok: int, fatal: int, images: int, seconds: float) -> BlockMarker:
     return BlockMarker(

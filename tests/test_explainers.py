@@ -69,12 +69,13 @@ def test_integrated_gradients_completeness(tiny):
     x = random_images(4, 32, seed=3)
     t = torch.tensor([1, 2, 3, 4])
     ig = build_explainer("integrated_gradients", tiny, steps=300)
-    attr = ig(x, t)
+    got = ig.explain(x, t)
+    attr = got.maps
     black = tiny.preprocess.pixel_value(0.0).expand_as(x)
     logits_x, logits_b = tiny.logits(x), tiny.logits(black)
     gap = logits_x.gather(1, t[:, None])[:, 0] - logits_b.gather(1, t[:, None])[:, 0]
     assert torch.allclose(attr.flatten(1).sum(1), gap, rtol=0.01, atol=1e-3 * gap.abs().max())
-    assert ig.last_forward_passes == 4 * 300 + 8  # m per image + Captum's delta check
+    assert got.forward_passes == 4 * 300 + 8  # m per image + Captum's delta check
 
 
 @pytest.mark.parametrize("name", ["saliency", "guided_backprop", "integrated_gradients"])
@@ -164,11 +165,11 @@ def test_scorecam_top_k_and_chunking(tiny):
     x = random_images(3, 32, seed=7)
     t = torch.tensor([1, 2, 3])
     full = build_explainer("scorecam", tiny, max_batch=7)
-    assert torch.allclose(full(x, t), build_explainer("scorecam", tiny, max_batch=1000)(x, t))
-    assert full.last_forward_passes == 3 * (32 + 1)
+    got = full.explain(x, t)
+    assert torch.allclose(got.maps, build_explainer("scorecam", tiny, max_batch=1000)(x, t))
+    assert got.forward_passes == 3 * (32 + 1)
     topk = build_explainer("scorecam", tiny, top_k=4)
-    topk(x, t)
-    assert topk.last_forward_passes == 3 * (4 + 1)
+    assert topk.explain(x, t).forward_passes == 3 * (4 + 1)
 
 
 def test_fem_is_class_agnostic_and_cam_matches_definition(tiny):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.explainers import build_explainer
-from pipeline.metrics import build_metric
+from pipeline.metrics import ExplainedBatch, build_metric
 from pipeline.models import Preprocess, wrap_module
 
 PRE = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), policy="squash")
@@ -48,9 +48,9 @@ def test_integrated_gradients_is_the_right_riemann_sum(steps):
     mean_point = base + d * sum(k / steps for k in range(1, steps + 1)) / steps
     want = (d * 2 * model.module.a * mean_point).sum(1)
     e = build_explainer("integrated_gradients", model, steps=steps)
-    got = e(x, torch.zeros(2, dtype=torch.long))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert e.last_forward_passes >= steps
+    got = e.explain(x, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(got.maps, want, rtol=1e-5, atol=1e-5)
+    assert got.forward_passes >= steps
 
 
 def test_smoothgrad_noise_scale_and_mean():
@@ -188,18 +188,17 @@ def test_stability_index_of_two_known_maps():
     metric = build_metric("stability_index", transforms=["hflip"])
     x = _images(2, size)
     maps = explainer(x, None)
-    values = metric.update(
-        model, x, torch.zeros(2, dtype=torch.long), maps, [{}, {}], explainer=explainer
+    batch = ExplainedBatch(
+        maps, model=model, x=x, targets=torch.zeros(2, dtype=torch.long), explainer=explainer
     )
+    values = metric.update(batch)
     r = explainer.ramp
     want = 1 - math.sqrt(float(((r - r.flip(-1)) ** 2).mean()))
     assert values == pytest.approx([want, want], abs=1e-6)
     assert metric.by_transform() == {"hflip": pytest.approx(want, abs=1e-6)}
     # identical maps: Psi = 1
     same = build_metric("stability_index", transforms=["identity"])
-    assert same.update(
-        model, x, torch.zeros(2, dtype=torch.long), maps, [{}, {}], explainer=explainer
-    ) == pytest.approx([1.0, 1.0])
+    assert same.update(batch) == pytest.approx([1.0, 1.0])
 
 
 class OneLinearPad(nn.Module):
@@ -226,9 +225,9 @@ def test_pointing_game_on_the_box_edges(peak, hit):
     maps = torch.zeros(1, 12, 12)
     maps[0, peak[0], peak[1]] = 1.0
     ann = [{"boxes": [[3, 2, 7, 6]]}]  # x_min, y_min, x_max, y_max (inclusive pixels)
-    assert build_metric("pointing_game").update(None, None, None, maps, ann) == [float(hit)]
+    assert build_metric("pointing_game").update(ExplainedBatch(maps, ann)) == [float(hit)]
     # with a tolerance of 1 px every near miss above is a hit
-    near = build_metric("pointing_game", tolerance=1.0).update(None, None, None, maps, ann)
+    near = build_metric("pointing_game", tolerance=1.0).update(ExplainedBatch(maps, ann))
     assert near == [1.0]
 
 
@@ -268,8 +267,8 @@ def test_every_default_methods_md_names():
     assert (rise.n_masks, rise.grid, rise.p) == (4000, 7, 0.5)
     assert got["lime"].n_samples == 1000
     occlusion = got["occlusion"]
-    occlusion(torch.zeros(1, 3, 224, 224), torch.tensor([0]))
-    assert occlusion.last_forward_passes == 1 + 13 * 13  # w = 32, s = 16 at 224 px
+    ran = occlusion.explain(torch.zeros(1, 3, 224, 224), torch.tensor([0]))
+    assert ran.forward_passes == 1 + 13 * 13  # w = 32, s = 16 at 224 px
     evet = build_explainer("evet", _cnn(), base="saliency")
     assert (evet.gamma, evet.alpha) == (0.99, 1.0)
     assert evet.transform_names == [
@@ -323,8 +322,8 @@ def test_box_iou_by_hand_on_the_half_way_line():
     maps = torch.zeros(1, 12, 12)
     maps[0, 0:4, 0:4] = 1.0  # all of its energy in a 4x4 box
     error = build_metric("localisation_error")
-    assert error.update(None, None, None, maps, [{"boxes": [[0, 0, 3, 7]]}]) == [1.0]
-    assert error.update(None, None, None, maps, [{"boxes": [[0, 0, 3, 4]]}]) == [0.0]  # 16/20
+    assert error.update(ExplainedBatch(maps, [{"boxes": [[0, 0, 3, 7]]}])) == [1.0]
+    assert error.update(ExplainedBatch(maps, [{"boxes": [[0, 0, 3, 4]]}])) == [0.0]  # 16/20
 
 
 def test_blob_pointing_picks_the_biggest_of_three_blobs():
@@ -337,7 +336,7 @@ def test_blob_pointing_picks_the_biggest_of_three_blobs():
     m[18, 18:20] = 1.0  # blob 3: two pixels
     assert blob_centroid(m) == (10, 10)  # round(9.5) = 10 (banker's: 10)
     ann = [{"boxes": [[8, 8, 11, 11]]}]
-    assert build_metric("pointing_game", variant="blob").update(None, None, None, m[None], ann) == [
+    assert build_metric("pointing_game", variant="blob").update(ExplainedBatch(m[None], ann)) == [
         1.0
     ]
 
@@ -371,7 +370,9 @@ def test_deletion_auc_by_hand_with_an_odd_number_of_steps():
         img[:, :k] = -2.0
         scores.append(torch.sigmoid(img.sum()).item())
     auc = sum((a + b) / 2 for a, b in zip(scores, scores[1:], strict=False)) / 3
-    got = build_metric("deletion", steps=3).update(model, x, torch.tensor([0]), maps, [{}])
+    got = build_metric("deletion", steps=3).update(
+        ExplainedBatch(maps, [{}], model=model, x=x, targets=torch.tensor([0]))
+    )
     assert got == pytest.approx([auc], abs=1e-6)
 
 
@@ -383,7 +384,7 @@ def test_pointing_tolerance_is_the_euclidean_distance_to_the_mask():
     ann = [{"mask": mask.numpy()}]
     for tolerance, hit in ((5.0, 1.0), (4.9, 0.0), (0.0, 0.0)):
         metric = build_metric("pointing_game", tolerance=tolerance)
-        assert metric.update(None, None, None, maps, ann) == [hit]
+        assert metric.update(ExplainedBatch(maps, ann)) == [hit]
 
 
 def test_sanity_reinit_draws_each_kind_of_parameter_by_its_rule():

@@ -67,8 +67,8 @@ def _wrap(module, size=32):
 
 def _conservation(model, x, targets, **params):
     e = build_explainer("lrp", model, **params)
-    maps = e(x, targets)
-    return maps.flatten(1).sum(1), e.extras["score"], e.extras["absorbed"]
+    got = e.explain(x, targets)
+    return got.maps.flatten(1).sum(1), got.extras["score"], got.extras["absorbed"]
 
 
 def test_every_composite_and_rule_is_a_legal_choice():
@@ -165,8 +165,9 @@ def test_lrp_leaves_the_users_model_alone_and_is_batch_invariant():
     e = build_explainer("lrp", model)
     x = random_images(8, 32, seed=4)
     t = torch.arange(8) % 5
-    batch = e(x, t)
-    assert e.last_forward_passes == 8
+    got = e.explain(x, t)
+    batch = got.maps
+    assert got.forward_passes == 8
     alone = e(x[5:6], t[5:6])
     assert torch.allclose(alone[0], batch[5], rtol=1e-4, atol=1e-6 * batch[5].abs().max())
     after = module.state_dict()
@@ -183,11 +184,12 @@ def test_deeplift_summation_to_delta(which, request):
         model, size = (tiny_model() if which == "tiny" else _wrap(ResNetish())), 32
     x = random_images(2, size, seed=5)
     e = build_explainer("deeplift", model)
-    maps = e(x, torch.tensor([1, 2]))
-    assert e.last_forward_passes == 4  # x and the reference in one batch
+    got = e.explain(x, torch.tensor([1, 2]))
+    maps = got.maps
+    assert got.forward_passes == 4  # x and the reference in one batch
     ref = model.preprocess.pixel_value(0.0).expand_as(x)
     with torch.inference_mode():
         want = model.module(x)[:, [1, 2]].diagonal() - model.module(ref)[:, [1, 2]].diagonal()
     got = maps.flatten(1).sum(1)
     assert torch.allclose(got, want, rtol=1e-2, atol=1e-4 * want.abs().max()), (got, want)
-    assert e.extras["delta"].abs().max() <= 1e-2 * want.abs().max() + 1e-5
+    assert got.extras["delta"].abs().max() <= 1e-2 * want.abs().max() + 1e-5

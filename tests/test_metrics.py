@@ -11,7 +11,7 @@ import torch
 from conftest import random_images
 from torch import nn
 
-from pipeline.metrics import METRICS, build_metric
+from pipeline.metrics import METRICS, ExplainedBatch, build_metric
 from pipeline.metrics.stability import psi
 from pipeline.models import Preprocess, wrap_module
 
@@ -25,7 +25,7 @@ def box_map(y, x, value=1.0):
 
 
 def pg(maps, anns, **params):
-    return build_metric("pointing_game", **params).values(None, None, None, maps, anns)
+    return build_metric("pointing_game", **params).update(ExplainedBatch(maps, anns))
 
 
 def test_pointing_game_peak_tolerance_and_null():
@@ -36,7 +36,7 @@ def test_pointing_game_peak_tolerance_and_null():
     assert pg(box_map(5, 30), ann, tolerance=15) == [0.0]  # 22 px away
     m = build_metric("pointing_game")
     assert m.update(
-        None, None, None, torch.cat([box_map(5, 5), box_map(5, 5)]), [{"boxes": [[2, 2, 8, 8]]}, {}]
+        ExplainedBatch(torch.cat([box_map(5, 5), box_map(5, 5)]), [{"boxes": [[2, 2, 8, 8]]}, {}])
     ) == [1.0, None]
     assert m.compute() == 1.0 and m.n == 1  # the image without boxes is not a miss
 
@@ -54,7 +54,7 @@ def test_pointing_game_blob_variant_seed_000():
 def test_pointing_game_small_only_small_boxes():
     small = build_metric("pointing_game_small")
     anns = [{"boxes": [[2, 2, 8, 8]]}, {"boxes": [[0, 0, 20, 20]]}]  # 49/1024 and 441/1024
-    assert small.values(None, None, None, torch.cat([box_map(5, 5)] * 2), anns) == [1.0, None]
+    assert small.update(ExplainedBatch(torch.cat([box_map(5, 5)] * 2), anns)) == [1.0, None]
 
 
 def test_energy_pointing_game_by_hand():
@@ -63,17 +63,17 @@ def test_energy_pointing_game_by_hand():
     m[0, 20:27, 20:27] = 1.0  # 49 px outside
     m[0, 0, 31] = -5.0  # negative evidence does not count
     e = build_metric("energy_pointing_game")
-    assert e.values(None, None, None, m, [{"boxes": [[2, 2, 8, 8]]}]) == [pytest.approx(0.5)]
+    assert e.update(ExplainedBatch(m, [{"boxes": [[2, 2, 8, 8]]}])) == [pytest.approx(0.5)]
     mask = np.zeros((H, W), dtype=bool)
     mask[2:9, 2:9] = True
-    assert e.values(None, None, None, m[:, :, :], [{"mask": mask}]) == [pytest.approx(0.5)]
+    assert e.update(ExplainedBatch(m[:, :, :], [{"mask": mask}])) == [pytest.approx(0.5)]
 
 
 def test_iou_curve_of_the_box_itself():
     m = torch.zeros(1, H, W)
     m[0, 2:9, 2:9] = 1.0
     metric = build_metric("iou_curve", thresholds=10)
-    (value,) = metric.values(None, None, None, m, [{"boxes": [[2, 2, 8, 8]]}])
+    (value,) = metric.update(ExplainedBatch(m, [{"boxes": [[2, 2, 8, 8]]}]))
     # t = 0 keeps every pixel: IoU = 49/1024; t = 0.1 .. 0.9 keep exactly the box: IoU = 1
     assert value == pytest.approx((49 / 1024 + 9) / 10)
 
@@ -82,14 +82,14 @@ def test_localisation_error_95_percent_energy_box():
     m = torch.zeros(1, H, W)
     m[0, 4:13, 4:13] = 1.0  # the energy box is [4,4,12,12]
     le = build_metric("localisation_error")
-    assert le.values(None, None, None, m, [{"boxes": [[4, 4, 13, 13]]}]) == [0.0]  # IoU .81
-    assert le.values(None, None, None, m, [{"boxes": [[20, 20, 30, 30]]}]) == [1.0]
-    assert le.values(None, None, None, m, [{}]) == [None]
+    assert le.update(ExplainedBatch(m, [{"boxes": [[4, 4, 13, 13]]}])) == [0.0]  # IoU .81
+    assert le.update(ExplainedBatch(m, [{"boxes": [[20, 20, 30, 30]]}])) == [1.0]
+    assert le.update(ExplainedBatch(m, [{}])) == [None]
 
 
 def test_landmark_distance():
     lm = build_metric("landmark_distance")
-    assert lm.values(None, None, None, box_map(10, 10), [{"landmarks": [[13, 14], [30, 0]]}]) == [
+    assert lm.update(ExplainedBatch(box_map(10, 10), [{"landmarks": [[13, 14], [30, 0]]}])) == [
         pytest.approx(5.0)
     ]
 
@@ -125,7 +125,10 @@ def test_deletion_insertion_auc_against_hand_computation(kind):
     saliency = x[:, 0] + 0.3 * torch.rand(1, H, W, generator=torch.Generator().manual_seed(1))
     steps = 16
     metric = build_metric(kind, steps=steps, substrate=0.0)  # black: 0 in this model space
-    (auc,) = metric.update(model, x, torch.tensor([0]), saliency, [{}])
+    before = model.forward_passes
+    (auc,) = metric.update(
+        ExplainedBatch(saliency, [{}], model=model, x=x, targets=torch.tensor([0]))
+    )
     order = np.argsort(-saliency.flatten().numpy(), kind="stable")
     v = values.numpy()
     scores = []
@@ -141,7 +144,7 @@ def test_deletion_insertion_auc_against_hand_computation(kind):
         scores.append(_sigmoid(6.0 * visible.mean()))
     by_hand = sum((scores[i] + scores[i + 1]) / 2 for i in range(steps)) / steps
     assert auc == pytest.approx(by_hand, abs=1e-5)
-    assert metric.forward_passes == steps + 1
+    assert model.forward_passes - before == steps + 1
     assert metric.mean_curve() == pytest.approx(scores, abs=1e-5)
 
 
@@ -157,10 +160,12 @@ def test_average_drop_and_increase_in_confidence_eq_10_11(tiny):
         black = tiny.preprocess.pixel_value(0.0)
         o = tiny.module(x * m + black * (1 - m)).softmax(-1)[torch.arange(4), t]
     drop = build_metric("average_drop")
-    got = drop.update(tiny, x, t, maps, [{}] * 4)
+    got = drop.update(ExplainedBatch(maps, [{}] * 4, model=tiny, x=x, targets=t))
     assert got == pytest.approx(((y - o).clamp_min(0) / y * 100).tolist(), rel=1e-4)
     inc = build_metric("increase_in_confidence")
-    assert inc.update(tiny, x, t, maps, [{}] * 4) == [100.0 if b else 0.0 for b in (o > y)]
+    assert inc.update(ExplainedBatch(maps, [{}] * 4, model=tiny, x=x, targets=t)) == [
+        100.0 if b else 0.0 for b in (o > y)
+    ]
     assert drop.compute() == pytest.approx(float(((y - o).clamp_min(0) / y * 100).mean()), rel=1e-4)
 
 
@@ -173,9 +178,30 @@ def test_win_compares_two_explainers_image_by_image():
     bad = torch.zeros(3, 32, 32)
     bad[:, 0, 0] = 1.0  # keeps one pixel
     win = build_metric("win", against="other")
-    assert win.update(tiny, x, t, good, [{}] * 3, maps_by_explainer={"other": bad}) == [100.0] * 3
-    assert win.update(tiny, x, t, good, [{}] * 3, maps_by_explainer={"other": good}) == [50.0] * 3
-    assert win.update(tiny, x, t, bad, [{}] * 3, maps_by_explainer={"other": good}) == [0.0] * 3
+    assert (
+        win.update(
+            ExplainedBatch(
+                good, [{}] * 3, model=tiny, x=x, targets=t, maps_by_explainer={"other": bad}
+            )
+        )
+        == [100.0] * 3
+    )
+    assert (
+        win.update(
+            ExplainedBatch(
+                good, [{}] * 3, model=tiny, x=x, targets=t, maps_by_explainer={"other": good}
+            )
+        )
+        == [50.0] * 3
+    )
+    assert (
+        win.update(
+            ExplainedBatch(
+                bad, [{}] * 3, model=tiny, x=x, targets=t, maps_by_explainer={"other": good}
+            )
+        )
+        == [0.0] * 3
+    )
 
 
 def test_stability_psi_bounds_and_index(tiny):
@@ -188,7 +214,7 @@ def test_stability_psi_bounds_and_index(tiny):
     x = random_images(2, 32, seed=5)
     t = tiny.predict(x)[1][:, 0]
     si = build_metric("stability_index", transforms=["hflip", "rotate"])
-    values = si.update(tiny, x, t, e(x, t), [{}] * 2, explainer=e)
+    values = si.update(ExplainedBatch(e(x, t), [{}] * 2, model=tiny, x=x, targets=t, explainer=e))
     assert all(0 <= v <= 1 for v in values)
     assert set(si.by_transform()) == {"hflip", "rotate"}
 
@@ -208,7 +234,7 @@ def test_parameter_randomisation_gradcam_similarity_falls_and_original_untouched
     before = _weights_hash(tiny.module)
     e = build_explainer("gradcam", tiny)
     pr = build_metric("parameter_randomisation", steps=4)
-    pr.update(tiny, x, t, e(x, t), [{}] * 3, explainer=e)
+    pr.update(ExplainedBatch(e(x, t), [{}] * 3, model=tiny, x=x, targets=t, explainer=e))
     report = pr.report()
     curve = report["spearman_by_step"]
     assert max(curve) < 0.5 and report["mean_spearman"] < 0.5, curve  # 1.0 before any step
@@ -232,10 +258,10 @@ def test_streaming_merge_of_halves_equals_whole(name, params, tiny):
     maps = torch.rand(6, 32, 32, generator=torch.Generator().manual_seed(8))
     anns = [{"boxes": [[0, 0, 15, 15]]}, {}, {"boxes": [[10, 10, 30, 30]]}] * 2
     whole = build_metric(name, **params)
-    whole.update(tiny, x, t, maps, anns)
+    whole.update(ExplainedBatch(maps, anns, model=tiny, x=x, targets=t))
     a, b = build_metric(name, **params), build_metric(name, **params)
-    a.update(tiny, x[:3], t[:3], maps[:3], anns[:3])
-    b.update(tiny, x[3:], t[3:], maps[3:], anns[3:])
+    a.update(ExplainedBatch(maps[:3], anns[:3], model=tiny, x=x[:3], targets=t[:3]))
+    b.update(ExplainedBatch(maps[3:], anns[3:], model=tiny, x=x[3:], targets=t[3:]))
     merged = type(whole).from_states([a.state(), b.state()], **params)
     assert merged.compute() == pytest.approx(whole.compute())
     assert merged.state().keys() == whole.state().keys()
@@ -344,7 +370,7 @@ def test_sanity_verdicts_of_seed_002_table_3_on_the_builtin(builtin, demo_images
     for name in ("saliency", "gradcam", "guided_backprop"):
         e = build_explainer(name, builtin)
         pr = build_metric("parameter_randomisation", steps=4)
-        pr.update(builtin, x, t, e(x, t), [{}] * 2, explainer=e)
+        pr.update(ExplainedBatch(e(x, t), [{}] * 2, model=builtin, x=x, targets=t, explainer=e))
         verdicts[name] = pr.report()
     assert verdicts["saliency"]["verdict"] == "pass", verdicts["saliency"]
     assert verdicts["gradcam"]["verdict"] == "pass", verdicts["gradcam"]
@@ -390,11 +416,11 @@ def test_real_imagenet_table_with_sanity_bounds(builtin, imagenet300):
         row = {}
         for metric in ("pointing_game", "energy_pointing_game"):
             m = build_metric(metric)
-            m.update(builtin, x[:n], t[:n], maps, anns[:n])
+            m.update(ExplainedBatch(maps, anns[:n], model=builtin, x=x[:n], targets=t[:n]))
             row[metric] = m.compute()
         for metric in ("deletion", "insertion"):
             m = build_metric(metric, steps=32)
-            m.update(builtin, x[:12], t[:12], maps[:12], anns[:12])
+            m.update(ExplainedBatch(maps[:12], anns[:12], model=builtin, x=x[:12], targets=t[:12]))
             row[metric] = m.compute()
         table[name] = row
     print(f"\nrandom pointing baseline (mean box area fraction): {random_pg:.3f}")

@@ -6,6 +6,6 @@ perturbed_forward.py  many perturbed copies of many images through the model, ch
 transforms.py         geometric transforms with exact inverses (EVET, the stability index)
 maps.py               per-map arithmetic: `normalise01`, `upsample`
 seeds.py              per-image random generators, so draws do not depend on the batch around
-chunks.py             the one chunking helper: index ranges, and running a function over them
-                      with a per-item retry when a chunk fails
+
+(The chunking helper, pipeline/chunks.py, sits lower still: storage and the plan use it too.)
 """

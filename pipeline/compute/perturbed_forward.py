@@ -35,7 +35,8 @@ def amp_context(model: LoadedModel):
     """bf16 autocast for perturbation forwards where the model asks for it (CUDA by default, CPU
     with `autocast_cpu`); a no-op context otherwise."""
     kind = model.device.type
-    if (kind == "cuda" and model.autocast) or (kind == "cpu" and model.autocast_cpu):
+    policy = model.policy
+    if (kind == "cuda" and policy.autocast) or (kind == "cpu" and policy.autocast_cpu):
         return torch.autocast(kind, dtype=torch.bfloat16)
     return nullcontext()
 

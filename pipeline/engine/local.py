@@ -249,7 +249,8 @@ def explain_stream(
         targets = classes[:, 0] if fixed is None else torch.full_like(classes[:, 0], fixed)
         for method, explainer in explainers.items():
             t0 = time.perf_counter()
-            maps = explainer(x, targets).cpu()
+            explained = explainer.explain(x, targets)
+            maps = explained.maps.cpu()
             seconds[method] += time.perf_counter() - t0
             for i, name in enumerate(names):
                 t = int(targets[i])
@@ -266,7 +267,7 @@ def explain_stream(
                         "target": t,
                         "target_name": model.labels[t],
                         "method": method,
-                        "forward_passes": explainer.last_forward_passes // len(batch),
+                        "forward_passes": explained.forward_passes // len(batch),
                         "seconds": 0.0,  # set below: the mean over every batch
                         "overlay": str(png),
                         "map": str(npy),

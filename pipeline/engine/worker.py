@@ -22,9 +22,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..chunks import chunks, run_in_chunks
 from ..explainers import build_explainer, explainer_params
-from ..metrics import build_metric
-from ..models import LoadedModel, load_model
+from ..metrics import ExplainedBatch, build_metric
+from ..models import LoadedModel, RunPolicy, load_model
 from ..report.overlay import overlay_png, picture_png
 from ..runstore import (
     ERROR_SCHEMA,
@@ -90,6 +91,11 @@ def load_job_model(
         registry_uri=registry_uri,
         random_init=m.random_init,
     )
+
+
+def run_policy(c) -> RunPolicy:
+    """The spec's `compute` settings for how forwards run."""
+    return RunPolicy(autocast=c.autocast, autocast_cpu=c.autocast_cpu, compile=c.compile)
 
 
 def build_explainers(model: LoadedModel, specs: list[MethodSpec], max_batch: int | None, seed: int):
@@ -190,10 +196,7 @@ class ExplainWorker:
         self.model = load_job_model(
             self.spec.model, self.spec.compute.device, self.spec.tracking.uri
         )
-        self.model.autocast = self.spec.compute.autocast
-        self.model.autocast_cpu = self.spec.compute.autocast_cpu
-        if self.spec.compute.compile:
-            self.model.compile()
+        self.model.set_policy(run_policy(self.spec.compute))
         self.explainers = build_explainers(
             self.model, self.spec.explainers, self.spec.compute.max_batch, self.spec.seed
         )
@@ -278,8 +281,8 @@ class ExplainWorker:
         x = self.model.preprocess.normalise(pixels.to(device))
         probs = torch.cat(
             [
-                self.model.logits(x[s : s + self.batch_size]).float().softmax(-1)
-                for s in range(0, x.shape[0], self.batch_size)
+                self.model.logits(x[part]).float().softmax(-1)
+                for part in chunks(x.shape[0], self.batch_size)
             ]
         )
         predicted = probs.argmax(1).cpu()
@@ -352,27 +355,18 @@ class ExplainWorker:
         h, w = x.shape[-2:]
         maps = torch.zeros(n, h, w)
         pictures: dict[str, torch.Tensor] = {}
-        bad: dict[int, Exception] = {}
-        bs = self.batch_size
 
-        def run(idx):
-            maps[idx] = explainer(x[pairs.image[idx]], pairs.target[idx]).cpu()
+        def run(part: slice):
+            got = explainer.explain(x[pairs.image[part]], pairs.target[part])
+            maps[part] = got.maps.cpu()
             for name in explainer.image_extras:
-                got = explainer.extras[name].detach().cpu()
+                picture = got.extras[name].cpu()
                 if name not in pictures:
-                    pictures[name] = torch.zeros(n, *got.shape[1:])
-                pictures[name][idx] = got
+                    pictures[name] = torch.zeros(n, *picture.shape[1:])
+                pictures[name][part] = picture
 
-        for s in range(0, n, bs):
-            idx = torch.arange(s, min(s + bs, n))
-            try:
-                run(idx)
-            except Exception:
-                for j in idx.tolist():
-                    try:
-                        run(torch.tensor([j]))
-                    except Exception as e:
-                        bad[int(pairs.image[j])] = e
+        failed = run_in_chunks(run, n, self.batch_size)
+        bad = {int(pairs.image[j]): e for j, e in failed.items()}
         return maps, bad, pictures
 
     def _heatmap_rows(self, key, maps, pairs: Pairs, ids, sources, labels, predicted, result):
@@ -409,44 +403,47 @@ class ExplainWorker:
             )
 
     def _metric_rows(self, maps_by_explainer, x, pairs: Pairs, ids, anns, result) -> None:
-        """Every metric of the spec on every explainer's maps, batch by batch; a metric that
-        raises gives null values and a (non-fatal) error row, never a lost heatmap."""
+        """Every metric of the spec on every explainer's maps, batch by batch (a failing batch
+        is retried pair by pair); a pair a metric cannot score gets a null value and a
+        (non-fatal) error row, never a lost heatmap."""
         device = self.model.device
-        bs = self.batch_size
         n = len(pairs.image)
         for key, maps in maps_by_explainer.items():
             states = result.metric_states.setdefault(key, {})
             for mspec in self.spec.metrics:
                 metric = build_metric(mspec.name, **mspec.params)
-                values: list = []
-                for s in range(0, n, bs):
-                    idx = torch.arange(s, min(s + bs, n))
-                    img = pairs.image[idx]
-                    try:
-                        values += metric.update(
-                            self.model,
-                            x[img.to(device)],
-                            pairs.target[idx].to(device),
-                            maps[idx].to(device),
-                            [anns[int(i)] for i in img],
-                            explainer=self.explainers[key],
-                            maps_by_explainer={
-                                k: m[idx].to(device) for k, m in maps_by_explainer.items()
-                            },
-                        )
-                    except Exception as e:
-                        values += [None] * len(idx)
-                        for i in sorted({int(i) for i in img}):
-                            result.errors.append(
-                                {
-                                    "image_id": ids[i],
-                                    "uri": "",
-                                    "stage": f"metric:{mspec.key}",
-                                    "error_type": type(e).__name__,
-                                    "message": str(e)[:2000],
-                                    "fatal": False,
-                                }
-                            )
+                values: list = [None] * n
+
+                def score(part: slice, metric=metric, key=key, maps=maps, values=values):
+                    img = pairs.image[part]
+                    batch = ExplainedBatch(
+                        maps[part].to(device),
+                        [anns[int(i)] for i in img],
+                        model=self.model,
+                        x=x[img.to(device)],
+                        targets=pairs.target[part].to(device),
+                        explainer=self.explainers[key],
+                        maps_by_explainer={
+                            k: m[part].to(device) for k, m in maps_by_explainer.items()
+                        },
+                    )
+                    values[part] = metric.update(batch)
+
+                failed = run_in_chunks(score, n, self.batch_size)
+                first = {}  # one error row per image, the first pair's error
+                for j, e in sorted(failed.items()):
+                    first.setdefault(int(pairs.image[j]), e)
+                for i, e in first.items():
+                    result.errors.append(
+                        {
+                            "image_id": ids[i],
+                            "uri": "",
+                            "stage": f"metric:{mspec.key}",
+                            "error_type": type(e).__name__,
+                            "message": str(e)[:2000],
+                            "fatal": False,
+                        }
+                    )
                 for j, v in enumerate(values):
                     ok = v is not None and math.isfinite(v)
                     result.metrics.append(

@@ -46,7 +46,7 @@ from ..params import (
     PositiveInt,
     Score,
 )
-from .base import Explainer, register
+from .base import Explainer, Explanation, register
 from .layers import record_activations, resolve_layer
 
 # lucid's square root of the ImageNet colour covariance (SVD), columns normalised to max norm 1
@@ -172,7 +172,7 @@ class AttributionVisualization(Explainer):
             total += g.float()
         return (a - a0) * total / self.attr_steps
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         b, _, h, w = x.shape
         r = self.neuron_attributions(x, targets)
         heat = r.sum(1)
@@ -180,8 +180,8 @@ class AttributionVisualization(Explainer):
             torch.full((b,), self.beta, device=x.device) if self.beta else otsu_beta(heat)
         ).clamp(0.01, 0.99)
         image, mask = self.optimise(x, targets, r, beta)
-        self.extras.update(image=image, mask=mask, beta=beta, attributions=r)
-        return upsample(heat, (h, w))
+        extras = {"image": image, "mask": mask, "beta": beta, "attributions": r}
+        return Explanation(upsample(heat, (h, w)), extras)
 
     def optimise(self, x, targets, r, beta):
         b, _, h, w = x.shape

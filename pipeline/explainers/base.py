@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -19,16 +20,33 @@ explainer_params = EXPLAINERS.params
 def build_explainer(name: str, model: LoadedModel, **params) -> Explainer:
     """Names checked here, values by the class as it is built (the registry's check)."""
     EXPLAINERS.check_params(name, params)
-    explainer = explainer_class(name)(model, **params)
-    explainer.params = dict(params)  # how it was built: sanity checks rebuild it on a copy
-    return explainer
+    return explainer_class(name)(model, **params)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What one `Explainer.explain` call gives back.
+
+    maps            [B,H,W] float32, finite
+    extras          per-call side outputs by name (RGLAS's evidence maps, LRP's absorbed
+                    relevance, attribution visualization's image and mask, ...)
+    forward_passes  images this call pushed through the model (counted, not declared)
+    """
+
+    maps: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    forward_passes: int = 0
 
 
 class Explainer:
     """Maps a batch [B,3,H,W] in model space and targets [B] to heatmaps [B,H,W] (float32).
 
-    Subclasses implement `explain`; `__call__` validates inputs and outputs and records the cost
-    (`last_forward_passes`). `signed` methods may return negative values; others return >= 0.
+    `explain(x, targets)` validates the inputs, runs the method and returns an `Explanation`
+    (maps, extras, the forwards it cost); `explainer(x, targets)` is `explain(...).maps`.
+    Subclasses implement `attribute`, returning the maps or an `Explanation` with extras.
+    `signed` methods may return negative values; others return >= 0. The arguments an explainer
+    was built with are in `params` (the registry records them), so it can be rebuilt on another
+    model (the sanity checks do).
     Constructor parameters carry their legal values in their annotations (pipeline/params.py),
     which the registry enforces; a constructor checks only what they cannot state (a layer the
     model lacks, a base explainer that is not registered).
@@ -48,23 +66,28 @@ class Explainer:
     def __init__(self, model: LoadedModel, *, score: Score | None = None):
         self.model = model
         self.score = score or self.default_score
-        self.last_forward_passes = 0
-        self.extras: dict = {}  # per-call side outputs (e.g. RGLAS evidence maps)
 
     # -- public -------------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, targets) -> torch.Tensor:
+    def explain(self, x: torch.Tensor, targets) -> Explanation:
         x, targets = self.check_inputs(x, targets)
         before = self.model.forward_passes
-        self.extras = {}
-        maps = self.explain(x, targets)
-        self.last_forward_passes = self.model.forward_passes - before
+        got = self.attribute(x, targets)
+        passes = self.model.forward_passes - before
+        out = got if isinstance(got, Explanation) else Explanation(got)
+        maps = out.maps
         if maps.shape != (x.shape[0], x.shape[2], x.shape[3]):
             raise RuntimeError(
                 f"{self.name} returned {tuple(maps.shape)} for input {tuple(x.shape)}"
             )
-        return torch.nan_to_num(maps.float(), nan=0.0, posinf=0.0, neginf=0.0).detach()
+        maps = torch.nan_to_num(maps.float(), nan=0.0, posinf=0.0, neginf=0.0).detach()
+        extras = {k: v.detach() if torch.is_tensor(v) else v for k, v in out.extras.items()}
+        return Explanation(maps, extras, passes)
 
-    def explain(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, targets) -> torch.Tensor:
+        return self.explain(x, targets).maps
+
+    def attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | Explanation:
+        """The method itself, on checked inputs (float32 on the model's device, long targets)."""
         raise NotImplementedError
 
     # -- helpers for subclasses ---------------------------------------------------------------

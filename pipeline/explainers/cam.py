@@ -46,7 +46,7 @@ class GradCAM(_LayerExplainer):
 
     name = "gradcam"
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         a, g = self.activations_and_grads(x, targets)
         weights = g.mean((2, 3), keepdim=True)
         return self.finish(F.relu((weights * a).sum(1)), x)
@@ -59,7 +59,7 @@ class GradCAMPlusPlus(_LayerExplainer):
 
     name = "gradcam_pp"
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         a, g = self.activations_and_grads(x, targets)
         g2, g3 = g.pow(2), g.pow(3)
         denom = 2 * g2 + a.sum((2, 3), keepdim=True) * g3
@@ -84,7 +84,7 @@ class CAM(_LayerExplainer):
         if self.fc.out_features != model.num_classes:
             raise ValueError(f"cam: the last linear layer of {model.id!r} is not the classifier")
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         a = self.activations(x)
         if a.shape[1] != self.fc.in_features:
             raise ValueError(
@@ -106,8 +106,8 @@ class GuidedGradCAM(_LayerExplainer):
         self.gradcam = GradCAM(model, layer=self.layer_name, score=score)
         self.guided = GuidedBackprop(model, score=score)
 
-    def explain(self, x, targets):
-        return self.guided.explain(x, targets) * self.gradcam.explain(x, targets)
+    def attribute(self, x, targets):
+        return self.guided.attribute(x, targets) * self.gradcam.attribute(x, targets)
 
 
 @register
@@ -134,7 +134,7 @@ class ScoreCAM(_LayerExplainer):
         super().__init__(model, layer=layer, score=score)
         self.top_k, self.max_batch = top_k, max_batch
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         a = self.activations(x)  # [B,K,h,w]
         b, k = a.shape[:2]
         if self.top_k is not None and self.top_k < k:
@@ -169,7 +169,7 @@ class FEM(_LayerExplainer):
         super().__init__(model, layer=layer, score=score)
         self.k = k
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         a = self.activations(x)
         mu = a.mean((2, 3), keepdim=True)
         sigma = a.std((2, 3), keepdim=True, correction=0)

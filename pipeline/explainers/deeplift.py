@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..params import PixelValue, Score
-from .base import Explainer, register
+from .base import Explainer, Explanation, register
 from .lrp import ACTIVATIONS, hooked, prepared_copy
 
 
@@ -102,7 +102,7 @@ class DeepLift(Explainer):
                 hooks.append((m, maxpool))
         return hooks
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         b = x.shape[0]
         ref = self.model.preprocess.pixel_value(self.reference, x.device).expand_as(x)
         both = torch.cat([x, ref]).requires_grad_(True)
@@ -113,6 +113,5 @@ class DeepLift(Explainer):
         with torch.enable_grad():
             (g,) = torch.autograd.grad(s[:b].sum(), both)
         attr = (x - ref) * g[:b]
-        self.extras["delta"] = (attr.flatten(1).sum(1) - (s[:b] - s[b:])).detach()
-        self.extras["score_delta"] = (s[:b] - s[b:]).detach()
-        return attr.sum(1)
+        delta = attr.flatten(1).sum(1) - (s[:b] - s[b:])
+        return Explanation(attr.sum(1), {"delta": delta, "score_delta": s[:b] - s[b:]})

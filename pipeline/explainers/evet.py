@@ -19,11 +19,12 @@ import math
 
 import torch
 
+from ..chunks import chunks
 from ..compute.maps import normalise01
 from ..compute.perturbed_forward import blend, perturbed_scores
 from ..compute.transforms import EVET_TRANSFORMS, TRANSFORMS, TransformName
 from ..params import FiniteNonNegativeFloat, PositiveInt, Score, UnitInterval
-from .base import EXPLAINERS, Explainer, build_explainer, register
+from .base import EXPLAINERS, Explainer, Explanation, build_explainer, register
 
 
 def std_bound(n: int) -> float:
@@ -68,7 +69,7 @@ class EVET(Explainer):
 
     The base explainer runs once on all B * (1 + n) original and transformed images (in chunks
     of `base_batch` images when given). Cost: (1 + n) x base cost + (1 + n) forwards for the
-    filter. `self.extras`: `kept` [B, 1+n] bool, `weights` [B, 1+n], `probs` [B, 1+n], in the
+    filter. `extras`: `kept` [B, 1+n] bool, `weights` [B, 1+n], `probs` [B, 1+n], in the
     order ["original", *transforms].
     """
 
@@ -99,7 +100,7 @@ class EVET(Explainer):
         self.alpha, self.gamma = float(alpha), float(gamma)
         self.base_batch, self.max_batch = base_batch, max_batch
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         b, _, h, w = x.shape
         n = 1 + len(self.transforms)
         black = self.model.preprocess.pixel_value(0.0, device=x.device)
@@ -108,10 +109,7 @@ class EVET(Explainer):
         flat_x, flat_t = copies.flatten(0, 1), targets.repeat_interleave(n)
         step = self.base_batch or flat_x.shape[0]
         raw = torch.cat(
-            [
-                self.base(flat_x[i : i + step], flat_t[i : i + step])
-                for i in range(0, flat_x.shape[0], step)
-            ]
+            [self.base(flat_x[part], flat_t[part]) for part in chunks(len(flat_x), step)]
         ).view(b, n, h, w)
         normed = normalise01(raw.flatten(0, 1)).view(b, n, h, w)
         maps = torch.stack(
@@ -127,5 +125,4 @@ class EVET(Explainer):
             self.model, targets, n, make, score=self.score, max_batch=self.max_batch
         )
         out, kept, weights = evet_combine(maps, probs, gamma=self.gamma, alpha=self.alpha)
-        self.extras.update(kept=kept, weights=weights, probs=probs)
-        return out
+        return Explanation(out, {"kept": kept, "weights": weights, "probs": probs})

@@ -30,7 +30,7 @@ from ..params import (
     PositiveInt,
     Score,
 )
-from .base import Explainer, register
+from .base import Explainer, Explanation, register
 
 _ORIG, _LIGHT, _SHADOW = 0, 1, 2
 
@@ -174,7 +174,7 @@ class GLAS(Explainer):
         count = active.sum(1).clamp_min(1).float()
         return total / count[:, None, None]
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         active = torch.ones(x.shape[0], self.k * self.k, dtype=torch.bool, device=x.device)
         _, fl, fs = self.point_scores(x, targets, active)
         return self.fuse(fl, fs, active, x.shape[-2:])
@@ -185,9 +185,9 @@ class RGLAS(GLAS):
     """Recursive GLAS (seed 000, Algorithm 1): find the strongest evidence, drop its search
     points, darken it (I <- I ⊙ (1 - S)), repeat until sqrt(mean(S) / f(y|I)) > t2 or `max_iter`.
 
-    Returns normalised S_fuse. `self.extras["evidence"]`: [B, T, H, W], the normalised S of each
+    Returns normalised S_fuse. `extras["evidence"]`: [B, T, H, W], the normalised S of each
     accepted iteration (T = the most iterations any image took; zero-padded beyond
-    `self.extras["iterations"][b]`, a [B] long tensor). Cost: 1 + sum over iterations of
+    `extras["iterations"][b]`, a [B] long tensor). Cost: 1 + sum over iterations of
     (2 |M_t| + 1) forwards in fusion mode (the +1 is f(y|I) of the darkened image, reused as the
     next iteration's P(y|I)).
 
@@ -232,7 +232,7 @@ class RGLAS(GLAS):
         )
         self.t1, self.t2, self.max_iter = float(t1), float(t2), max_iter
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         b, _, h, w = x.shape
         dev = x.device
         active = torch.ones(b, self.k * self.k, dtype=torch.bool, device=dev)
@@ -278,6 +278,5 @@ class RGLAS(GLAS):
             alive[idx[stop]] = False
             alive &= active.any(1)  # no search points left: nothing more to find
         t = int(iterations.max())
-        self.extras["evidence"] = evidence[:, :t]
-        self.extras["iterations"] = iterations
-        return normalise01(fused)  # line 11
+        extras = {"evidence": evidence[:, :t], "iterations": iterations}
+        return Explanation(normalise01(fused), extras)  # line 11

@@ -18,10 +18,11 @@ import torch
 from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from torch import nn
 
+from ..chunks import chunks
 from ..compute.perturbed_forward import default_max_batch
 from ..compute.seeds import generator, image_seeds
 from ..params import FiniteNonNegativeFloat, PixelValue, PositiveInt, Score
-from .base import Explainer, build_explainer, register
+from .base import Explainer, Explanation, build_explainer, register
 
 # Captum warns on each call that it set requires_grad on our detached inputs: expected here.
 warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
@@ -41,7 +42,7 @@ class SaliencyExplainer(_CaptumExplainer):
 
     name = "saliency"
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         attr = Saliency(self.captum_forward).attribute(x, target=targets, abs=True)
         return attr.amax(1)
 
@@ -53,7 +54,7 @@ class GradientXInput(_CaptumExplainer):
     name = "gradient_x_input"
     signed = True
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         return InputXGradient(self.captum_forward).attribute(x, target=targets).sum(1)
 
 
@@ -81,7 +82,7 @@ class IntegratedGradientsExplainer(_CaptumExplainer):
         self.steps, self.baseline = steps, baseline
         self.max_batch = max_batch
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         base = self.model.preprocess.pixel_value(self.baseline, x.device).expand_as(x).contiguous()
         if self.steps == 1:  # Captum's Riemann sums need two points; m = 1 is the gradient at x
             return self._one_step(x, base, targets)
@@ -94,8 +95,7 @@ class IntegratedGradientsExplainer(_CaptumExplainer):
             internal_batch_size=self.max_batch or default_max_batch(self.model),
             return_convergence_delta=True,
         )
-        self.extras["delta"] = delta.detach()
-        return attr.sum(1)
+        return Explanation(attr.sum(1), {"delta": delta})
 
     def _one_step(self, x, base, targets):
         inputs = torch.cat([x, base]).detach().requires_grad_(True)
@@ -104,8 +104,7 @@ class IntegratedGradientsExplainer(_CaptumExplainer):
             (grad,) = torch.autograd.grad(scores[: len(x)].sum(), inputs)
         attr = (x - base) * grad[: len(x)]
         gap = scores[: len(x)] - scores[len(x) :]
-        self.extras["delta"] = (attr.flatten(1).sum(1) - gap).detach()
-        return attr.sum(1)
+        return Explanation(attr.sum(1), {"delta": attr.flatten(1).sum(1) - gap})
 
 
 class _RectifiedBackward(torch.autograd.Function):
@@ -168,7 +167,7 @@ class _ModifiedGradient(Explainer):
             (grad,) = torch.autograd.grad(s.sum(), xg)
         return grad
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         return self.input_gradients(x, targets).abs().amax(1)
 
 
@@ -215,16 +214,14 @@ class SmoothGrad(Explainer):
         self.n, self.sigma, self.seed = n, sigma, seed
         self.max_batch = max_batch or default_max_batch(model)
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         b = x.shape[0]
         seeds = image_seeds(x, self.seed)
         span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(b, 1, 1, 1)
         maps = torch.zeros(b, *x.shape[2:], device=x.device)
-        total, chunk = b * self.n, max(1, self.max_batch)
         gens = [generator(x.device, s) for s in seeds]
-        for start in range(0, total, chunk):
-            flat = torch.arange(start, min(start + chunk, total))
-            img = flat // self.n
+        for part in chunks(b * self.n, self.max_batch):
+            img = torch.arange(part.start, part.stop) // self.n
             # each image draws its noise in copy order from its own generator
             noise = torch.stack(
                 [torch.randn(x.shape[1:], generator=gens[i], device=x.device) for i in img.tolist()]

@@ -50,7 +50,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from ..params import NonNegativeFloat, Score
-from .base import Explainer, register
+from .base import Explainer, Explanation, register
 
 ACTIVATIONS = (
     nn.ReLU,
@@ -419,8 +419,9 @@ class LRP(Explainer):
             hooks.append((m, relevance_hook(lambda a, r, m=m: epsilon_rule(m, a, r, small))))
         return hooks
 
-    def relevance(self, x, targets) -> torch.Tensor:
-        """Input relevance [B,3,H,W]; fills extras["score"] and extras["absorbed"]."""
+    def relevance(self, x, targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Input relevance [B,3,H,W] and the extras: the explained `score` and the relevance
+        `absorbed` by biases and stabilisers."""
         tracker = _Tracker()
         with ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
@@ -432,10 +433,9 @@ class LRP(Explainer):
         s = self.scores(out.detach(), targets)
         start = torch.zeros_like(out).scatter(1, targets[:, None], s[:, None].to(out.dtype))
         (r,) = torch.autograd.grad(out, xg, start)
-        self.extras["score"] = s.detach()
         absorbed = tracker.absorbed if tracker.absorbed is not None else torch.zeros_like(s)
-        self.extras["absorbed"] = absorbed
-        return r.detach()
+        return r.detach(), {"score": s.detach(), "absorbed": absorbed}
 
-    def explain(self, x, targets):
-        return self.relevance(x, targets).sum(1)
+    def attribute(self, x, targets):
+        r, extras = self.relevance(x, targets)
+        return Explanation(r.sum(1), extras)

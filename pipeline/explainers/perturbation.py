@@ -56,7 +56,7 @@ class RISE(Explainer):
         self.n_masks, self.grid, self.p = n_masks, grid, float(p)
         self.fill, self.seed, self.max_batch = float(fill), seed, max_batch
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         b, _, h, w = x.shape
         dev = x.device
         s, n = self.grid, self.n_masks
@@ -134,7 +134,7 @@ class Occlusion(Explainer):
         super().__init__(model, score=score)
         self.window, self.stride, self.fill, self.max_batch = window, stride, float(fill), max_batch
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         _, _, h, w = x.shape
         dev = x.device
         scale = min(h, w) / 224
@@ -216,7 +216,7 @@ class LIME(Explainer):
         ]
         return torch.stack([torch.from_numpy(lab).long() for lab in labels]).to(x.device)
 
-    def explain(self, x, targets):
+    def attribute(self, x, targets):
         b, _, h, w = x.shape
         dev, n = x.device, self.n_samples
         segs = self.segments(x)

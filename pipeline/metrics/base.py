@@ -1,19 +1,28 @@
 """Metric base class and the registry (the one extension point for metrics).
 
-A metric is a streaming reducer: `update(model, x, targets, maps, annotations, **context)`
-returns one value per image (None where the image lacks the ground truth the metric needs: a
-null, never a zero) and folds them into a small `state()`; states from many Ray workers combine
-with `merge`, and `compute()` gives the aggregate. The default aggregate is the mean of the
-non-null values; a metric that needs more (curves, verdicts) extends the state.
+A metric is a streaming reducer: `update(batch)` takes one `ExplainedBatch` (the model, the
+images, their targets and maps, their annotations and the explainer) and returns one value per
+image, folded into a small `state()`; states from many Ray workers combine with `merge`, and
+`compute()` gives the aggregate. The default aggregate is the mean of the non-null values; a
+metric that needs more (curves, verdicts) extends the state.
+
+What a metric `needs` is honoured here, once, for every metric: images without that ground truth
+are left out before `values` runs and get None (a null, never a zero), so `values` only sees
+images it can score.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from ..models.loaded import LoadedModel
 from ..registry import Registry
+
+if TYPE_CHECKING:  # metrics receive explainers; they never build on the explainers' module
+    from ..explainers.base import Explainer
 
 METRICS = Registry("metric")
 register = METRICS.register
@@ -27,32 +36,105 @@ def build_metric(name: str, **params) -> Metric:
     return metric_class(name)(**params)
 
 
+@dataclass(frozen=True)
+class ExplainedBatch:
+    """One batch of explained images: everything a metric may score. Ground-truth metrics read
+    only `maps` and `annotations`; the others need the model, the images and the targets too.
+
+    maps                [B,H,W] the explainer's maps
+    annotations         one dict per row ({} where the image has none): boxes, mask, landmarks
+    model               the model that was explained
+    x                   [B,3,H,W] the images in model space, on the model's device
+    targets             [B] the explained class of each row
+    explainer           the explainer that made `maps` (metrics that recompute maps use it)
+    maps_by_explainer   every explainer's maps for the same rows, by key (`win` compares them)
+    """
+
+    maps: torch.Tensor
+    annotations: list[dict] = field(default_factory=list)
+    model: LoadedModel | None = None
+    x: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    explainer: Explainer | None = None
+    maps_by_explainer: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.maps)
+        if not self.annotations:
+            object.__setattr__(self, "annotations", [{} for _ in range(n)])
+        sizes = {"annotations": len(self.annotations)}
+        sizes |= {k: len(v) for k, v in (("x", self.x), ("targets", self.targets)) if v is not None}
+        sizes |= {f"maps_by_explainer[{k!r}]": len(m) for k, m in self.maps_by_explainer.items()}
+        wrong = {k: v for k, v in sizes.items() if v != n}
+        if wrong:
+            raise ValueError(
+                f"a metric batch needs one row per map ({n}); got "
+                + ", ".join(f"{v} {k}" for k, v in wrong.items())
+            )
+
+    def rows(self, keep: list[int]) -> ExplainedBatch:
+        """The same batch restricted to the rows `keep`."""
+        idx = torch.tensor(keep, dtype=torch.long)
+
+        def on(t):
+            return None if t is None else t[idx.to(t.device)]
+
+        return replace(
+            self,
+            maps=on(self.maps),
+            annotations=[self.annotations[i] for i in keep],
+            x=on(self.x),
+            targets=on(self.targets),
+            maps_by_explainer={k: on(m) for k, m in self.maps_by_explainer.items()},
+        )
+
+
+def has_ground_truth(annotation: dict, needs: str) -> bool:
+    """Whether an image's annotation holds what `needs` names ("boxes|mask": either)."""
+    if needs == "none":
+        return True
+    for kind in needs.split("|"):
+        value = annotation.get(kind)
+        if value is not None and not (isinstance(value, list | tuple) and len(value) == 0):
+            return True
+    return False
+
+
 class Metric:
     name: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True
-    # ground truth needed: "none", "boxes", "boxes|mask" (either), "landmarks"
+    # ground truth needed: "none", "boxes", "boxes|mask" (either), "landmarks"; images without
+    # it are nulled by `update` before `values` runs
     needs: ClassVar[str] = "none"
-    # needs the explainer object (context `explainer`) to recompute maps
+    # recomputes maps with the explainer that made them: `update` refuses a batch without one
     needs_explainer: ClassVar[bool] = False
 
     def __init__(self):
         self.n = 0
         self.total = 0.0
 
-    @property
-    def forward_passes(self) -> int:
-        """Model forwards per image this metric costs (0 for ground-truth metrics)."""
-        return 0
-
-    def update(self, model, x, targets, maps, annotations, **context) -> list[float | None]:
-        values = self.values(model, x, targets, maps, annotations, **context)
+    def update(self, batch: ExplainedBatch) -> list[float | None]:
+        """Values for every row of the batch (None where the image lacks the ground truth the
+        metric needs, or the metric cannot score it), folded into the state."""
+        if self.needs_explainer and batch.explainer is None:
+            raise ValueError(
+                f"{self.name} needs the explainer that made the maps; the batch has none"
+            )
+        keep = [i for i, a in enumerate(batch.annotations) if has_ground_truth(a, self.needs)]
+        values: list[float | None] = [None] * len(batch.maps)
+        if len(keep) == len(values):
+            values = list(self.values(batch))
+        elif keep:
+            for i, v in zip(keep, self.values(batch.rows(keep)), strict=True):
+                values[i] = v
         for v in values:
             if v is not None:
                 self.n += 1
                 self.total += float(v)
         return values
 
-    def values(self, model, x, targets, maps, annotations, **context) -> list[float | None]:
+    def values(self, batch: ExplainedBatch) -> list[float | None]:
+        """One value per row; every row has the ground truth `needs` names."""
         raise NotImplementedError
 
     def state(self) -> dict:

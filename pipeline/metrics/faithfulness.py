@@ -13,7 +13,7 @@ from torchvision.transforms.functional import gaussian_blur
 from ..compute.maps import normalise01
 from ..compute.perturbed_forward import blend, perturbed_scores
 from ..params import PixelValue, PositiveInt
-from .base import CurveMetric, Metric, register
+from .base import CurveMetric, ExplainedBatch, Metric, register
 
 
 def explanation_map_scores(model, x, targets, maps, max_batch=None) -> torch.Tensor:
@@ -41,12 +41,8 @@ class AverageDrop(Metric):
         super().__init__()
         self.max_batch = max_batch
 
-    @property
-    def forward_passes(self) -> int:
-        return 2
-
-    def values(self, model, x, targets, maps, annotations, **_):
-        s = explanation_map_scores(model, x, targets, maps, self.max_batch)
+    def values(self, b: ExplainedBatch):
+        s = explanation_map_scores(b.model, b.x, b.targets, b.maps, self.max_batch)
         y, o = s[:, 0], s[:, 1]
         return ((y - o).clamp_min(0) / y.clamp_min(1e-12) * 100).tolist()
 
@@ -58,8 +54,8 @@ class IncreaseInConfidence(AverageDrop):
     name = "increase_in_confidence"
     higher_is_better = True
 
-    def values(self, model, x, targets, maps, annotations, **_):
-        s = explanation_map_scores(model, x, targets, maps, self.max_batch)
+    def values(self, b: ExplainedBatch):
+        s = explanation_map_scores(b.model, b.x, b.targets, b.maps, self.max_batch)
         return ((s[:, 1] > s[:, 0]).float() * 100).tolist()
 
 
@@ -67,7 +63,7 @@ class IncreaseInConfidence(AverageDrop):
 class Win(AverageDrop):
     """Image-by-image comparison of two explainers (seed 004): 100 where this explainer's
     explanation map keeps more of the target's probability than `against`'s (a lower drop),
-    50 on a tie, else 0. Needs the other explainer's maps (context `maps_by_explainer`)."""
+    50 on a tie, else 0. Needs the other explainer's maps (`batch.maps_by_explainer`)."""
 
     name = "win"
     higher_is_better = True  # a win rate, not a drop (the base class's direction)
@@ -78,16 +74,12 @@ class Win(AverageDrop):
             raise ValueError("win: name the explainer to compare with (against=...)")
         self.against = against
 
-    @property
-    def forward_passes(self) -> int:
-        return 3
-
-    def values(self, model, x, targets, maps, annotations, maps_by_explainer=None, **_):
-        if not maps_by_explainer or self.against not in maps_by_explainer:
+    def values(self, b: ExplainedBatch):
+        if self.against not in b.maps_by_explainer:
             raise ValueError(f"win: the job has no explainer {self.against!r} to compare with")
-        mine = explanation_map_scores(model, x, targets, maps, self.max_batch)[:, 1]
+        mine = explanation_map_scores(b.model, b.x, b.targets, b.maps, self.max_batch)[:, 1]
         theirs = explanation_map_scores(
-            model, x, targets, maps_by_explainer[self.against], self.max_batch
+            b.model, b.x, b.targets, b.maps_by_explainer[self.against], self.max_batch
         )[:, 1]
         return torch.where(mine > theirs, 100.0, torch.where(mine == theirs, 50.0, 0.0)).tolist()
 
@@ -110,10 +102,6 @@ class _PixelCurve(CurveMetric):
         self.substrate = (
             substrate if substrate is not None else ("black" if self.deletion else "blur")
         )
-
-    @property
-    def forward_passes(self) -> int:
-        return self.steps + 1
 
     def _substrate(self, model, x) -> torch.Tensor:
         if self.substrate == "blur":
@@ -140,8 +128,8 @@ class _PixelCurve(CurveMetric):
             model, targets.to(x.device), self.steps + 1, make, max_batch=self.max_batch
         )
 
-    def values(self, model, x, targets, maps, annotations, **_):
-        c = self.curves(model, x, targets, maps)
+    def values(self, b: ExplainedBatch):
+        c = self.curves(b.model, b.x, b.targets, b.maps)
         self.add_curves(c)
         auc = ((c[:, 1:] + c[:, :-1]) / 2).sum(1) / self.steps
         return auc.tolist()

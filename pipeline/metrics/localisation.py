@@ -16,7 +16,7 @@ import torch
 
 from ..compute.maps import normalise01
 from ..params import NonNegativeFloat, PositiveInt, UnitInterval
-from .base import CurveMetric, Metric, positive, register
+from .base import CurveMetric, ExplainedBatch, Metric, positive, register
 
 
 def box_mask(boxes, h: int, w: int, device=None) -> torch.Tensor:
@@ -30,7 +30,7 @@ def box_mask(boxes, h: int, w: int, device=None) -> torch.Tensor:
 
 
 def ground_truth(ann: dict, h: int, w: int, device=None) -> torch.Tensor | None:
-    """The image's mask if it has one, else the union of its boxes, else None."""
+    """The image's mask if it has one, else the union of its boxes (None: neither)."""
     if ann.get("mask") is not None:
         return torch.as_tensor(np.asarray(ann["mask"], dtype=bool), device=device)
     if ann.get("boxes"):
@@ -84,14 +84,12 @@ class PointingGame(Metric):
         super().__init__()
         self.tolerance, self.variant = float(tolerance), variant
 
-    def hit(self, m: torch.Tensor, ann: dict) -> float | None:
+    def hit(self, m: torch.Tensor, ann: dict) -> float:
         h, w = m.shape
         y, x = blob_centroid(m) if self.variant == "blob" else peak(m)
         if ann.get("boxes"):
             return float(distance_to_boxes(y, x, ann["boxes"]) <= self.tolerance)
         gt = ground_truth(ann, h, w)
-        if gt is None:
-            return None
         if gt[y, x]:
             return 1.0
         if self.tolerance == 0:
@@ -103,9 +101,9 @@ class PointingGame(Metric):
     def select(self, ann: dict, h: int, w: int) -> bool:
         return True
 
-    def values(self, model, x, targets, maps, annotations, **_):
+    def values(self, b: ExplainedBatch):
         out = []
-        for m, ann in zip(maps, annotations, strict=True):
+        for m, ann in zip(b.maps, b.annotations, strict=True):
             h, w = m.shape
             out.append(self.hit(m, ann) if self.select(ann, h, w) else None)
         return out
@@ -128,8 +126,7 @@ class PointingGameSmall(PointingGame):
         self.max_area = max_area
 
     def select(self, ann: dict, h: int, w: int) -> bool:
-        gt = ground_truth(ann, h, w)
-        return gt is not None and float(gt.float().mean()) < self.max_area
+        return float(ground_truth(ann, h, w).float().mean()) < self.max_area
 
 
 @register
@@ -139,13 +136,10 @@ class EnergyPointingGame(Metric):
     name = "energy_pointing_game"
     needs = "boxes|mask"
 
-    def values(self, model, x, targets, maps, annotations, **_):
+    def values(self, b: ExplainedBatch):
         out = []
-        for m, ann in zip(positive(maps), annotations, strict=True):
+        for m, ann in zip(positive(b.maps), b.annotations, strict=True):
             gt = ground_truth(ann, *m.shape, device=m.device)
-            if gt is None:
-                out.append(None)
-                continue
             total = float(m.sum())
             out.append(float(m[gt].sum()) / total if total > 0 else 0.0)
         return out
@@ -163,13 +157,10 @@ class IoUCurve(CurveMetric):
         super().__init__(thresholds)
         self.t = torch.arange(thresholds) / thresholds
 
-    def values(self, model, x, targets, maps, annotations, **_):
+    def values(self, b: ExplainedBatch):
         out = []
-        for m, ann in zip(normalise01(positive(maps)), annotations, strict=True):
+        for m, ann in zip(normalise01(positive(b.maps)), b.annotations, strict=True):
             gt = ground_truth(ann, *m.shape, device=m.device)
-            if gt is None:
-                out.append(None)
-                continue
             binary = m[None] >= self.t.to(m.device)[:, None, None]  # [T,H,W]
             inter = (binary & gt).flatten(1).sum(1).double()
             union = (binary | gt).flatten(1).sum(1).double()
@@ -216,12 +207,9 @@ class LocalisationError(Metric):
         super().__init__()
         self.energy, self.iou = energy, iou
 
-    def values(self, model, x, targets, maps, annotations, **_):
+    def values(self, b: ExplainedBatch):
         out = []
-        for m, ann in zip(positive(maps), annotations, strict=True):
-            if not ann.get("boxes"):
-                out.append(None)
-                continue
+        for m, ann in zip(positive(b.maps), b.annotations, strict=True):
             box = energy_box(m, self.energy)
             ok = box is not None and max(box_iou(box, b) for b in ann["boxes"]) > self.iou
             out.append(0.0 if ok else 1.0)
@@ -236,13 +224,9 @@ class LandmarkDistance(Metric):
     higher_is_better = False
     needs = "landmarks"
 
-    def values(self, model, x, targets, maps, annotations, **_):
+    def values(self, b: ExplainedBatch):
         out = []
-        for m, ann in zip(maps, annotations, strict=True):
-            points = ann.get("landmarks")
-            if not points:
-                out.append(None)
-                continue
-            y, x_ = peak(m)
-            out.append(min(math.hypot(px - x_, py - y) for px, py in points))
+        for m, ann in zip(b.maps, b.annotations, strict=True):
+            y, x = peak(m)
+            out.append(min(math.hypot(px - x, py - y) for px, py in ann["landmarks"]))
         return out

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..compute.maps import normalise01
 from ..params import PositiveInt, UnitInterval
-from .base import Metric, register
+from .base import ExplainedBatch, Metric, register
 
 _PARAMETERISED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)
 
@@ -65,12 +65,11 @@ def cascade_groups(module: nn.Module, steps: int) -> list[list[nn.Module]]:
 class ParameterRandomisation(Metric):
     """Per image: mean over the cascade steps of |Spearman| between the original and the
     randomised model's maps (lower means the method is sensitive to the weights). `report()`
-    gives the per-step similarity curve and the verdict. Needs the explainer (context
-    `explainer`) or its name (`explainer=`)."""
+    gives the per-step similarity curve and the verdict. Needs the explainer that made the maps
+    (`batch.explainer`) or its name (`explainer=`)."""
 
     name = "parameter_randomisation"
     higher_is_better = False
-    needs_explainer = True
 
     def __init__(
         self,
@@ -86,20 +85,15 @@ class ParameterRandomisation(Metric):
         self.curve_spearman = [0.0] * steps
         self.curve_ssim = [0.0] * steps
 
-    @property
-    def forward_passes(self) -> int:
-        return self.steps  # x the explainer's own cost
-
-    def values(self, model, x, targets, maps, annotations, explainer=None, **_):
+    def values(self, b: ExplainedBatch):
+        model, x, targets, maps, explainer = b.model, b.x, b.targets, b.maps, b.explainer
         from ..explainers import build_explainer
         from ..models import wrap_module
 
         name = self.explainer_name or (explainer.name if explainer is not None else None)
         if name is None:
-            raise ValueError("parameter_randomisation needs an explainer (name or context)")
+            raise ValueError("parameter_randomisation needs an explainer (its name or the batch's)")
         params = self.explainer_params or (getattr(explainer, "params", {}) if explainer else {})
-        if maps is None:
-            maps = build_explainer(name, model, **params)(x, targets)
         original = normalise01(maps.to(x.device)).flatten(1)
         twin = copy.deepcopy(model.module)
         gen = torch.Generator().manual_seed(self.seed)

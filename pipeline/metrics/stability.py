@@ -12,7 +12,7 @@ import torch
 
 from ..compute.maps import normalise01
 from ..compute.transforms import TRANSFORMS, TransformName
-from .base import Metric, register
+from .base import ExplainedBatch, Metric, register
 
 
 def psi(m1: torch.Tensor, m2: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -26,7 +26,7 @@ def psi(m1: torch.Tensor, m2: torch.Tensor, valid: torch.Tensor | None = None) -
 
 @register
 class StabilityIndex(Metric):
-    """Needs the explainer (context `explainer`): cost = len(transforms) x its cost."""
+    """Needs the explainer (`batch.explainer`): cost = len(transforms) x its cost."""
 
     name = "stability_index"
     needs_explainer = True
@@ -37,10 +37,9 @@ class StabilityIndex(Metric):
         self.transforms = {n: TRANSFORMS[n] for n in names}
         self.per_transform = {n: [0, 0.0] for n in names}
 
-    def values(self, model, x, targets, maps, annotations, explainer=None, **_):
-        if explainer is None:
-            raise ValueError("stability_index needs the explainer (context `explainer`)")
-        base = normalise01(maps.to(x.device))
+    def values(self, b: ExplainedBatch):
+        model, x, targets, explainer = b.model, b.x, b.targets, b.explainer
+        base = normalise01(b.maps.to(x.device))
         black = model.preprocess.pixel_value(0.0, x.device)
         scores = []
         for name, t in self.transforms.items():

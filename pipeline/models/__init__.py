@@ -1,6 +1,6 @@
 """Model loading: `load_model(uri)` -> LoadedModel. One registry of URI schemes (LOADERS)."""
 
-from .loaded import LoadedModel
+from .loaded import LoadedModel, RunPolicy
 from .loaders import LOADERS, load_model, wrap_module
 from .preprocess import Geometry, Preprocess, to_rgb_image
 
@@ -8,6 +8,7 @@ __all__ = [
     "LOADERS",
     "Geometry",
     "LoadedModel",
+    "RunPolicy",
     "Preprocess",
     "load_model",
     "to_rgb_image",

@@ -11,16 +11,34 @@ from torch import nn
 from .preprocess import Preprocess
 
 
+@dataclass(frozen=True)
+class RunPolicy:
+    """How this process runs the model's perturbation forwards: a setting of the run (spec
+    `compute`), not part of what the model is. Set with `LoadedModel.set_policy`."""
+
+    # bf16 autocast for perturbation forwards on CUDA; off for exact fp32
+    autocast: bool = True
+    # the same on CPU: twice as fast where the CPU has bf16 units (AVX512-BF16, AMX), slower
+    # where it has none, hence opt-in
+    autocast_cpu: bool = False
+    # torch.compile the module for the hook-free perturbation forwards
+    compile: bool = False
+
+
 @dataclass
 class LoadedModel:
     """An eval-mode classifier on its device with everything needed to feed and read it.
 
+    What the model is (the same wherever it is loaded):
     module      the torch module, in eval mode, channels_last, on `device`
     preprocess  images -> model input tensor (and the geometry for annotations)
     labels      one class name per output logit
     id          the URI it was loaded from
     weights_hash  sha256 of the weights file (or of the state dict when built in memory)
     cam_layer   name of the default layer for CAM-family explainers ("" -> resolved by search)
+
+    How this process runs it: `policy` (a RunPolicy), and what running it has counted and
+    learned: `forward_passes`, `max_batch_cap`.
     """
 
     module: nn.Module
@@ -30,17 +48,13 @@ class LoadedModel:
     weights_hash: str = ""
     cam_layer: str = ""
     meta: dict = field(default_factory=dict)
+    policy: RunPolicy = field(default_factory=RunPolicy)
     # images pushed through `forward` so far: explainers report their cost as the difference
     forward_passes: int = 0
     # the largest perturbation chunk that fitted after an out-of-memory split (None: no split)
     max_batch_cap: int | None = None
-    # bf16 autocast for perturbation forwards on CUDA; off for exact fp32
-    autocast: bool = True
-    # the same on CPU: twice as fast where the CPU has bf16 units (AVX512-BF16, AMX), slower
-    # where it has none, hence opt-in
-    autocast_cpu: bool = False
-    # torch.compile'd module for the hook-free perturbation forwards (`compile()`); None: eager
-    compiled: Callable | None = None
+    # the module torch.compile made for `policy.compile` (None: eager)
+    _compiled: Callable | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -64,19 +78,29 @@ class LoadedModel:
         self.forward_passes += x.shape[0]
         return self.module(x.contiguous(memory_format=torch.channels_last))
 
-    def compile(self) -> LoadedModel:
-        """Compile the module for perturbation forwards (RISE, GLAS, occlusion, LIME, Score-CAM's
-        masked copies): they run without hooks, so the graph holds. Forwards that hooks or
-        autograd act on (gradients, CAM activations, LRP) stay eager."""
-        self.compiled = torch.compile(self.module, dynamic=False)
+    def set_policy(self, policy: RunPolicy) -> LoadedModel:
+        """Run the perturbation forwards under `policy`. With `compile`, the module is compiled
+        for them (RISE, GLAS, occlusion, LIME, Score-CAM's masked copies): they run without
+        hooks, so the graph holds. Forwards that hooks or autograd act on (gradients, CAM
+        activations, LRP) stay eager."""
+        if policy.compile and self._compiled is None:
+            self._compiled = torch.compile(self.module, dynamic=False)
+        elif not policy.compile:
+            self._compiled = None
+        self.policy = policy
         return self
+
+    @property
+    def perturbed_module(self) -> Callable:
+        """What perturbation forwards run: the compiled module under `policy.compile`."""
+        return self._compiled if self._compiled is not None else self.module
 
     def forward_perturbed(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` for batches of perturbed copies: the compiled module when there is one."""
-        if self.compiled is None:
+        if self._compiled is None:
             return self.forward(x)
         self.forward_passes += x.shape[0]
-        return self.compiled(x.contiguous(memory_format=torch.channels_last))
+        return self._compiled(x.contiguous(memory_format=torch.channels_last))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Forward without autograd; for prediction, not for gradients."""

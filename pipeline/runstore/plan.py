@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..chunks import chunks
 from ..sources.inputs import INPUT_SCHEMA, Block, Blocks, item_from_row
 from ..storage import Storage
 from .codec import parquet_bytes
@@ -54,7 +55,7 @@ def write_plan(root: str, blocks: Blocks | list[Block], storage: Storage = Stora
     """Both shapes, each written BLOCKS_PER_WRITE blocks at a time (no copy of the whole plan
     beside it); the per-input table last (a resume reads it, so it names a complete plan)."""
     blocks = Blocks.of(blocks)
-    parts = [blocks[s : s + BLOCKS_PER_WRITE] for s in range(0, len(blocks), BLOCKS_PER_WRITE)]
+    parts = [blocks[part] for part in chunks(len(blocks), BLOCKS_PER_WRITE)]
     feed = parquet_bytes((blocks_table(p) for p in parts), BLOCKS_PER_ROW_GROUP, BLOCKS_SCHEMA)
     storage.write_bytes_atomic(plan_blocks_uri(root), feed)
     del feed

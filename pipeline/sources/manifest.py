@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..chunks import chunks
 from ..storage import Storage
 from .inputs import INPUT_SCHEMA, ROWS_PER_BATCH, Inputs, json_text
 from .listing import file_version
@@ -136,7 +137,7 @@ def _batches(fs, path: str, uri: str, size: int | None, storage: Storage):
             ),
         )
         del data
-        return names, (table.slice(s, ROWS_PER_BATCH) for s in range(0, len(table), ROWS_PER_BATCH))
+        return names, (table[part] for part in chunks(len(table), ROWS_PER_BATCH))
     raise ValueError(f"manifest {uri}: not a .parquet or .csv file")
 
 

@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ..chunks import chunks
 from ..secrets import redact as redact_tree
 
 
@@ -72,12 +73,10 @@ class JobTracker:
             )
             self.mlflow_run_id = run.info.run_id
             items = list(redact(params).items())
-            for i in range(0, len(items), 100):
+            for part in chunks(len(items), 100):
                 self.client.log_batch(
                     self.mlflow_run_id,
-                    params=[
-                        self.mlflow.entities.Param(k[:250], v[:6000]) for k, v in items[i : i + 100]
-                    ],
+                    params=[self.mlflow.entities.Param(k[:250], v[:6000]) for k, v in items[part]],
                 )
         return self.mlflow_run_id
 
@@ -92,8 +91,8 @@ class JobTracker:
             for k, v in metrics.items()
             if v is not None and v == v
         ]
-        for i in range(0, len(entities), 200):
-            self.client.log_batch(self.mlflow_run_id, metrics=entities[i : i + 200])
+        for part in chunks(len(entities), 200):
+            self.client.log_batch(self.mlflow_run_id, metrics=entities[part])
 
     def log_artifacts(self, files: dict[str, bytes]) -> None:
         """name -> content; written to a temp folder and logged (works for any artifact store)."""

@@ -43,12 +43,12 @@ SCOPE: dict[str, tuple[str, list[str]]] = {
     "pipeline/explainers/glas.py": ("explainers", ["tests/test_blackbox.py"]),
     "pipeline/explainers/perturbation.py": ("explainers", ["tests/test_blackbox.py", KNOWN]),
     # the out-of-memory halving is tested with the gradient family's suite
-    "pipeline/explainers/perturb.py": (
+    "pipeline/compute/perturbed_forward.py": (
         "explainers",
         ["tests/test_blackbox.py", "tests/test_explainers.py"],
     ),
     "pipeline/explainers/evet.py": ("explainers", ["tests/test_blackbox.py", KNOWN]),
-    "pipeline/explainers/transforms.py": ("explainers", ["tests/test_blackbox.py", KNOWN]),
+    "pipeline/compute/transforms.py": ("explainers", ["tests/test_blackbox.py", KNOWN]),
     "pipeline/explainers/lrp.py": ("explainers", ["tests/test_lrp.py", KNOWN]),
     "pipeline/explainers/deeplift.py": ("explainers", ["tests/test_lrp.py"]),
     "pipeline/explainers/attribution_vis.py": ("explainers", ["tests/test_attribution_vis.py"]),
@@ -81,9 +81,6 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
     },
     ("pipeline/explainers/perturbation.py", 228, "core/NumberReplacer"): (
         "SLIC's start_label: the labels are only used as segment ids"
-    ),
-    ("pipeline/metrics/base.py", 41, "core/RemoveDecorator"): (
-        "Metric.forward_passes: declared, read by no caller (the method-layer redesign removes it)"
     ),
     (JOB, 201, "core/AddNot"): RAY_ONLY + " (the progress callback of run_job)",
     (JOB, 298, "core/NumberReplacer"): RAY_ONLY + " (the decode tasks' CPU share)",
