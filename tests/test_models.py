@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 
 from pipeline.explainers.layers import resolve_layer
-from pipeline.models import Preprocess, load_model, to_rgb_image
+from pipeline.models import Preprocess, load_model, to_rgb_image, wrap_module
 
 
 def test_builtin_model_loads_with_imagenet_labels(builtin):
@@ -235,3 +235,39 @@ def test_weights_are_never_silently_random_or_ignored(tmp_path):
     with pytest.raises(SpecError, match="model: model 'torchvision:resnet18' has no weights"):
         parse_spec({**spec, "model": {"uri": "torchvision:resnet18"}})
     assert parse_spec({**spec, "model": {"uri": "torchvision:resnet18", "random_init": True}})
+
+
+# -- how a class is scored -------------------------------------------------------------------------
+def test_the_models_score_function_reaches_targets_explainers_and_perturbed_forwards():
+    """A multi-label model (score: sigmoid) is scored by the sigmoid everywhere a class score is
+    used: predictions, "prob" explainer scores and the perturbed-forward core."""
+    from conftest import TinyNet, random_images
+
+    from pipeline.compute.perturbed_forward import perturbed_scores
+    from pipeline.explainers import build_explainer
+
+    torch.manual_seed(0)
+    pre = Preprocess(size=32, policy="squash")
+    net = TinyNet(10)
+    model = wrap_module(net, pre, id="test:multi", device="cpu", score="sigmoid")
+    plain = wrap_module(net, pre, id="test:multi", device="cpu")  # same weights, softmax
+    x, t = random_images(3, 32, seed=2), torch.tensor([1, 4, 7])
+    logits = model.logits(x)
+    torch.testing.assert_close(model.class_scores(logits), logits.sigmoid())
+    torch.testing.assert_close(plain.class_scores(logits), logits.softmax(-1))
+    torch.testing.assert_close(
+        wrap_module(net, pre, id="m", score="logit").class_scores(logits), logits
+    )
+    values, classes = model.predict(x, k=2)
+    torch.testing.assert_close(values, logits.sigmoid().topk(2).values)
+    # the perturbed-forward core: copy k is x scaled by (k+1)/2
+    got = perturbed_scores(model, t, 2, lambda img, k: x[img] * (k[:, None, None, None] + 1) / 2)
+    want = torch.stack([model.logits(x * s).sigmoid()[range(3), t] for s in (0.5, 1.0)], 1)
+    torch.testing.assert_close(got, want)
+    # saliency of sigmoid(z_t) is sigmoid'(z_t) = s (1 - s) times the saliency of the logit
+    by_logit = build_explainer("saliency", model, score="logit")(x, t)
+    by_prob = build_explainer("saliency", model, score="prob")(x, t)
+    s = logits.sigmoid()[range(3), t]
+    torch.testing.assert_close(
+        by_prob, by_logit * (s * (1 - s))[:, None, None], rtol=1e-4, atol=1e-7
+    )

@@ -124,7 +124,8 @@ class Explainer:
         return x.detach().to(device, torch.float32), targets.to(device, torch.long)
 
     def scores(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The explained quantity per row: target logit or target softmax probability."""
+        """The explained quantity per row: the target's logit, or ("prob") its class score by
+        the model's score function (softmax; sigmoid for multi-label models)."""
         if self.score == "prob":
-            outputs = outputs.float().softmax(-1)
+            outputs = self.model.class_scores(outputs)
         return outputs.gather(1, targets[:, None])[:, 0]

@@ -33,7 +33,7 @@ class _CaptumExplainer(Explainer):
 
     def captum_forward(self, inputs: torch.Tensor) -> torch.Tensor:
         out = self.model.forward(inputs)
-        return out.float().softmax(-1) if self.score == "prob" else out
+        return self.model.class_scores(out) if self.score == "prob" else out
 
 
 @register

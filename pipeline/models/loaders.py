@@ -28,7 +28,7 @@ from torchvision.models._meta import _IMAGENET_CATEGORIES
 
 from ..storage import Storage
 from .builtin import load_builtin
-from .loaded import LoadedModel
+from .loaded import LoadedModel, ScoreFunction
 from .preprocess import Preprocess
 
 LoaderResult = tuple[nn.Module, Preprocess, str]
@@ -55,12 +55,15 @@ def load_model(
     trust_pickle: bool = False,
     registry_uri: str | None = None,
     random_init: bool = False,
+    score: ScoreFunction = "softmax",
 ) -> LoadedModel:
     """Load a classifier for explanation: eval mode, channels_last, on `device`.
 
     resize: "resize_crop" (short side to size/0.875, centre crop) or "squash" (to size x size);
     defaults to the loader's choice. size: input side in pixels (default: the model's own).
     random_init: allow a torchvision:/timm: architecture without weights (seeded random init).
+    score: how a class is scored from the logits: softmax (one class of many), sigmoid
+    (multi-label: each class on its own), logit.
     """
     check_weights(uri, weights, random_init)
     scheme, _, rest = uri.partition(":")
@@ -78,7 +81,13 @@ def load_model(
     if size is not None:
         preprocess = Preprocess(**{**preprocess.__dict__, "size": int(size)})
     return wrap_module(
-        module, preprocess, id=uri, weights_hash=weights_hash, device=device, labels=labels
+        module,
+        preprocess,
+        id=uri,
+        weights_hash=weights_hash,
+        device=device,
+        labels=labels,
+        score=score,
     )
 
 
@@ -125,6 +134,7 @@ def wrap_module(
     device: str | torch.device | None = None,
     labels: list[str] | None = None,
     cam_layer: str = "",
+    score: ScoreFunction = "softmax",
 ) -> LoadedModel:
     """An in-memory nn.Module as a LoadedModel (eval, channels_last, frozen weights)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -144,7 +154,13 @@ def wrap_module(
     if len(labels) != n_out:
         raise ValueError(f"{len(labels)} labels given for a model with {n_out} outputs")
     return LoadedModel(
-        module, preprocess, list(labels), id, weights_hash or _hash_module(module), cam_layer
+        module,
+        preprocess,
+        list(labels),
+        id,
+        weights_hash or _hash_module(module),
+        cam_layer,
+        score=score,
     )
 
 
