@@ -271,3 +271,69 @@ def test_the_models_score_function_reaches_targets_explainers_and_perturbed_forw
     torch.testing.assert_close(
         by_prob, by_logit * (s * (1 - s))[:, None, None], rtol=1e-4, atol=1e-7
     )
+
+
+# -- torch.export programs -------------------------------------------------------------------------
+FAST = {
+    "attribution_visualization": {"steps": 5, "attr_steps": 2},
+    "rise": {"n_masks": 32},
+    "lime": {"n_samples": 32},
+    "integrated_gradients": {"steps": 8},
+    "smoothgrad": {"n": 3},
+    "glas": {"k": 3},
+    "rglas": {"k": 3, "max_iter": 2},
+}
+
+
+def test_an_exported_program_runs_every_method_it_offers_with_the_eager_maps(tmp_path):
+    import yaml
+    from conftest import TinyNet, random_images
+
+    from pipeline.explainers import EXPLAINERS, build_explainer
+    from pipeline.explainers.base import methods_for
+
+    torch.manual_seed(0)
+    net = TinyNet(10).eval()
+    x, t = random_images(2, 32, seed=1), torch.tensor([1, 3])
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(net, (x,), dynamic_shapes={"x": {0: batch}})
+    path = tmp_path / "tiny.pt2"
+    torch.export.save(program, path)
+    names = [f"thing {i}" for i in range(10)]
+    card = {"size": 32, "resize": "squash", "mean": [0.5] * 3, "std": [0.5] * 3, "labels": names}
+    (tmp_path / "tiny.pt2.card.yaml").write_text(yaml.safe_dump(card))
+    exported = load_model(f"export:{path}", device="cpu")
+    assert exported.labels == names
+    assert (exported.preprocess.size, exported.preprocess.policy) == (32, "squash")
+    assert exported.preprocess.mean == (0.5, 0.5, 0.5)
+    eager = wrap_module(net, exported.preprocess, id="eager", device="cpu")
+    offered = methods_for(exported)
+    refused = sorted(set(EXPLAINERS) - set(offered))
+    assert refused == ["cam", "deconvnet", "deeplift", "guided_backprop", "guided_gradcam", "lrp"]
+    for name in offered:
+        want = build_explainer(name, eager, **FAST.get(name, {}))(x, t)
+        got = build_explainer(name, exported, **FAST.get(name, {}))(x, t)
+        scale = float(want.abs().max()) + 1e-12
+        assert float((got - want).abs().max()) <= 1e-4 * scale, name
+    for name in refused:  # refused when built (so `salient validate` says it), naming what runs
+        with pytest.raises(
+            ValueError, match=f"{name} needs .*layer_types.*methods that run on it: attri"
+        ):
+            build_explainer(name, exported)
+
+
+def test_an_exported_program_with_a_fixed_batch_or_a_bad_card_is_a_clear_error(tmp_path):
+    from conftest import TinyNet, random_images
+
+    net = TinyNet(10).eval()
+    fixed = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(net, (random_images(1, 32),)), fixed)
+    (tmp_path / "fixed.pt2.card.yaml").write_text("size: 32\n")
+    with pytest.raises(ValueError, match="export it with a dynamic batch dimension"):
+        load_model(f"export:{fixed}", device="cpu")
+    (tmp_path / "fixed.pt2.card.yaml").write_text("size: 32\ncolour: blue\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
+        load_model(f"export:{fixed}", device="cpu")
+    (tmp_path / "junk.pt2").write_bytes(b"not a program")
+    with pytest.raises(ValueError, match="is not a torch.export program"):
+        load_model(f"export:{tmp_path / 'junk.pt2'}", device="cpu")

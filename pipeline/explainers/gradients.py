@@ -29,6 +29,7 @@ warnings.filterwarnings("ignore", message="Input Tensor .* did not already requi
 
 
 class _CaptumExplainer(Explainer):
+    requires = frozenset({"gradients"})
     input_gradient = True
 
     def captum_forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -155,6 +156,7 @@ def _rectified_relus(module: nn.Module, use_mask: bool):
 
 
 class _ModifiedGradient(Explainer):
+    requires = frozenset({"gradients", "layer_types"})
     use_mask = True
     input_gradient = True
 

@@ -15,6 +15,12 @@ from .preprocess import Preprocess
 # (sigmoid: multi-label models), or the raw logit
 ScoreFunction = Literal["softmax", "sigmoid", "logit"]
 
+# What a loaded model lets a method do beyond forward passes. A torch module offers all three;
+# an exported program (its layers are graph ops, not nn.Module types) no layer types; an ONNX
+# session only forwards. Explainers declare what they need (`Explainer.requires`).
+Capability = Literal["gradients", "activations", "layer_types"]
+ALL_CAPABILITIES: frozenset[str] = frozenset(("gradients", "activations", "layer_types"))
+
 
 @dataclass(frozen=True)
 class RunPolicy:
@@ -43,6 +49,8 @@ class LoadedModel:
     cam_layer   name of the default layer for CAM-family explainers ("" -> resolved by search)
     score       how a class is scored from the logits (`class_scores`): softmax, sigmoid for
                 multi-label models, or the logit itself
+    capabilities  what it offers beyond forwards: gradients to the input, activations of named
+                layers, layers of known nn.Module types (ALL_CAPABILITIES for torch modules)
 
     How this process runs it: `policy` (a RunPolicy), and what running it has counted and
     learned: `forward_passes`, `max_batch_cap`.
@@ -56,6 +64,7 @@ class LoadedModel:
     cam_layer: str = ""
     meta: dict = field(default_factory=dict)
     score: ScoreFunction = "softmax"
+    capabilities: frozenset[str] = ALL_CAPABILITIES
     policy: RunPolicy = field(default_factory=RunPolicy)
     # images pushed through `forward` so far: explainers report their cost as the difference
     forward_passes: int = 0

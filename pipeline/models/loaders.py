@@ -6,7 +6,10 @@ Schemes:
   timm:<arch>          weights=URI     a timm architecture + a state dict (weights_only)
                                        (without weights only with random_init=True: a random
                                        network explained by mistake looks like a real one)
-  torchscript:<URI>                    a TorchScript archive
+  export:<URI>                         a torch.export program (.pt2, saved with a dynamic batch
+                                       dimension); its module hierarchy is restored with
+                                       torch.export.unflatten, so layers resolve by name
+  torchscript:<URI>                    a TorchScript archive (deprecated by torch; prefer export)
   pickle:<URI>                         a fully pickled nn.Module; runs code on load, so refused
                                        unless trust_pickle=True
   models:/NAME/VERSION, models:/NAME@ALIAS
@@ -14,6 +17,9 @@ Schemes:
                                        card ({uri, weights}) beside its weights, or an MLflow
                                        pytorch-flavour model (pickled: needs trust_pickle)
 URIs of weight files may be any fsspec URI (local path, file://, s3://...).
+
+A model file (export:, torchscript:) may have a card beside it, `<file>.card.yaml`, giving what
+the file cannot: `size`, `mean`, `std`, `resize` (resize_crop or squash), `crop_pct`, `labels`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,10 +35,18 @@ from torchvision.models._meta import _IMAGENET_CATEGORIES
 
 from ..storage import Storage
 from .builtin import load_builtin
-from .loaded import LoadedModel, ScoreFunction
+from .loaded import ALL_CAPABILITIES, LoadedModel, ScoreFunction
 from .preprocess import Preprocess
 
-LoaderResult = tuple[nn.Module, Preprocess, str]
+
+class LoaderResult(NamedTuple):
+    module: nn.Module
+    preprocess: Preprocess
+    weights_hash: str
+    labels: list[str] | None = None  # None: ImageNet's for 1000 outputs, else class_<i>
+    capabilities: frozenset[str] = ALL_CAPABILITIES
+
+
 LOADERS: dict[str, Callable[..., LoaderResult]] = {}
 
 
@@ -67,12 +82,14 @@ def load_model(
     """
     check_weights(uri, weights, random_init)
     scheme, _, rest = uri.partition(":")
-    module, preprocess, weights_hash = LOADERS[scheme](
-        rest,
-        weights=weights,
-        num_classes=num_classes,
-        trust_pickle=trust_pickle,
-        registry_uri=registry_uri,
+    module, preprocess, weights_hash, card_labels, capabilities = LoaderResult(
+        *LOADERS[scheme](
+            rest,
+            weights=weights,
+            num_classes=num_classes,
+            trust_pickle=trust_pickle,
+            registry_uri=registry_uri,
+        )
     )
     if resize is not None:
         if resize not in ("resize_crop", "squash"):
@@ -86,8 +103,9 @@ def load_model(
         id=uri,
         weights_hash=weights_hash,
         device=device,
-        labels=labels,
+        labels=labels if labels is not None else card_labels,
         score=score,
+        capabilities=capabilities,
     )
 
 
@@ -135,6 +153,7 @@ def wrap_module(
     labels: list[str] | None = None,
     cam_layer: str = "",
     score: ScoreFunction = "softmax",
+    capabilities: frozenset[str] = ALL_CAPABILITIES,
 ) -> LoadedModel:
     """An in-memory nn.Module as a LoadedModel (eval, channels_last, frozen weights)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -161,12 +180,13 @@ def wrap_module(
         weights_hash or _hash_module(module),
         cam_layer,
         score=score,
+        capabilities=capabilities,
     )
 
 
 def _count_outputs(module: nn.Module, preprocess: Preprocess, device) -> int:
-    with torch.inference_mode():
-        out = module(torch.zeros(1, 3, preprocess.size, preprocess.size, device=device))
+    with torch.inference_mode():  # two images: a program exported for one image fails here
+        out = module(torch.zeros(2, 3, preprocess.size, preprocess.size, device=device))
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise ValueError(
             f"model must return logits [B, classes]; got {getattr(out, 'shape', type(out))}"
@@ -239,11 +259,71 @@ def _timm(arch: str, *, weights=None, num_classes=None, **_) -> LoaderResult:
     return module, preprocess, _load_weights(module, weights, f"timm:{arch}")
 
 
+@loader("export")
+def _export(path: str, **_) -> LoaderResult:
+    """A torch.export program. Its layers are graph ops, not nn.Module types, so methods whose
+    rules key on layer types (LRP, DeepLIFT, guided backprop, deconvnet, CAM) are refused."""
+    raw = Storage().read_bytes(path)
+    try:
+        program = torch.export.load(io.BytesIO(raw))
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a torch.export program (.pt2): {e}") from None
+    module = torch.export.unflatten(program)
+    preprocess, labels = _card(path, Preprocess(size=224))
+    try:
+        _count_outputs(module, preprocess, "cpu")
+    except Exception as e:
+        raise ValueError(
+            f"{path!r}: the program does not run on a batch of 2 images at {preprocess.size} px "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); export it with a dynamic "
+            "batch dimension (dynamic_shapes={'x': {0: torch.export.Dim('batch')}}) and give "
+            "its input size in a card beside it (<file>.card.yaml: size: ...)"
+        ) from None
+    capabilities = ALL_CAPABILITIES - {"layer_types"}
+    return LoaderResult(module, preprocess, hashlib.sha256(raw).hexdigest(), labels, capabilities)
+
+
 @loader("torchscript")
 def _torchscript(path: str, **_) -> LoaderResult:
     raw = Storage().read_bytes(path)
     module = torch.jit.load(io.BytesIO(raw), map_location="cpu")
-    return module, Preprocess(size=224), hashlib.sha256(raw).hexdigest()
+    preprocess, labels = _card(path, Preprocess(size=224))
+    return LoaderResult(module, preprocess, hashlib.sha256(raw).hexdigest(), labels)
+
+
+CARD_KEYS = ("size", "mean", "std", "resize", "crop_pct", "labels")
+
+
+def _card(path: str, default: Preprocess) -> tuple[Preprocess, list[str] | None]:
+    """The preprocessing and labels of a model file from `<file>.card.yaml` beside it, if any."""
+    import yaml
+
+    uri = f"{path}.card.yaml"
+    storage = Storage()
+    fs, where = storage.filesystem(uri)
+    if not storage.retry(lambda: fs.exists(where), what=f"checking {uri}"):
+        return default, None
+    try:
+        card = yaml.safe_load(storage.read_bytes(uri)) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"model card {uri!r} is not YAML: {e}") from None
+    unknown = sorted(set(card) - set(CARD_KEYS))
+    if unknown:
+        raise ValueError(f"model card {uri!r}: unknown keys {unknown} (known: {list(CARD_KEYS)})")
+    fields = {"policy" if k == "resize" else k: card[k] for k in CARD_KEYS[:5] if k in card}
+    for k in ("mean", "std"):
+        if k in fields:
+            fields[k] = tuple(float(v) for v in fields[k])
+    labels = card.get("labels")
+    if labels is not None and not (
+        isinstance(labels, list) and all(isinstance(v, str) for v in labels)
+    ):
+        raise ValueError(f"model card {uri!r}: labels must be a list of class names")
+    if fields.get("policy", "squash") not in ("squash", "resize_crop"):
+        raise ValueError(f"model card {uri!r}: resize must be 'resize_crop' or 'squash'")
+    if not isinstance(fields.get("size", 8), int) or fields.get("size", 8) < 8:
+        raise ValueError(f"model card {uri!r}: size must be an integer >= 8 (pixels)")
+    return Preprocess(**{**default.__dict__, **fields}), labels
 
 
 @loader("pickle")
