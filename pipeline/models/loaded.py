@@ -15,11 +15,11 @@ from .preprocess import Preprocess
 # (sigmoid: multi-label models), or the raw logit
 ScoreFunction = Literal["softmax", "sigmoid", "logit"]
 
-# What a loaded model lets a method do beyond forward passes. A torch module offers all three;
+# What a loaded model lets a method do beyond forward passes. A torch module offers all four;
 # an exported program (its layers are graph ops, not nn.Module types) no layer types; an ONNX
-# session only forwards. Explainers declare what they need (`Explainer.requires`).
-Capability = Literal["gradients", "activations", "layer_types"]
-ALL_CAPABILITIES: frozenset[str] = frozenset(("gradients", "activations", "layer_types"))
+# session only forwards. Explainers and metrics declare what they need (`requires`).
+Capability = Literal["gradients", "activations", "layer_types", "weights"]
+ALL_CAPABILITIES: frozenset[str] = frozenset(("gradients", "activations", "layer_types", "weights"))
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ class LoadedModel:
     score       how a class is scored from the logits (`class_scores`): softmax, sigmoid for
                 multi-label models, or the logit itself
     capabilities  what it offers beyond forwards: gradients to the input, activations of named
-                layers, layers of known nn.Module types (ALL_CAPABILITIES for torch modules)
+                layers, layers of known nn.Module types, weights to re-initialise
+                (ALL_CAPABILITIES for torch modules)
 
     How this process runs it: `policy` (a RunPolicy), and what running it has counted and
     learned: `forward_passes`, `max_batch_cap`.

@@ -10,6 +10,7 @@ Schemes:
                                        dimension); its module hierarchy is restored with
                                        torch.export.unflatten, so layers resolve by name
   torchscript:<URI>                    a TorchScript archive (deprecated by torch; prefer export)
+  onnx:<URI>                           an ONNX model run by ONNX Runtime: forward passes only
   pickle:<URI>                         a fully pickled nn.Module; runs code on load, so refused
                                        unless trust_pickle=True
   models:/NAME/VERSION, models:/NAME@ALIAS
@@ -18,8 +19,9 @@ Schemes:
                                        pytorch-flavour model (pickled: needs trust_pickle)
 URIs of weight files may be any fsspec URI (local path, file://, s3://...).
 
-A model file (export:, torchscript:) may have a card beside it, `<file>.card.yaml`, giving what
-the file cannot: `size`, `mean`, `std`, `resize` (resize_crop or squash), `crop_pct`, `labels`.
+A model file (export:, torchscript:, onnx:) may have a card beside it, `<file>.card.yaml`,
+giving what the file cannot: `size`, `mean`, `std`, `resize` (resize_crop or squash),
+`crop_pct`, `labels`.
 """
 
 from __future__ import annotations
@@ -281,6 +283,16 @@ def _export(path: str, **_) -> LoaderResult:
         ) from None
     capabilities = ALL_CAPABILITIES - {"layer_types"}
     return LoaderResult(module, preprocess, hashlib.sha256(raw).hexdigest(), labels, capabilities)
+
+
+@loader("onnx")
+def _onnx(path: str, **_) -> LoaderResult:
+    from .onnx_session import OnnxClassifier
+
+    raw = Storage().read_bytes(path)
+    module = OnnxClassifier(raw, f"onnx:{path}")
+    preprocess, labels = _card(path, Preprocess(size=224))
+    return LoaderResult(module, preprocess, hashlib.sha256(raw).hexdigest(), labels, frozenset())
 
 
 @loader("torchscript")
