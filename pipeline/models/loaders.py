@@ -11,6 +11,8 @@ Schemes:
                                        torch.export.unflatten, so layers resolve by name
   torchscript:<URI>                    a TorchScript archive (deprecated by torch; prefer export)
   onnx:<URI>                           an ONNX model run by ONNX Runtime: forward passes only
+  hf:<URI>                             a Hugging Face image classifier's save_pretrained folder
+                                       (config, safetensors, image-processor config; no hub)
   pickle:<URI>                         a fully pickled nn.Module; runs code on load, so refused
                                        unless trust_pickle=True
   models:/NAME/VERSION, models:/NAME@ALIAS
@@ -47,6 +49,7 @@ class LoaderResult(NamedTuple):
     weights_hash: str
     labels: list[str] | None = None  # None: ImageNet's for 1000 outputs, else class_<i>
     capabilities: frozenset[str] = ALL_CAPABILITIES
+    cam_layer: str = ""  # the family's CAM layer; "" leaves it to the default search
 
 
 LOADERS: dict[str, Callable[..., LoaderResult]] = {}
@@ -84,7 +87,7 @@ def load_model(
     """
     check_weights(uri, weights, random_init)
     scheme, _, rest = uri.partition(":")
-    module, preprocess, weights_hash, card_labels, capabilities = LoaderResult(
+    module, preprocess, weights_hash, card_labels, capabilities, cam_layer = LoaderResult(
         *LOADERS[scheme](
             rest,
             weights=weights,
@@ -108,6 +111,7 @@ def load_model(
         labels=labels if labels is not None else card_labels,
         score=score,
         capabilities=capabilities,
+        cam_layer=cam_layer,
     )
 
 
@@ -198,6 +202,13 @@ def _count_outputs(module: nn.Module, preprocess: Preprocess, device) -> int:
 
 def _state_dict(weights: str) -> tuple[dict, str]:
     raw = Storage().read_bytes(weights)
+    if weights.endswith(".safetensors"):  # tensors only by construction: nothing runs on load
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            return load_safetensors(raw), hashlib.sha256(raw).hexdigest()
+        except Exception as e:
+            raise ValueError(f"weights {weights!r} are not a safetensors file: {e}") from None
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything that is not plain tensors
@@ -293,6 +304,14 @@ def _onnx(path: str, **_) -> LoaderResult:
     module = OnnxClassifier(raw, f"onnx:{path}")
     preprocess, labels = _card(path, Preprocess(size=224))
     return LoaderResult(module, preprocess, hashlib.sha256(raw).hexdigest(), labels, frozenset())
+
+
+@loader("hf")
+def _huggingface(uri: str, **_) -> LoaderResult:
+    from .huggingface import load_hf
+
+    module, preprocess, digest, labels, layer = load_hf(uri, Storage())
+    return LoaderResult(module, preprocess, digest, labels, ALL_CAPABILITIES, layer)
 
 
 @loader("torchscript")
