@@ -30,5 +30,6 @@ OpenUnitInterval = Annotated[float, Field(gt=0, lt=1)]  # (0, 1)
 # a value in pixel space, before normalisation: 0 is black, 1 white (fills, baselines)
 PixelValue = UnitInterval
 
-# the explained quantity: the target's logit or its softmax probability (METHODS.md)
+# the explained quantity: the target's logit or its class score, by the model's score function
+# (softmax; sigmoid for multi-label models) (METHODS.md)
 Score = Literal["logit", "prob"]

@@ -74,6 +74,12 @@ class ModelSpec(_Strict):
     random_init: bool = Field(
         False, description="Run a torchvision:/timm: architecture without weights, on purpose"
     )
+    score: Literal["softmax", "sigmoid", "logit"] = Field(
+        "softmax",
+        description="How a class is scored from the logits: softmax (one class of many), "
+        "sigmoid (multi-label: each class on its own), logit. Targets, 'prob' explainer "
+        "scores and the probability metrics all use it",
+    )
 
     @model_validator(mode="after")
     def _weights_chosen(self):
@@ -84,9 +90,15 @@ class ModelSpec(_Strict):
 
 
 class TargetsSpec(_Strict):
-    mode: Literal["predicted", "label", "classes", "topk"] = "predicted"
+    mode: Literal["predicted", "label", "classes", "topk", "threshold"] = Field(
+        "predicted",
+        description="predicted: the top class. label: the image's label. classes: each of "
+        "`classes`. topk: the k top classes. threshold: every class whose score (model.score) "
+        "passes t, at most k of them, highest first (multi-label models)",
+    )
     classes: list[int] = Field(default_factory=list)
-    k: int = Field(1, ge=1, le=100)
+    k: int = Field(1, ge=1, le=100, description="topk: how many; threshold: at most how many")
+    t: float = Field(0.5, allow_inf_nan=False, description="threshold: the class score to pass")
 
     @model_validator(mode="after")
     def _classes_needed(self):

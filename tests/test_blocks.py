@@ -280,7 +280,20 @@ def test_choose_targets_in_every_mode_by_hand():
     pairs, missing = choose_targets(_spec(targets={"mode": "label"}), model, probs, ["dog", 9])
     assert pairs.image.tolist() == [0] and pairs.target.tolist() == [1]
     assert pairs.score.tolist() == pytest.approx([0.2])
-    assert list(missing) == [1] and "9" in missing[1]
+    assert list(missing) == [1] and missing[1][0] == "no_label" and "9" in missing[1][1]
+    # threshold: every class above t, at most k, highest first; none above t -> no target
+    probs = torch.tensor([[0.9, 0.7, 0.1, 0.6], [0.4, 0.3, 0.2, 0.45], [0.55, 0.8, 0.5, 0.0]])
+    spec = _spec(targets={"mode": "threshold", "t": 0.5, "k": 2})
+    pairs, missing = choose_targets(spec, model, probs, [None] * 3)
+    assert pairs.image.tolist() == [0, 0, 2, 2] and pairs.target.tolist() == [0, 1, 1, 0]
+    assert pairs.rank.tolist() == [0, 1, 0, 1]
+    assert pairs.score.tolist() == pytest.approx([0.9, 0.7, 0.8, 0.55])
+    assert list(missing) == [1] and missing[1][0] == "no_target" and "0.45" in missing[1][1]
+    # t is strict: a score equal to t does not pass (0.5 of image 2's class 2)
+    pairs, _ = choose_targets(
+        _spec(targets={"mode": "threshold", "k": 4}), model, probs, [None] * 3
+    )
+    assert 2 not in pairs.target[pairs.image == 2].tolist()
 
 
 def test_resolve_label():
@@ -298,7 +311,9 @@ def tiny_block(tmp_path_factory, demo_images):
     return folder
 
 
-def _worker(tmp_path, folder: Path, targets: dict) -> tuple[ExplainWorker, str, dict]:
+def _worker(
+    tmp_path, folder: Path, targets: dict, score: str = "softmax"
+) -> tuple[ExplainWorker, str, dict]:
     spec = parse_spec(
         {
             "source": {"uri": str(folder)},
@@ -307,6 +322,7 @@ def _worker(tmp_path, folder: Path, targets: dict) -> tuple[ExplainWorker, str, 
                 "random_init": True,
                 "size": 32,
                 "num_classes": 6,
+                "score": score,
             },
             "targets": targets,
             "explainers": [{"name": "gradcam"}, {"name": "saliency"}],
@@ -328,7 +344,34 @@ def _worker(tmp_path, folder: Path, targets: dict) -> tuple[ExplainWorker, str, 
 
 def _probs(worker, row) -> torch.Tensor:
     x = worker.model.preprocess.normalise(torch.from_numpy(row["pixels"]))
-    return worker.model.logits(x).float().softmax(-1)
+    return worker.model.class_scores(worker.model.logits(x))
+
+
+def test_worker_threshold_targets_on_a_multi_label_model(tmp_path, tiny_block):
+    """score: sigmoid and targets.mode: threshold: every class whose sigmoid passes t, at most
+    k, highest first; an image with none is an error row (targets, no_target), not lost."""
+    worker, root, row = _worker(tmp_path, tiny_block, {"mode": "threshold", "k": 2}, "sigmoid")
+    marker = worker.process_block(row)
+    x = worker.model.preprocess.normalise(torch.from_numpy(row["pixels"]))
+    probs = worker.model.logits(x).float().sigmoid()
+    t = 0.5
+    want, none = [], []
+    for i in range(3):
+        above = [(float(p), c) for c, p in enumerate(probs[i]) if p > t]
+        ranked = sorted(above, reverse=True)[:2]
+        want += [(i, c, r) for r, (_, c) in enumerate(ranked)]
+        if not ranked:
+            none.append(f"im{i}.png")
+    assert want, "the random model should pass the threshold on some class"
+    heat = read_table(root, "heatmaps").drop_columns(["heatmap"]).to_pylist()
+    got = [(int(r["image_id"][2]), r["target"], r["target_rank"]) for r in heat]
+    assert sorted(got) == sorted(want * 2)  # two explainers
+    for r in heat:
+        assert r["score"] == pytest.approx(float(probs[int(r["image_id"][2]), r["target"]]))
+    errors = read_table(root, "errors").to_pylist()
+    assert sorted(e["image_id"] for e in errors) == none
+    assert all((e["stage"], e["error_type"]) == ("targets", "no_target") for e in errors)
+    assert marker.images_ok + marker.fatal_errors == 3
 
 
 @pytest.mark.parametrize(

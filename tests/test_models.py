@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 
 from pipeline.explainers.layers import resolve_layer
-from pipeline.models import Preprocess, load_model, to_rgb_image
+from pipeline.models import Preprocess, load_model, to_rgb_image, wrap_module
 
 
 def test_builtin_model_loads_with_imagenet_labels(builtin):
@@ -235,3 +235,105 @@ def test_weights_are_never_silently_random_or_ignored(tmp_path):
     with pytest.raises(SpecError, match="model: model 'torchvision:resnet18' has no weights"):
         parse_spec({**spec, "model": {"uri": "torchvision:resnet18"}})
     assert parse_spec({**spec, "model": {"uri": "torchvision:resnet18", "random_init": True}})
+
+
+# -- how a class is scored -------------------------------------------------------------------------
+def test_the_models_score_function_reaches_targets_explainers_and_perturbed_forwards():
+    """A multi-label model (score: sigmoid) is scored by the sigmoid everywhere a class score is
+    used: predictions, "prob" explainer scores and the perturbed-forward core."""
+    from conftest import TinyNet, random_images
+
+    from pipeline.compute.perturbed_forward import perturbed_scores
+    from pipeline.explainers import build_explainer
+
+    torch.manual_seed(0)
+    pre = Preprocess(size=32, policy="squash")
+    net = TinyNet(10)
+    model = wrap_module(net, pre, id="test:multi", device="cpu", score="sigmoid")
+    plain = wrap_module(net, pre, id="test:multi", device="cpu")  # same weights, softmax
+    x, t = random_images(3, 32, seed=2), torch.tensor([1, 4, 7])
+    logits = model.logits(x)
+    torch.testing.assert_close(model.class_scores(logits), logits.sigmoid())
+    torch.testing.assert_close(plain.class_scores(logits), logits.softmax(-1))
+    torch.testing.assert_close(
+        wrap_module(net, pre, id="m", score="logit").class_scores(logits), logits
+    )
+    values, classes = model.predict(x, k=2)
+    torch.testing.assert_close(values, logits.sigmoid().topk(2).values)
+    # the perturbed-forward core: copy k is x scaled by (k+1)/2
+    got = perturbed_scores(model, t, 2, lambda img, k: x[img] * (k[:, None, None, None] + 1) / 2)
+    want = torch.stack([model.logits(x * s).sigmoid()[range(3), t] for s in (0.5, 1.0)], 1)
+    torch.testing.assert_close(got, want)
+    # saliency of sigmoid(z_t) is sigmoid'(z_t) = s (1 - s) times the saliency of the logit
+    by_logit = build_explainer("saliency", model, score="logit")(x, t)
+    by_prob = build_explainer("saliency", model, score="prob")(x, t)
+    s = logits.sigmoid()[range(3), t]
+    torch.testing.assert_close(
+        by_prob, by_logit * (s * (1 - s))[:, None, None], rtol=1e-4, atol=1e-7
+    )
+
+
+# -- torch.export programs -------------------------------------------------------------------------
+FAST = {
+    "attribution_visualization": {"steps": 5, "attr_steps": 2},
+    "rise": {"n_masks": 32},
+    "lime": {"n_samples": 32},
+    "integrated_gradients": {"steps": 8},
+    "smoothgrad": {"n": 3},
+    "glas": {"k": 3},
+    "rglas": {"k": 3, "max_iter": 2},
+}
+
+
+def test_an_exported_program_runs_every_method_it_offers_with_the_eager_maps(tmp_path):
+    import yaml
+    from conftest import TinyNet, random_images
+
+    from pipeline.explainers import EXPLAINERS, build_explainer
+    from pipeline.explainers.base import methods_for
+
+    torch.manual_seed(0)
+    net = TinyNet(10).eval()
+    x, t = random_images(2, 32, seed=1), torch.tensor([1, 3])
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(net, (x,), dynamic_shapes={"x": {0: batch}})
+    path = tmp_path / "tiny.pt2"
+    torch.export.save(program, path)
+    names = [f"thing {i}" for i in range(10)]
+    card = {"size": 32, "resize": "squash", "mean": [0.5] * 3, "std": [0.5] * 3, "labels": names}
+    (tmp_path / "tiny.pt2.card.yaml").write_text(yaml.safe_dump(card))
+    exported = load_model(f"export:{path}", device="cpu")
+    assert exported.labels == names
+    assert (exported.preprocess.size, exported.preprocess.policy) == (32, "squash")
+    assert exported.preprocess.mean == (0.5, 0.5, 0.5)
+    eager = wrap_module(net, exported.preprocess, id="eager", device="cpu")
+    offered = methods_for(exported)
+    refused = sorted(set(EXPLAINERS) - set(offered))
+    assert refused == ["cam", "deconvnet", "deeplift", "guided_backprop", "guided_gradcam", "lrp"]
+    for name in offered:
+        want = build_explainer(name, eager, **FAST.get(name, {}))(x, t)
+        got = build_explainer(name, exported, **FAST.get(name, {}))(x, t)
+        scale = float(want.abs().max()) + 1e-12
+        assert float((got - want).abs().max()) <= 1e-4 * scale, name
+    for name in refused:  # refused when built (so `salient validate` says it), naming what runs
+        with pytest.raises(
+            ValueError, match=f"{name} needs .*layer_types.*methods that run on it: attri"
+        ):
+            build_explainer(name, exported)
+
+
+def test_an_exported_program_with_a_fixed_batch_or_a_bad_card_is_a_clear_error(tmp_path):
+    from conftest import TinyNet, random_images
+
+    net = TinyNet(10).eval()
+    fixed = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(net, (random_images(1, 32),)), fixed)
+    (tmp_path / "fixed.pt2.card.yaml").write_text("size: 32\n")
+    with pytest.raises(ValueError, match="export it with a dynamic batch dimension"):
+        load_model(f"export:{fixed}", device="cpu")
+    (tmp_path / "fixed.pt2.card.yaml").write_text("size: 32\ncolour: blue\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
+        load_model(f"export:{fixed}", device="cpu")
+    (tmp_path / "junk.pt2").write_bytes(b"not a program")
+    with pytest.raises(ValueError, match="is not a torch.export program"):
+        load_model(f"export:{tmp_path / 'junk.pt2'}", device="cpu")

@@ -85,9 +85,7 @@ def perturbed_scores(
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
-            logits = logits.float()
-            if score == "prob":
-                logits = logits.softmax(-1)
+            logits = model.class_scores(logits) if score == "prob" else logits.float()
             chunk_scores = logits.gather(1, targets[img][:, None])[:, 0]
             out[flat] = chunk_scores
             if on_chunk is not None:

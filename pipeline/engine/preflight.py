@@ -64,6 +64,12 @@ def preflight(
         except (ValueError, TypeError) as e:
             problems.append(f"metrics.{i} ({m.key}): {_line(e)}")
             continue
+        missing = metric_class(m.name).requires - (model.capabilities if model else set())
+        if model is not None and missing:
+            problems.append(
+                f"metrics.{i} ({m.key}): needs {' and '.join(sorted(missing))} of the model, "
+                f"which {model.id!r} does not offer"
+            )
         needs = metric_class(m.name).needs
         # a manifest carries its ground truth in its own columns (checked when it is read)
         has_truth = spec.source.annotations or spec.source.format == "manifest"

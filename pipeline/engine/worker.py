@@ -49,7 +49,7 @@ class Pairs:
     image: torch.Tensor  # index into the block's decoded images
     target: torch.Tensor
     rank: torch.Tensor  # 0 = top-1 / first class asked for
-    score: torch.Tensor  # softmax probability of the target
+    score: torch.Tensor  # the target's class score (the model's score function)
 
 
 @dataclass
@@ -90,6 +90,7 @@ def load_job_model(
         trust_pickle=m.trust_pickle,
         registry_uri=registry_uri,
         random_init=m.random_init,
+        score=m.score,
     )
 
 
@@ -141,11 +142,12 @@ def _node_cpus() -> tuple[int | None, int]:
 
 def choose_targets(
     spec: JobSpec, model: LoadedModel, probs: torch.Tensor, labels: list
-) -> tuple[Pairs, dict[int, str]]:
-    """Targets per the spec's mode; images that cannot have one (no label) are returned apart."""
+) -> tuple[Pairs, dict[int, tuple[str, str]]]:
+    """Targets per the spec's mode; images that cannot have one (no label, no class above the
+    threshold) are returned apart. `probs` are the model's class scores."""
     b = probs.shape[0]
     mode = spec.targets.mode
-    missing: dict[int, str] = {}
+    missing: dict[int, tuple[str, str]] = {}  # image -> (error kind, message)
     img, tgt, rank = [], [], []
     if mode in ("predicted", "topk"):
         k = 1 if mode == "predicted" else spec.targets.k
@@ -153,6 +155,19 @@ def choose_targets(
         for i in range(b):
             for r in range(k):
                 img.append(i), tgt.append(int(top[i, r])), rank.append(r)
+    elif mode == "threshold":
+        k = min(spec.targets.k, probs.shape[1])
+        values, top = (t.cpu() for t in probs.topk(k, dim=1))
+        for i in range(b):
+            passed = [int(c) for c, v in zip(top[i], values[i], strict=True) if v > spec.targets.t]
+            if not passed:
+                best = float(values[i, 0])
+                missing[i] = (
+                    "no_target",
+                    f"no class scores above t={spec.targets.t} (best {best:.4g})",
+                )
+            for r, c in enumerate(passed):
+                img.append(i), tgt.append(c), rank.append(r)
     elif mode == "classes":
         for i in range(b):
             for r, c in enumerate(spec.targets.classes):
@@ -163,7 +178,7 @@ def choose_targets(
         for i in range(b):
             label = resolve_label(labels[i], model.labels)
             if label is None:
-                missing[i] = f"no ground-truth label (got {labels[i]!r})"
+                missing[i] = ("no_label", f"no ground-truth label (got {labels[i]!r})")
                 continue
             img.append(i), tgt.append(label), rank.append(0)
     image = torch.tensor(img, dtype=torch.long)
@@ -281,14 +296,14 @@ class ExplainWorker:
         x = self.model.preprocess.normalise(pixels.to(device))
         probs = torch.cat(
             [
-                self.model.logits(x[part]).float().softmax(-1)
+                self.model.class_scores(self.model.logits(x[part]))
                 for part in chunks(x.shape[0], self.batch_size)
             ]
         )
         predicted = probs.argmax(1).cpu()
         pairs, missing = choose_targets(self.spec, self.model, probs, labels)
         failed: dict[int, tuple[str, str, str]] = {
-            i: ("targets", "no_label", msg) for i, msg in missing.items()
+            i: ("targets", kind, msg) for i, (kind, msg) in missing.items()
         }
         maps_by_explainer: dict[str, torch.Tensor] = {}
         pictures_by_explainer: dict[str, dict[str, torch.Tensor]] = {}

@@ -123,6 +123,8 @@ class AttributionVisualization(Explainer):
     """Seed 003's attribution visualization; see the module docstring. Signed map (channel-summed
     neuron attributions). Cost: 2F + attr_steps (F+B) + steps (F+B) per image."""
 
+    requires = frozenset({"activations", "gradients"})
+
     name = "attribution_visualization"
     signed = True
     image_extras = ("image", "mask")

@@ -23,6 +23,12 @@ def build_explainer(name: str, model: LoadedModel, **params) -> Explainer:
     return explainer_class(name)(model, **params)
 
 
+def methods_for(model: LoadedModel) -> list[str]:
+    """The registered methods whose needs the model meets (EVET and SmoothGrad run around any
+    of them)."""
+    return sorted(n for n, cls in EXPLAINERS.items() if cls.requires <= model.capabilities)
+
+
 @dataclass(frozen=True)
 class Explanation:
     """What one `Explainer.explain` call gives back.
@@ -62,8 +68,19 @@ class Explainer:
     # every forward is followed by a backward to the input (gradient methods, LRP, DeepLIFT): the
     # benchmark's bound is then forward+backward throughput, not forward alone
     input_gradient: ClassVar[bool] = False
+    # what the method needs from the model beyond forwards (LoadedModel.capabilities); a model
+    # that lacks it is refused when the explainer is built, so `salient validate` says so.
+    # Methods around a base explainer (EVET, SmoothGrad) need what their base needs.
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: LoadedModel, *, score: Score | None = None):
+        missing = self.requires - model.capabilities
+        if missing:
+            raise ValueError(
+                f"{self.name} needs {' and '.join(sorted(missing))} of the model, which "
+                f"{model.id!r} does not offer; methods that run on it: "
+                + ", ".join(methods_for(model))
+            )
         self.model = model
         self.score = score or self.default_score
 
@@ -124,7 +141,8 @@ class Explainer:
         return x.detach().to(device, torch.float32), targets.to(device, torch.long)
 
     def scores(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The explained quantity per row: target logit or target softmax probability."""
+        """The explained quantity per row: the target's logit, or ("prob") its class score by
+        the model's score function (softmax; sigmoid for multi-label models)."""
         if self.score == "prob":
-            outputs = outputs.float().softmax(-1)
+            outputs = self.model.class_scores(outputs)
         return outputs.gather(1, targets[:, None])[:, 0]

@@ -20,6 +20,8 @@ from .layers import record_activations, resolve_layer
 
 
 class _LayerExplainer(Explainer):
+    requires = frozenset({"activations"})
+
     def __init__(self, model, *, layer: str | None = None, score: Score | None = None):
         super().__init__(model, score=score)
         self.layer_name, self.layer = resolve_layer(model, layer)
@@ -44,6 +46,8 @@ class _LayerExplainer(Explainer):
 class GradCAM(_LayerExplainer):
     """alpha_k = mean_ij dS_c/dA^k_ij; ReLU(sum_k alpha_k A^k) (Selvaraju et al.). 1F+1B."""
 
+    requires = frozenset({"activations", "gradients"})
+
     name = "gradcam"
 
     def attribute(self, x, targets):
@@ -56,6 +60,8 @@ class GradCAM(_LayerExplainer):
 class GradCAMPlusPlus(_LayerExplainer):
     """alpha_ij = g^2 / (2 g^2 + sum_ab A_ab g^3); w_k = sum_ij alpha_ij ReLU(g_ij)
     (Chattopadhay et al., with the exponential's derivatives simplified as usual). 1F+1B."""
+
+    requires = frozenset({"activations", "gradients"})
 
     name = "gradcam_pp"
 
@@ -71,6 +77,8 @@ class GradCAMPlusPlus(_LayerExplainer):
 @register
 class CAM(_LayerExplainer):
     """sum_k w^c_k A^k with the weights of the GAP -> FC head (Zhou et al.). Signed. 1F."""
+
+    requires = frozenset({"activations", "layer_types"})
 
     name = "cam"
     signed = True
@@ -98,6 +106,8 @@ class CAM(_LayerExplainer):
 @register
 class GuidedGradCAM(_LayerExplainer):
     """guided backprop x upsampled Grad-CAM (Selvaraju et al.). 1F+2B (two forwards here)."""
+
+    requires = frozenset({"activations", "gradients", "layer_types"})
 
     name = "guided_gradcam"
 

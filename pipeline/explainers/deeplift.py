@@ -76,6 +76,8 @@ class DeepLift(Explainer):
     its plain gradient at the end, so the gap is not zero there.
     """
 
+    requires = frozenset({"gradients", "layer_types"})
+
     name = "deeplift"
     signed = True
     input_gradient = True

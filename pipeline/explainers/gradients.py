@@ -29,11 +29,12 @@ warnings.filterwarnings("ignore", message="Input Tensor .* did not already requi
 
 
 class _CaptumExplainer(Explainer):
+    requires = frozenset({"gradients"})
     input_gradient = True
 
     def captum_forward(self, inputs: torch.Tensor) -> torch.Tensor:
         out = self.model.forward(inputs)
-        return out.float().softmax(-1) if self.score == "prob" else out
+        return self.model.class_scores(out) if self.score == "prob" else out
 
 
 @register
@@ -155,6 +156,7 @@ def _rectified_relus(module: nn.Module, use_mask: bool):
 
 
 class _ModifiedGradient(Explainer):
+    requires = frozenset({"gradients", "layer_types"})
     use_mask = True
     input_gradient = True
 

@@ -340,6 +340,8 @@ class LRP(Explainer):
     Relevance starts at the target's score (the logit by default) at the output.
     """
 
+    requires = frozenset({"gradients", "layer_types"})
+
     name = "lrp"
     signed = True
     input_gradient = True

@@ -108,6 +108,9 @@ class Metric:
     needs: ClassVar[str] = "none"
     # recomputes maps with the explainer that made them: `update` refuses a batch without one
     needs_explainer: ClassVar[bool] = False
+    # what it needs of the model beyond forwards (LoadedModel.capabilities); checked by
+    # `salient validate`, so a metric a model cannot support never reaches the actors
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self):
         self.n = 0

@@ -69,6 +69,7 @@ class ParameterRandomisation(Metric):
     (`batch.explainer`) or its name (`explainer=`)."""
 
     name = "parameter_randomisation"
+    requires = frozenset({"weights"})
     higher_is_better = False
 
     def __init__(

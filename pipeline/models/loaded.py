@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
 from .preprocess import Preprocess
+
+# how a class is scored from the logits: one class of many (softmax), each class on its own
+# (sigmoid: multi-label models), or the raw logit
+ScoreFunction = Literal["softmax", "sigmoid", "logit"]
+
+# What a loaded model lets a method do beyond forward passes. A torch module offers all four;
+# an exported program (its layers are graph ops, not nn.Module types) no layer types; an ONNX
+# session only forwards. Explainers and metrics declare what they need (`requires`).
+Capability = Literal["gradients", "activations", "layer_types", "weights"]
+ALL_CAPABILITIES: frozenset[str] = frozenset(("gradients", "activations", "layer_types", "weights"))
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,11 @@ class LoadedModel:
     id          the URI it was loaded from
     weights_hash  sha256 of the weights file (or of the state dict when built in memory)
     cam_layer   name of the default layer for CAM-family explainers ("" -> resolved by search)
+    score       how a class is scored from the logits (`class_scores`): softmax, sigmoid for
+                multi-label models, or the logit itself
+    capabilities  what it offers beyond forwards: gradients to the input, activations of named
+                layers, layers of known nn.Module types, weights to re-initialise
+                (ALL_CAPABILITIES for torch modules)
 
     How this process runs it: `policy` (a RunPolicy), and what running it has counted and
     learned: `forward_passes`, `max_batch_cap`.
@@ -48,6 +64,8 @@ class LoadedModel:
     weights_hash: str = ""
     cam_layer: str = ""
     meta: dict = field(default_factory=dict)
+    score: ScoreFunction = "softmax"
+    capabilities: frozenset[str] = ALL_CAPABILITIES
     policy: RunPolicy = field(default_factory=RunPolicy)
     # images pushed through `forward` so far: explainers report their cost as the difference
     forward_passes: int = 0
@@ -107,7 +125,16 @@ class LoadedModel:
         with torch.inference_mode():
             return self.forward(x.to(self.device))
 
+    def class_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, classes] logits -> the model's class scores (float32), by `score`. What every
+        "prob" explainer score, metric and target choice uses."""
+        logits = logits.float()
+        if self.score == "softmax":
+            return logits.softmax(-1)
+        if self.score == "sigmoid":
+            return logits.sigmoid()
+        return logits
+
     def predict(self, x: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k softmax probabilities and class indices, each [B,k]."""
-        probs = self.logits(x).float().softmax(-1)
-        return probs.topk(k, dim=-1)
+        """Top-k class scores (`class_scores`) and class indices, each [B,k]."""
+        return self.class_scores(self.logits(x)).topk(k, dim=-1)

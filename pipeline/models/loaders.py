@@ -6,7 +6,13 @@ Schemes:
   timm:<arch>          weights=URI     a timm architecture + a state dict (weights_only)
                                        (without weights only with random_init=True: a random
                                        network explained by mistake looks like a real one)
-  torchscript:<URI>                    a TorchScript archive
+  export:<URI>                         a torch.export program (.pt2, saved with a dynamic batch
+                                       dimension); its module hierarchy is restored with
+                                       torch.export.unflatten, so layers resolve by name
+  torchscript:<URI>                    a TorchScript archive (deprecated by torch; prefer export)
+  onnx:<URI>                           an ONNX model run by ONNX Runtime: forward passes only
+  hf:<URI>                             a Hugging Face image classifier's save_pretrained folder
+                                       (config, safetensors, image-processor config; no hub)
   pickle:<URI>                         a fully pickled nn.Module; runs code on load, so refused
                                        unless trust_pickle=True
   models:/NAME/VERSION, models:/NAME@ALIAS
@@ -14,6 +20,10 @@ Schemes:
                                        card ({uri, weights}) beside its weights, or an MLflow
                                        pytorch-flavour model (pickled: needs trust_pickle)
 URIs of weight files may be any fsspec URI (local path, file://, s3://...).
+
+A model file (export:, torchscript:, onnx:) may have a card beside it, `<file>.card.yaml`,
+giving what the file cannot: `size`, `mean`, `std`, `resize` (resize_crop or squash),
+`crop_pct`, `labels`.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,10 +39,19 @@ from torchvision.models._meta import _IMAGENET_CATEGORIES
 
 from ..storage import Storage
 from .builtin import load_builtin
-from .loaded import LoadedModel
+from .loaded import ALL_CAPABILITIES, LoadedModel, ScoreFunction
 from .preprocess import Preprocess
 
-LoaderResult = tuple[nn.Module, Preprocess, str]
+
+class LoaderResult(NamedTuple):
+    module: nn.Module
+    preprocess: Preprocess
+    weights_hash: str
+    labels: list[str] | None = None  # None: ImageNet's for 1000 outputs, else class_<i>
+    capabilities: frozenset[str] = ALL_CAPABILITIES
+    cam_layer: str = ""  # the family's CAM layer; "" leaves it to the default search
+
+
 LOADERS: dict[str, Callable[..., LoaderResult]] = {}
 
 
@@ -55,21 +75,26 @@ def load_model(
     trust_pickle: bool = False,
     registry_uri: str | None = None,
     random_init: bool = False,
+    score: ScoreFunction = "softmax",
 ) -> LoadedModel:
     """Load a classifier for explanation: eval mode, channels_last, on `device`.
 
     resize: "resize_crop" (short side to size/0.875, centre crop) or "squash" (to size x size);
     defaults to the loader's choice. size: input side in pixels (default: the model's own).
     random_init: allow a torchvision:/timm: architecture without weights (seeded random init).
+    score: how a class is scored from the logits: softmax (one class of many), sigmoid
+    (multi-label: each class on its own), logit.
     """
     check_weights(uri, weights, random_init)
     scheme, _, rest = uri.partition(":")
-    module, preprocess, weights_hash = LOADERS[scheme](
-        rest,
-        weights=weights,
-        num_classes=num_classes,
-        trust_pickle=trust_pickle,
-        registry_uri=registry_uri,
+    module, preprocess, weights_hash, card_labels, capabilities, cam_layer = LoaderResult(
+        *LOADERS[scheme](
+            rest,
+            weights=weights,
+            num_classes=num_classes,
+            trust_pickle=trust_pickle,
+            registry_uri=registry_uri,
+        )
     )
     if resize is not None:
         if resize not in ("resize_crop", "squash"):
@@ -78,7 +103,15 @@ def load_model(
     if size is not None:
         preprocess = Preprocess(**{**preprocess.__dict__, "size": int(size)})
     return wrap_module(
-        module, preprocess, id=uri, weights_hash=weights_hash, device=device, labels=labels
+        module,
+        preprocess,
+        id=uri,
+        weights_hash=weights_hash,
+        device=device,
+        labels=labels if labels is not None else card_labels,
+        score=score,
+        capabilities=capabilities,
+        cam_layer=cam_layer,
     )
 
 
@@ -125,6 +158,8 @@ def wrap_module(
     device: str | torch.device | None = None,
     labels: list[str] | None = None,
     cam_layer: str = "",
+    score: ScoreFunction = "softmax",
+    capabilities: frozenset[str] = ALL_CAPABILITIES,
 ) -> LoadedModel:
     """An in-memory nn.Module as a LoadedModel (eval, channels_last, frozen weights)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -144,13 +179,20 @@ def wrap_module(
     if len(labels) != n_out:
         raise ValueError(f"{len(labels)} labels given for a model with {n_out} outputs")
     return LoadedModel(
-        module, preprocess, list(labels), id, weights_hash or _hash_module(module), cam_layer
+        module,
+        preprocess,
+        list(labels),
+        id,
+        weights_hash or _hash_module(module),
+        cam_layer,
+        score=score,
+        capabilities=capabilities,
     )
 
 
 def _count_outputs(module: nn.Module, preprocess: Preprocess, device) -> int:
-    with torch.inference_mode():
-        out = module(torch.zeros(1, 3, preprocess.size, preprocess.size, device=device))
+    with torch.inference_mode():  # two images: a program exported for one image fails here
+        out = module(torch.zeros(2, 3, preprocess.size, preprocess.size, device=device))
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise ValueError(
             f"model must return logits [B, classes]; got {getattr(out, 'shape', type(out))}"
@@ -160,6 +202,13 @@ def _count_outputs(module: nn.Module, preprocess: Preprocess, device) -> int:
 
 def _state_dict(weights: str) -> tuple[dict, str]:
     raw = Storage().read_bytes(weights)
+    if weights.endswith(".safetensors"):  # tensors only by construction: nothing runs on load
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            return load_safetensors(raw), hashlib.sha256(raw).hexdigest()
+        except Exception as e:
+            raise ValueError(f"weights {weights!r} are not a safetensors file: {e}") from None
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything that is not plain tensors
@@ -223,11 +272,89 @@ def _timm(arch: str, *, weights=None, num_classes=None, **_) -> LoaderResult:
     return module, preprocess, _load_weights(module, weights, f"timm:{arch}")
 
 
+@loader("export")
+def _export(path: str, **_) -> LoaderResult:
+    """A torch.export program. Its layers are graph ops, not nn.Module types, so methods whose
+    rules key on layer types (LRP, DeepLIFT, guided backprop, deconvnet, CAM) are refused."""
+    raw = Storage().read_bytes(path)
+    try:
+        program = torch.export.load(io.BytesIO(raw))
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a torch.export program (.pt2): {e}") from None
+    module = torch.export.unflatten(program)
+    preprocess, labels = _card(path, Preprocess(size=224))
+    try:
+        _count_outputs(module, preprocess, "cpu")
+    except Exception as e:
+        raise ValueError(
+            f"{path!r}: the program does not run on a batch of 2 images at {preprocess.size} px "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); export it with a dynamic "
+            "batch dimension (dynamic_shapes={'x': {0: torch.export.Dim('batch')}}) and give "
+            "its input size in a card beside it (<file>.card.yaml: size: ...)"
+        ) from None
+    capabilities = ALL_CAPABILITIES - {"layer_types"}
+    return LoaderResult(module, preprocess, hashlib.sha256(raw).hexdigest(), labels, capabilities)
+
+
+@loader("onnx")
+def _onnx(path: str, **_) -> LoaderResult:
+    from .onnx_session import OnnxClassifier
+
+    raw = Storage().read_bytes(path)
+    module = OnnxClassifier(raw, f"onnx:{path}")
+    preprocess, labels = _card(path, Preprocess(size=224))
+    return LoaderResult(module, preprocess, hashlib.sha256(raw).hexdigest(), labels, frozenset())
+
+
+@loader("hf")
+def _huggingface(uri: str, **_) -> LoaderResult:
+    from .huggingface import load_hf
+
+    module, preprocess, digest, labels, layer = load_hf(uri, Storage())
+    return LoaderResult(module, preprocess, digest, labels, ALL_CAPABILITIES, layer)
+
+
 @loader("torchscript")
 def _torchscript(path: str, **_) -> LoaderResult:
     raw = Storage().read_bytes(path)
     module = torch.jit.load(io.BytesIO(raw), map_location="cpu")
-    return module, Preprocess(size=224), hashlib.sha256(raw).hexdigest()
+    preprocess, labels = _card(path, Preprocess(size=224))
+    return LoaderResult(module, preprocess, hashlib.sha256(raw).hexdigest(), labels)
+
+
+CARD_KEYS = ("size", "mean", "std", "resize", "crop_pct", "labels")
+
+
+def _card(path: str, default: Preprocess) -> tuple[Preprocess, list[str] | None]:
+    """The preprocessing and labels of a model file from `<file>.card.yaml` beside it, if any."""
+    import yaml
+
+    uri = f"{path}.card.yaml"
+    storage = Storage()
+    fs, where = storage.filesystem(uri)
+    if not storage.retry(lambda: fs.exists(where), what=f"checking {uri}"):
+        return default, None
+    try:
+        card = yaml.safe_load(storage.read_bytes(uri)) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"model card {uri!r} is not YAML: {e}") from None
+    unknown = sorted(set(card) - set(CARD_KEYS))
+    if unknown:
+        raise ValueError(f"model card {uri!r}: unknown keys {unknown} (known: {list(CARD_KEYS)})")
+    fields = {"policy" if k == "resize" else k: card[k] for k in CARD_KEYS[:5] if k in card}
+    for k in ("mean", "std"):
+        if k in fields:
+            fields[k] = tuple(float(v) for v in fields[k])
+    labels = card.get("labels")
+    if labels is not None and not (
+        isinstance(labels, list) and all(isinstance(v, str) for v in labels)
+    ):
+        raise ValueError(f"model card {uri!r}: labels must be a list of class names")
+    if fields.get("policy", "squash") not in ("squash", "resize_crop"):
+        raise ValueError(f"model card {uri!r}: resize must be 'resize_crop' or 'squash'")
+    if not isinstance(fields.get("size", 8), int) or fields.get("size", 8) < 8:
+        raise ValueError(f"model card {uri!r}: size must be an integer >= 8 (pixels)")
+    return Preprocess(**{**default.__dict__, **fields}), labels
 
 
 @loader("pickle")
