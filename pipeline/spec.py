@@ -7,6 +7,7 @@ credentials come from the environment or a profile.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -164,8 +165,19 @@ class ComputeSpec(_Strict):
         return 64 if str(device).startswith("cuda") else 16
 
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # beside the working directory: local runs
+
+
+def _tracking_uri_default() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
 class TrackingSpec(_Strict):
-    uri: str = "sqlite:///mlflow.db"
+    uri: str = Field(
+        default_factory=_tracking_uri_default,
+        description="MLflow tracking URI; when left out, $MLFLOW_TRACKING_URI of the process that "
+        "reads the spec (on a cluster: the driver's), else sqlite:///mlflow.db",
+    )
     experiment: str = "salient"
     tags: dict[str, str] = Field(default_factory=dict)
     enabled: bool = True
@@ -217,7 +229,7 @@ class JobSpec(_Strict):
     metrics: list[MethodSpec] = Field(default_factory=list)
     output: OutputSpec = OutputSpec()
     compute: ComputeSpec = ComputeSpec()
-    tracking: TrackingSpec = TrackingSpec()
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)  # reads the env when parsed
     storage: StorageSpec = StorageSpec()
     compare_to: CompareSpec | None = None
     seed: int = 0

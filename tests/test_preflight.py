@@ -327,3 +327,20 @@ def test_relative_paths_resolve_against_the_specs_folder(tmp_path, folder, monke
     assert spec.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     kept = load_spec("../jobs/job.yaml", resolve_paths=False)  # submit: resolved on the cluster
     assert kept.source.uri == "../images"
+
+
+def test_tracking_uri_falls_back_to_mlflow_tracking_uri(monkeypatch):
+    from pipeline.spec import parse_spec
+
+    base = {"source": {"uri": "/data"}, "explainers": [{"name": "gradcam"}]}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert parse_spec(base).tracking.uri == "sqlite:///mlflow.db"  # the local default
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert parse_spec(base).tracking.uri == "http://mlflow:5000"  # read when the spec is read
+    assert parse_spec({**base, "tracking": {"experiment": "e"}}).tracking.uri == (
+        "http://mlflow:5000"
+    )
+    written = {**base, "tracking": {"uri": "sqlite:////srv/m.db"}}
+    assert parse_spec(written).tracking.uri == "sqlite:////srv/m.db"  # the spec's own wins
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    assert parse_spec(base).tracking.uri == "sqlite:///mlflow.db"
