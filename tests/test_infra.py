@@ -325,12 +325,38 @@ def test_dockerfile_installs_the_package_and_runs_salient():
     assert json.loads(first["ENTRYPOINT"][-1]) == ["salient"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["salient"] == "pipeline.cli:app"
-    assert any("pip install -c constraints.txt ." in r for r in first["RUN"])
+    # the dependencies at the lock's versions in a layer of their own, before the code
+    order = [f"{word.upper()} {rest}" for word, rest in instructions]
+    deps = next(i for i, x in enumerate(order) if "pip install -c requirements.lock -r" in x)
+    code = next(i for i, x in enumerate(order) if x.startswith("COPY pipeline "))
+    package = next(i for i, x in enumerate(order) if "pip install --no-deps" in x)
+    assert order[deps - 1] == "COPY pyproject.toml requirements.lock ./"
+    assert deps < code < package
+    assert first["USER"][-1] == "1000:1000"  # = the manifests' runAsUser
+    assert not any("jobs" in rest for rest in first["COPY"])  # specs come from the ConfigMap
     copied = [src for rest in first["COPY"] for src in rest.split()[:-1]]
     ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
     for src in copied:
         assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
         assert f"!{src}" in ignore or f"!{src}/" in ignore, f"{src} is kept out of the context"
+
+
+def pins(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.split("#")[0].strip().partition("==")
+            out[re.sub(r"[-_.]+", "-", name.lower())] = version
+    return out
+
+
+def test_the_lock_agrees_with_the_constraints():
+    """make installs with both as constraints, the image with the lock: one version each."""
+    lock, constraints = pins(ROOT / "requirements.lock"), pins(ROOT / "constraints.txt")
+    assert all(lock.values()) and "salient-pipeline" not in lock  # exact pins, not the package
+    # cosmic-ray (make mutation) is not in the test environment, so not in the lock
+    assert {n: v for n, v in constraints.items() if lock.get(n, v) != v} == {}
+    assert set(constraints) - set(lock) <= {"cosmic-ray"}
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
