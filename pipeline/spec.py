@@ -441,14 +441,17 @@ def cluster_problems(spec: JobSpec) -> list[str]:
 
 
 def is_loopback(address: str) -> bool:
-    """Whether a URL or host[:port] names this machine (localhost, 127.0.0.0/8, ::1)."""
+    """Whether a URL or host[:port] names this machine (localhost, 127.0.0.0/8, ::1, and
+    0.0.0.0, which a client reaches as this machine)."""
     host = urlsplit(address if "://" in address else f"//{address}").hostname or ""
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False
+    ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1
+    return ip.is_loopback or ip.is_unspecified
 
 
 def _relative_sqlite(uri: str) -> bool:

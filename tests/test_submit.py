@@ -315,6 +315,8 @@ LOCAL_ONLY = (
         ("http://127.8.0.1", True),
         ("http://localhost:9000/", True),
         ("http://[::1]:9000", True),
+        ("http://[::ffff:127.0.0.1]:9000", True),
+        ("http://0.0.0.0:9000", True),
         ("127.0.0.1:6379", True),
         ("ray://127.0.0.1:10001", True),
         ("http://minio.storage:9000", False),
