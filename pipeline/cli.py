@@ -182,12 +182,18 @@ def validate(
     truth the metrics and targets need. Writes nothing. Exit 2 with one line per problem.
     What would fail on a cluster (see --cluster) is a warning."""
     from .engine.preflight import preflight
-    from .spec import SpecError, load_spec
+    from .spec import SpecError, cluster_problems, load_spec
 
     try:
         job = load_spec(spec)
-        local_only = _cluster_bound(spec, remote=for_cluster)
-        preflight(job, where=spec)
+        local_only = cluster_problems(load_spec(spec, resolve_paths=False))  # as written
+        problems = [f"{spec}: {p}" for p in local_only] if for_cluster else []
+        try:
+            preflight(job, where=spec)
+        except SpecError as e:
+            problems.append(str(e))
+        if problems:  # all of them together, the cluster's first
+            raise SpecError("\n".join(problems))
     except SpecError as e:
         _fail(str(e))
     for line in local_only:

@@ -346,6 +346,19 @@ def test_validate_warns_about_what_fails_on_a_cluster_and_refuses_it_with_cluste
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert result.exit_code == 2 and len(lines) == 2, result.output
     assert lines[0].startswith(f"error: {path}: storage.endpoint_url: 'http://localhost:9000'")
+    # with the other problems, one line each, all together
+    spec["source"]["uri"] = str(tmp_path / "absent")
+    path_spec = tmp_path / "job.yaml"
+    path_spec.write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(app, ["validate", "--cluster", path])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 3, result.output
+    assert [ln.removeprefix("error: ").split(": ")[1] for ln in lines] == [
+        "storage.endpoint_url",
+        "tracking.uri",
+        "source.uri",
+    ]
+    spec["source"]["uri"] = str(folder)
     # without them (the default tracking store left out), no warning at all
     del spec["storage"], spec["tracking"]
     result, lines, _ = _validate(tmp_path, spec)
