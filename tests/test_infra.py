@@ -476,6 +476,8 @@ def test_ray_token_auth_is_kuberays_and_the_cronjob_reads_the_same_secret_key():
         auth = spec.get("authOptions", {})
         assert auth.get("mode") == "token" and auth.get("secretName"), f"{name}: no token auth"
         secrets.add(auth["secretName"])
+        # KubeRay refuses token auth below Ray 2.52
+        assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52, 0), name
     assert len(secrets) == 1, secrets  # one Secret for the long-lived cluster and the RayJob
     # KubeRay sets RAY_AUTH_MODE / RAY_AUTH_TOKEN in Ray's pods; set by hand they would win
     for doc in by_kind("RayCluster") + by_kind("RayJob"):
@@ -488,6 +490,10 @@ def test_ray_token_auth_is_kuberays_and_the_cronjob_reads_the_same_secret_key():
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert (ref["name"], ref["key"]) == (secrets.pop(), "auth_token")
+    # and the README makes that Secret with that key
+    assert f"kubectl create secret generic {ref['name']} --from-literal=auth_token=" in (
+        readme_infra()
+    )
 
 
 def gpus(template: dict) -> int:
