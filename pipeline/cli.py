@@ -226,7 +226,8 @@ def run(
 
     try:
         job = load_spec(spec)
-        _cluster_bound(spec, remote=_remote_address(address or os.environ.get("RAY_ADDRESS")))
+        if _remote_address(address or os.environ.get("RAY_ADDRESS")):
+            _refuse_local_only(spec)
         if run_id:
             job = job.model_validate({**job.model_dump(), "run_id": run_id})
     except SpecError as e:
@@ -277,12 +278,12 @@ def run(
         raise typer.Exit(3)
 
 
-def _cluster_bound(spec: str, *, remote: bool) -> list[str]:
-    """The spec's loopback endpoint or relative sqlite store: a SpecError when `remote`, else
-    returned (warnings). Read as written: `load_spec` makes relative paths absolute here."""
+def _refuse_local_only(spec: str) -> None:
+    """A SpecError for the spec's loopback endpoint or relative sqlite store, read as written
+    (`load_spec` makes relative paths absolute here)."""
     from .spec import load_spec
 
-    return cluster.check_cluster_bound(load_spec(spec, resolve_paths=False), spec, remote=remote)
+    cluster.check_cluster_bound(load_spec(spec, resolve_paths=False), spec, remote=True)
 
 
 def _remote_address(address: str | None) -> bool:
