@@ -168,18 +168,36 @@ def demo(
 
 
 @app.command()
-def validate(spec: str = typer.Argument(..., help="Job spec (YAML), local path or URI.")) -> None:
+def validate(
+    spec: str = typer.Argument(..., help="Job spec (YAML), local path or URI."),
+    for_cluster: bool = typer.Option(
+        False,
+        "--cluster",
+        help="The spec runs on a remote cluster: a loopback storage endpoint or a relative "
+        "sqlite tracking store is an error, not a warning.",
+    ),
+) -> None:
     """Check a job spec as `run` would before starting Ray: the schema, the model (loaded on
     the CPU), every explainer and metric built with its parameters, the source and the ground
-    truth the metrics and targets need. Writes nothing. Exit 2 with one line per problem."""
+    truth the metrics and targets need. Writes nothing. Exit 2 with one line per problem.
+    What would fail on a cluster (see --cluster) is a warning."""
     from .engine.preflight import preflight
-    from .spec import SpecError, load_spec
+    from .spec import SpecError, cluster_problems, load_spec
 
     try:
         job = load_spec(spec)
-        preflight(job, where=spec)
+        local_only = cluster_problems(load_spec(spec, resolve_paths=False))  # as written
+        problems = [f"{spec}: {p}" for p in local_only] if for_cluster else []
+        try:
+            preflight(job, where=spec)
+        except SpecError as e:
+            problems.append(str(e))
+        if problems:  # all of them together, the cluster's first
+            raise SpecError("\n".join(problems))
     except SpecError as e:
         _fail(str(e))
+    for line in local_only:
+        errors.print(f"[yellow]warning:[/yellow] {escape(spec)}: {escape(line)}", highlight=False)
     names = ", ".join(m.key for m in job.explainers)
     console.print(
         f"{spec}: ok ({len(job.explainers)} explainers: {names}; {len(job.metrics)} metrics)",
@@ -208,6 +226,8 @@ def run(
 
     try:
         job = load_spec(spec)
+        if _remote_address(address or os.environ.get("RAY_ADDRESS")):
+            _refuse_local_only(spec)
         if run_id:
             job = job.model_validate({**job.model_dump(), "run_id": run_id})
     except SpecError as e:
@@ -256,6 +276,21 @@ def run(
     if result.gate is not None and result.gate["gate"] == "fail":
         errors.print("[red]regression gate failed[/red]: a metric regressed beyond its tolerance")
         raise typer.Exit(3)
+
+
+def _refuse_local_only(spec: str) -> None:
+    """A SpecError for the spec's loopback endpoint or relative sqlite store, read as written
+    (`load_spec` makes relative paths absolute here)."""
+    from .spec import load_spec
+
+    cluster.check_cluster_bound(load_spec(spec, resolve_paths=False), spec, remote=True)
+
+
+def _remote_address(address: str | None) -> bool:
+    """A Ray address on another machine (not local Ray, not a head on this machine)."""
+    from .spec import is_loopback
+
+    return bool(address) and address not in ("auto", "local") and not is_loopback(address)
 
 
 def _log_path(run_id: str) -> Path:

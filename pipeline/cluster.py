@@ -62,15 +62,18 @@ def build_submission(
     run_id: str | None = None,
     ship_code: bool = True,
     workdir: Path | None = None,
+    remote: bool = True,
 ) -> Submission:
     """Validate the spec here (a mistake costs nothing on the cluster) and build the entrypoint
     and runtime env. The spec's text travels unchanged, so `{date}` run ids expand on the
-    cluster when the job starts."""
+    cluster when the job starts. `remote`: the cluster is another machine, so what only works
+    here (a loopback storage endpoint, a relative sqlite store) is refused, not warned about."""
     from .spec import SpecError, load_spec
     from .storage import Storage
 
     # one line per problem; relative paths stay as written (they resolve on the cluster)
     spec = load_spec(spec_uri, resolve_paths=False)
+    local_only = check_cluster_bound(spec, spec_uri, remote=remote)
     if run_id:
         try:
             type(spec).model_validate({**spec.model_dump(), "run_id": run_id})
@@ -94,25 +97,40 @@ def build_submission(
         "salient.spec": spec_uri,
         "salient.explainers": ",".join(m.key for m in spec.explainers),
     }
-    for warning in relative_path_warnings(spec):
+    for warning in [*local_only, *relative_path_warnings(spec)]:
         errors.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     return Submission(entrypoint, runtime_env, metadata, workdir)
 
 
+def check_cluster_bound(spec, where: str, *, remote: bool) -> list[str]:
+    """A spec bound for a cluster: its loopback endpoint or relative sqlite store raise a
+    SpecError (one line each, naming the field) when the cluster is `remote`; else they are
+    returned as warnings (a cluster on this machine reaches this machine's services)."""
+    from .spec import SpecError, cluster_problems
+
+    problems = cluster_problems(spec)
+    if remote and problems:
+        raise SpecError("\n".join(f"{where}: {p}" for p in problems))
+    return problems
+
+
 def relative_path_warnings(spec) -> list[str]:
     """Relative local paths resolve inside the job's temporary working dir on the cluster,
-    which Ray deletes: outputs and the tracking store written there are lost."""
+    which Ray deletes: outputs written there are lost. A left-out tracking.uri is read on the
+    cluster: its nodes' MLFLOW_TRACKING_URI, else a relative sqlite store there."""
     out = []
-    for name, uri in (
-        ("source.uri", spec.source.uri),
-        ("output.uri", spec.output.uri),
-        ("tracking.uri", spec.tracking.uri.removeprefix("sqlite:///")),
-    ):
+    for name, uri in (("source.uri", spec.source.uri), ("output.uri", spec.output.uri)):
         if "://" not in uri and ":" not in uri.split("/")[0] and not uri.startswith("/"):
             out.append(
                 f"{name} {uri!r} is a relative local path: on the cluster it resolves inside the "
                 "job's temporary working dir; use an absolute path or object storage"
             )
+    if "uri" not in spec.tracking.model_fields_set:
+        out.append(
+            "tracking.uri is not in the spec: the job records to the cluster nodes' "
+            "$MLFLOW_TRACKING_URI, or without one to sqlite:///mlflow.db in its temporary "
+            "working dir (lost)"
+        )
     return out
 
 
@@ -277,10 +295,19 @@ def register(app: typer.Typer) -> None:
         """Submit a job spec to a Ray cluster (Ray Job Submission); prints the job id."""
         import shutil
 
-        from .spec import SpecError
+        from .spec import SpecError, is_loopback
 
         try:
-            sub = build_submission(spec, python=python, run_id=run_id, ship_code=ship_code)
+            # a dashboard on this machine (the local stack) reaches this machine's services;
+            # a port-forward to a remote cluster does not: then the lines printed as warnings
+            # are the job's errors
+            sub = build_submission(
+                spec,
+                python=python,
+                run_id=run_id,
+                ship_code=ship_code,
+                remote=not is_loopback(address),
+            )
         except (SpecError, SubmitError, FileNotFoundError, PermissionError) as e:
             _fail(str(e), 2)
         try:

@@ -7,9 +7,12 @@ credentials come from the environment or a profile.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -176,8 +179,19 @@ class ComputeSpec(_Strict):
         return 64 if str(device).startswith("cuda") else 16
 
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # beside the working directory: local runs
+
+
+def _tracking_uri_default() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
 class TrackingSpec(_Strict):
-    uri: str = "sqlite:///mlflow.db"
+    uri: str = Field(
+        default_factory=_tracking_uri_default,
+        description="MLflow tracking URI; when left out, $MLFLOW_TRACKING_URI of the process that "
+        "reads the spec (on a cluster: the driver's), else sqlite:///mlflow.db",
+    )
     experiment: str = "salient"
     tags: dict[str, str] = Field(default_factory=dict)
     enabled: bool = True
@@ -229,7 +243,7 @@ class JobSpec(_Strict):
     metrics: list[MethodSpec] = Field(default_factory=list)
     output: OutputSpec = OutputSpec()
     compute: ComputeSpec = ComputeSpec()
-    tracking: TrackingSpec = TrackingSpec()
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)  # reads the env when parsed
     storage: StorageSpec = StorageSpec()
     compare_to: CompareSpec | None = None
     seed: int = 0
@@ -414,6 +428,46 @@ def _resolve_paths(data: dict, folder: Path) -> dict:
     if isinstance(uri, str) and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         tracking["uri"] = "sqlite:///" + local(uri[len("sqlite:///") :])
     return out
+
+
+def cluster_problems(spec: JobSpec) -> list[str]:
+    """What a spec bound for a cluster must not hold, one line per field: a loopback storage
+    endpoint (on a pod it is the pod itself) and a relative sqlite tracking store (it resolves
+    inside the job's temporary working dir, deleted with it). Read the spec with
+    `resolve_paths=False`; only what the spec writes counts (a left-out tracking.uri is the
+    cluster's MLFLOW_TRACKING_URI)."""
+    out = []
+    endpoint = spec.storage.endpoint_url
+    if endpoint and is_loopback(endpoint):
+        out.append(
+            f"storage.endpoint_url: {endpoint!r} is a loopback address: on a cluster node it is "
+            "the node itself; use the storage service's cluster address"
+        )
+    uri = spec.tracking.uri
+    if "uri" in spec.tracking.model_fields_set and _relative_sqlite(uri):
+        out.append(
+            f"tracking.uri: {uri!r} is a relative sqlite store: on a cluster it lands in the "
+            "job's temporary working dir and is lost; use the cluster's MLflow server (http://...)"
+        )
+    return out
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a URL or host[:port] names this machine (localhost, 127.0.0.0/8, ::1, and
+    0.0.0.0, which a client reaches as this machine)."""
+    host = urlsplit(address if "://" in address else f"//{address}").hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1
+    return ip.is_loopback or ip.is_unspecified
+
+
+def _relative_sqlite(uri: str) -> bool:
+    return uri.startswith("sqlite:///") and not uri.startswith("sqlite:////")
 
 
 def flatten(spec: JobSpec) -> dict[str, str]:

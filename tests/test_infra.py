@@ -1,7 +1,14 @@
 """infra/ agrees with itself and with the CLI: manifests parse and have the fields KubeRay and
 Kubernetes need, one image everywhere, and every `salient ...` written in a manifest, script,
 the Dockerfile or the README's Infra section is a real command with real options (a renamed
-option would otherwise fail only at 02:00 on the cluster)."""
+option would otherwise fail only at 02:00 on the cluster).
+
+The manifests are also validated against the schemas the API server would use: KubeRay's CRDs
+(vendored and trimmed under infra/k8s/schemas/, see vendor.py there) and Kubernetes' own
+(kubernetes-validate) for the CronJob and every pod template, unknown fields refused as
+`kubectl apply` refuses them. And for what a schema cannot see: token auth through KubeRay's
+authOptions, the job specs the pods mount fit for a cluster (no loopback endpoint, no relative
+sqlite store, GPU actors where the workers are GPU workers), the restricted securityContext."""
 
 from __future__ import annotations
 
@@ -12,17 +19,28 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import typer
 import yaml
 
 from pipeline.cli import app
+from pipeline.spec import cluster_problems, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 MANIFESTS = sorted((INFRA / "k8s").glob("*.yaml"))
 SCRIPTS = sorted((INFRA / "local").glob("*.sh"))
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
+CRD_SCHEMAS = sorted((INFRA / "k8s" / "schemas").glob("*.json"))
+K8S_VERSION = "1.33.0"  # the Kubernetes schemas the manifests are checked against
+RESTRICTED_POD = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 SHELL_BREAKS = {";", "&&", "||", "|", ">", ">>", "2>&1", "&"}
 
 
@@ -232,28 +250,56 @@ def test_ray_clusters_have_a_head_and_gpu_and_cpu_workers():
     )
 
 
-def test_rayjob_runs_the_spec_mounted_from_a_configmap():
+def mounted_spec(pod: dict, path: str) -> str:
+    """The ConfigMap key a pod reads at `path`: the mount of the path's folder, then the
+    volume's item for the file's name."""
+    spec_path = Path(path)
+    mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c["volumeMounts"]}
+    volume = {v["name"]: v for v in pod["volumes"]}[mounts[str(spec_path.parent)]]
+    assert volume["configMap"]["name"] == "salient-specs"
+    items = {i["path"]: i["key"] for i in volume["configMap"]["items"]}
+    return items[spec_path.name]
+
+
+def cronjob_call() -> tuple[dict, dict, list[str]]:
+    """(the CronJob, its container, the `salient ...` call its shell runs)."""
+    (cron,) = by_kind("CronJob")
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    (call,) = invocations(" ".join(container.get("command", []) + container.get("args", [])))
+    return cron, container, call
+
+
+def mounted_specs() -> dict[str, str]:
+    """Which job spec (jobs/<key>: the ConfigMap is made from these files) each manifest runs."""
     (job,) = by_kind("RayJob")
     call = shlex.split(job["spec"]["entrypoint"])
     assert call[:2] == ["salient", "run"]
-    spec_path = Path(call[2])
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-    mounts = {m["mountPath"]: m["name"] for c in head["containers"] for m in c["volumeMounts"]}
-    volume = {v["name"]: v for v in head["volumes"]}[mounts[str(spec_path.parent)]]
-    items = {i["path"]: i["key"] for i in volume["configMap"]["items"]}
-    assert items[spec_path.name] == "explain.yaml"
-    assert (ROOT / "jobs" / items[spec_path.name]).exists()  # what the ConfigMap is made from
+    cron, _, submit = cronjob_call()
+    assert submit[0] == "submit"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    return {
+        job["metadata"]["name"]: mounted_spec(head, call[2]),
+        cron["metadata"]["name"]: mounted_spec(pod, submit[1]),
+    }
+
+
+def test_rayjob_and_cronjob_run_specs_mounted_from_the_configmap():
+    keys = mounted_specs()
+    assert keys == {"salient-explain": "explain-k8s.yaml", "salient-nightly": "nightly-k8s.yaml"}
+    # the ConfigMap is made from jobs/ by the README's command, with every key the pods mount
+    for key in keys.values():
+        assert (ROOT / "jobs" / key).exists()
+        assert f"--from-file={key}=jobs/{key}" in readme_infra(), key
 
 
 def test_nightly_cronjob_submits_to_the_rayclusters_dashboard():
-    (cron,) = by_kind("CronJob")
+    cron, container, call = cronjob_call()
     assert valid_cron(cron["spec"]["schedule"])
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     assert pod["restartPolicy"] in ("Never", "OnFailure")
-    (container,) = pod["containers"]
-    (call,) = invocations(" ".join(container.get("command", []) + container.get("args", [])))
-    assert call[:2] == ["submit", "jobs/nightly.yaml"] and "--wait" in call
+    assert call[:2] == ["submit", "/specs/nightly-k8s.yaml"] and "--wait" in call
     options = dict(zip(call[2::2], call[3::2], strict=False))
     (cluster,) = by_kind("RayCluster")
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
@@ -261,7 +307,6 @@ def test_nightly_cronjob_submits_to_the_rayclusters_dashboard():
     assert options["--address"] == f"http://{cluster['metadata']['name']}-head-svc:{dashboard}"
     # `$$` is Kubernetes' escape for `$`: the shell in the pod sees nightly-$(date +%F)
     assert "--submission-id nightly-$$(date +%F)" in " ".join(container["args"])
-    assert container.get("workingDir") == "/app"  # where the image puts jobs/
 
 
 def test_one_image_everywhere():
@@ -280,12 +325,38 @@ def test_dockerfile_installs_the_package_and_runs_salient():
     assert json.loads(first["ENTRYPOINT"][-1]) == ["salient"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["salient"] == "pipeline.cli:app"
-    assert any("pip install -c constraints.txt ." in r for r in first["RUN"])
+    # the dependencies at the lock's versions in a layer of their own, before the code
+    order = [f"{word.upper()} {rest}" for word, rest in instructions]
+    deps = next(i for i, x in enumerate(order) if "pip install -c requirements.lock -r" in x)
+    code = next(i for i, x in enumerate(order) if x.startswith("COPY pipeline "))
+    package = next(i for i, x in enumerate(order) if "pip install --no-deps" in x)
+    assert order[deps - 1] == "COPY pyproject.toml requirements.lock ./"
+    assert deps < code < package
+    assert first["USER"][-1] == "1000:1000"  # = the manifests' runAsUser
+    assert not any("jobs" in rest for rest in first["COPY"])  # specs come from the ConfigMap
     copied = [src for rest in first["COPY"] for src in rest.split()[:-1]]
     ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
     for src in copied:
         assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
         assert f"!{src}" in ignore or f"!{src}/" in ignore, f"{src} is kept out of the context"
+
+
+def pins(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.split("#")[0].strip().partition("==")
+            out[re.sub(r"[-_.]+", "-", name.lower())] = version
+    return out
+
+
+def test_the_lock_agrees_with_the_constraints():
+    """make installs with both as constraints, the image with the lock: one version each."""
+    lock, constraints = pins(ROOT / "requirements.lock"), pins(ROOT / "constraints.txt")
+    assert all(lock.values()) and "salient-pipeline" not in lock  # exact pins, not the package
+    # cosmic-ray (make mutation) is not in the test environment, so not in the lock
+    assert {n: v for n, v in constraints.items() if lock.get(n, v) != v} == {}
+    assert set(constraints) - set(lock) <= {"cosmic-ray"}
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
@@ -307,3 +378,182 @@ def test_readme_crontab_lines_are_valid():
         assert valid_cron(" ".join(entry.split()[:5])), entry
         assert not re.search(r"(?<!\\)%", entry), f"cron turns a bare % into a newline: {entry}"
         assert invocations(" ".join(entry.split()[5:]))
+
+
+# -- schemas: KubeRay's CRDs (vendored) and Kubernetes' own -----------------------------------
+def closed(schema):
+    """An OpenAPI schema with unknown fields refused where the API server refuses them (kubectl
+    applies with strict field validation): every object that lists its properties and does
+    not keep unknown fields."""
+    if isinstance(schema, dict):
+        out = {k: closed(v) for k, v in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [closed(v) for v in schema]
+    return schema
+
+
+def crd_validators() -> dict[str, jsonschema.Validator]:
+    out = {}
+    for path in CRD_SCHEMAS:
+        vendored = json.loads(path.read_text())
+        assert vendored["source"].startswith("ray-project/kuberay v1.6"), path.name
+        out[vendored["kind"]] = jsonschema.Draft7Validator(closed(vendored["schema"]))
+    return out
+
+
+def pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    """(where, pod template) for every pod a manifest makes."""
+    kind, spec = doc["kind"], doc["spec"]
+    if kind == "CronJob":
+        return [("jobTemplate", spec["jobTemplate"]["spec"]["template"])]
+    out = [("submitterPodTemplate", spec["submitterPodTemplate"])] if kind == "RayJob" else []
+    cluster = spec["rayClusterSpec"] if kind == "RayJob" else spec
+    out.append(("headGroupSpec", cluster["headGroupSpec"]["template"]))
+    out += [
+        (f"workerGroupSpecs/{g['groupName']}", g["template"]) for g in cluster["workerGroupSpecs"]
+    ]
+    return out
+
+
+ALL_DOCS = [(p.name, d) for p in MANIFESTS for d in documents(p)]
+
+
+@pytest.mark.parametrize("name, doc", ALL_DOCS, ids=[f"{n}:{d['kind']}" for n, d in ALL_DOCS])
+def test_manifest_matches_the_api_servers_schemas(name, doc):
+    if doc["apiVersion"] == "ray.io/v1":
+        errors = sorted(crd_validators()[doc["kind"]].iter_errors(doc), key=str)
+        assert not errors, "\n".join(
+            f"{name}: {'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors
+        )
+    else:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    # the pod templates (trimmed from the vendored CRDs) against Kubernetes' PodTemplateSpec
+    for where, template in pod_templates(doc):
+        wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}}
+        try:
+            kubernetes_validate.validate({**wrapped, "template": template}, K8S_VERSION, True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{name} {where}: {e.message} at {list(e.caught.absolute_path)}")
+
+
+def test_the_schema_check_refuses_what_kubectl_refuses():
+    (cluster,) = by_kind("RayCluster")
+    validator = crd_validators()["RayCluster"]
+    assert not list(validator.iter_errors(cluster))
+    for bad in (
+        {**cluster, "spec": {**cluster["spec"], "authOptions": {"mode": "tokens"}}},
+        {**cluster, "spec": {**cluster["spec"], "authOption": {"mode": "token"}}},
+        {**cluster, "spec": {**cluster["spec"], "rayVersion": 2.6}},
+    ):
+        assert list(validator.iter_errors(bad)), bad["spec"]
+    (template,) = [t for w, t in pod_templates(cluster) if w == "headGroupSpec"]
+    container = {**template["spec"]["containers"][0], "securityContxt": {}}
+    broken = {**template, "spec": {**template["spec"], "containers": [container]}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(
+            {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": "t"},
+                "template": broken,
+            },
+            K8S_VERSION,
+            True,
+        )
+
+
+# -- semantics ---------------------------------------------------------------------------------
+def test_ray_token_auth_is_kuberays_and_the_cronjob_reads_the_same_secret_key():
+    secrets = set()
+    for name, spec in cluster_specs():
+        auth = spec.get("authOptions", {})
+        assert auth.get("mode") == "token" and auth.get("secretName"), f"{name}: no token auth"
+        secrets.add(auth["secretName"])
+        # KubeRay refuses token auth below Ray 2.52
+        assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52, 0), name
+    assert len(secrets) == 1, secrets  # one Secret for the long-lived cluster and the RayJob
+    # KubeRay sets RAY_AUTH_MODE / RAY_AUTH_TOKEN in Ray's pods; set by hand they would win
+    for doc in by_kind("RayCluster") + by_kind("RayJob"):
+        for c in containers(doc["spec"]):
+            names = [e["name"] for e in c.get("env", [])]
+            assert not [n for n in names if n.startswith("RAY_AUTH")], (doc["kind"], c["name"])
+    # the CronJob's submitter is no Ray pod: it reads the key KubeRay reads (`auth_token`)
+    _, container, _ = cronjob_call()
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == (secrets.pop(), "auth_token")
+    # and the README makes that Secret with that key
+    assert f"kubectl create secret generic {ref['name']} --from-literal=auth_token=" in (
+        readme_infra()
+    )
+
+
+def gpus(template: dict) -> int:
+    return sum(
+        int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+        for c in template["spec"]["containers"]
+    )
+
+
+def test_the_mounted_specs_are_fit_for_their_cluster():
+    clusters = {}
+    (cluster,) = by_kind("RayCluster")
+    (job,) = by_kind("RayJob")
+    clusters["salient-nightly"] = cluster["spec"]  # the CronJob submits to the RayCluster
+    clusters["salient-explain"] = job["spec"]["rayClusterSpec"]
+    for manifest, key in mounted_specs().items():
+        spec = load_spec(ROOT / "jobs" / key, resolve_paths=False)
+        assert cluster_problems(spec) == [], (key, cluster_problems(spec))
+        assert spec.storage.endpoint_url is None or "://" in spec.storage.endpoint_url
+        # recorded to the cluster's MLflow server, written in the spec (not the env's luck)
+        assert "uri" in spec.tracking.model_fields_set
+        assert spec.tracking.uri.startswith(("http://", "https://")), key
+        for uri in (spec.source.uri, spec.output.uri):
+            assert "://" in uri, f"{key}: {uri} is a local path"
+        groups = clusters[manifest]["workerGroupSpecs"]
+        per_worker = max(gpus(g["template"]) for g in groups)
+        if per_worker:  # GPU workers exist: the actors must ask for them
+            assert 0 < spec.compute.gpus_per_actor <= per_worker, key
+        if manifest == "salient-explain":  # a fixed-size cluster: every actor finds its GPU
+            total = sum(g["maxReplicas"] * gpus(g["template"]) for g in groups)
+            assert spec.compute.actors * spec.compute.gpus_per_actor <= total
+    # a spec that leaves tracking.uri out would use the head's MLFLOW_TRACKING_URI: the same
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in head.get("env", [])}
+    nightly = load_spec(ROOT / "jobs" / mounted_specs()["salient-nightly"], resolve_paths=False)
+    assert env.get("MLFLOW_TRACKING_URI", nightly.tracking.uri) == nightly.tracking.uri
+
+
+def test_the_local_specs_stay_local_and_the_cluster_specs_are_theirs():
+    # jobs/explain.yaml and demo.yaml serve the local stack: what cluster_problems finds there
+    # is why the manifests mount the *-k8s.yaml specs instead
+    explain = cluster_problems(load_spec(ROOT / "jobs" / "explain.yaml", resolve_paths=False))
+    assert [p.split(":")[0] for p in explain] == ["storage.endpoint_url", "tracking.uri"]
+
+
+@pytest.mark.parametrize("name, doc", ALL_DOCS, ids=[f"{n}:{d['kind']}" for n, d in ALL_DOCS])
+def test_every_pod_is_restricted(name, doc):
+    """Pod Security "restricted": non-root as the image's user, no privilege escalation, no
+    capabilities, the runtime's seccomp profile; also KubeRay's autoscaler sidecar (and its
+    wait-gcs-ready init container, which copies the Ray container's securityContext)."""
+    templates = pod_templates(doc)
+    assert templates
+    for where, template in templates:
+        pod = template["spec"].get("securityContext", {})
+        for key, want in RESTRICTED_POD.items():
+            assert pod.get(key) == want, f"{name} {where}: securityContext.{key}"
+        for c in template["spec"]["containers"] + template["spec"].get("initContainers", []):
+            ctx = c.get("securityContext", {})
+            for key, want in RESTRICTED_CONTAINER.items():
+                assert ctx.get(key) == want, f"{name} {where}/{c['name']}: securityContext.{key}"
+    if doc["kind"] == "RayCluster" and doc["spec"].get("enableInTreeAutoscaling"):
+        ctx = doc["spec"].get("autoscalerOptions", {}).get("securityContext", {})
+        assert all(ctx.get(k) == v for k, v in RESTRICTED_CONTAINER.items()), "autoscaler"

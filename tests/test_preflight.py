@@ -327,3 +327,56 @@ def test_relative_paths_resolve_against_the_specs_folder(tmp_path, folder, monke
     assert spec.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     kept = load_spec("../jobs/job.yaml", resolve_paths=False)  # submit: resolved on the cluster
     assert kept.source.uri == "../images"
+
+
+def test_validate_warns_about_what_fails_on_a_cluster_and_refuses_it_with_cluster(tmp_path, folder):
+    spec = {
+        "source": {"uri": str(folder)},
+        "explainers": [{"name": "gradcam"}],
+        "storage": {"endpoint_url": "http://localhost:9000"},
+        "tracking": {"uri": "sqlite:///mlflow.db"},
+    }
+    result, lines, path = _validate(tmp_path, spec)
+    assert result.exit_code == 0, result.output
+    warnings = [ln for ln in lines if ln.startswith("warning:")]
+    assert [w.split(": ")[2] for w in warnings] == ["storage.endpoint_url", "tracking.uri"]
+    assert all(w.startswith(f"warning: {path}: ") for w in warnings)
+    assert "ok (1 explainers: gradcam; 0 metrics)" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["validate", "--cluster", path])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 2, result.output
+    assert lines[0].startswith(f"error: {path}: storage.endpoint_url: 'http://localhost:9000'")
+    # with the other problems, one line each, all together
+    spec["source"]["uri"] = str(tmp_path / "absent")
+    path_spec = tmp_path / "job.yaml"
+    path_spec.write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(app, ["validate", "--cluster", path])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 3, result.output
+    assert [ln.removeprefix("error: ").split(": ")[1] for ln in lines] == [
+        "storage.endpoint_url",
+        "tracking.uri",
+        "source.uri",
+    ]
+    spec["source"]["uri"] = str(folder)
+    # without them (the default tracking store left out), no warning at all
+    del spec["storage"], spec["tracking"]
+    result, lines, _ = _validate(tmp_path, spec)
+    assert result.exit_code == 0 and len(lines) == 1, result.output
+
+
+def test_tracking_uri_falls_back_to_mlflow_tracking_uri(monkeypatch):
+    from pipeline.spec import parse_spec
+
+    base = {"source": {"uri": "/data"}, "explainers": [{"name": "gradcam"}]}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert parse_spec(base).tracking.uri == "sqlite:///mlflow.db"  # the local default
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert parse_spec(base).tracking.uri == "http://mlflow:5000"  # read when the spec is read
+    assert parse_spec({**base, "tracking": {"experiment": "e"}}).tracking.uri == (
+        "http://mlflow:5000"
+    )
+    written = {**base, "tracking": {"uri": "sqlite:////srv/m.db"}}
+    assert parse_spec(written).tracking.uri == "sqlite:////srv/m.db"  # the spec's own wins
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    assert parse_spec(base).tracking.uri == "sqlite:///mlflow.db"

@@ -297,3 +297,104 @@ def test_submission_carries_package_and_spec_but_no_secret(tmp_path, monkeypatch
         build_submission(
             str(spec.with_name("clean.yaml")), run_id="hunter2-secret", workdir=tmp_path / "w3"
         )
+
+
+# -- a spec bound for a cluster ------------------------------------------------------------
+LOCAL_ONLY = (
+    "source: {uri: 's3://b/imgs/'}\nexplainers: [{name: gradcam}]\n"
+    "output: {uri: 's3://b/runs/'}\n"
+    "storage: {endpoint_url: 'http://127.0.0.1:9000'}\n"
+    "tracking: {uri: 'sqlite:///mlflow.db'}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [
+        ("http://127.0.0.1:9000", True),
+        ("http://127.8.0.1", True),
+        ("http://localhost:9000/", True),
+        ("http://[::1]:9000", True),
+        ("http://[::ffff:127.0.0.1]:9000", True),
+        ("http://0.0.0.0:9000", True),
+        ("127.0.0.1:6379", True),
+        ("ray://127.0.0.1:10001", True),
+        ("http://minio.storage:9000", False),
+        ("https://s3.eu-west-1.amazonaws.com", False),
+        ("ray://head:10001", False),
+        ("http://10.0.0.7:8265", False),
+    ],
+)
+def test_loopback_addresses(address, loopback):
+    from pipeline.spec import is_loopback
+
+    assert is_loopback(address) is loopback
+
+
+def test_submit_to_a_remote_cluster_refuses_what_only_works_here(tmp_path, monkeypatch):
+    import pipeline.cluster as cluster_module
+
+    tried = []
+    monkeypatch.setattr(cluster_module, "client", lambda address: tried.append(address))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(LOCAL_ONLY)
+    r = CliRunner().invoke(app, ["submit", str(spec), "--address", "http://head-svc:8265"])
+    assert r.exit_code == 2 and tried == [], r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 2, r.output
+    assert lines[0].startswith(f"error: {spec}: storage.endpoint_url: 'http://127.0.0.1:9000'")
+    assert lines[1].startswith(f"{spec}: tracking.uri: 'sqlite:///mlflow.db' is a relative")
+    # mended: absolute sqlite, the storage service's cluster address
+    spec.write_text(
+        LOCAL_ONLY.replace("127.0.0.1", "minio.storage").replace("///mlflow", "////srv/mlflow")
+    )
+    from pipeline.cluster import build_submission
+
+    sub = build_submission(str(spec), workdir=tmp_path / "w", remote=True)
+    assert sub.entrypoint.endswith("run spec.yaml")
+
+
+def test_submit_to_a_dashboard_here_only_warns(tmp_path, monkeypatch):
+    """The local stack's head reaches 127.0.0.1 too: warnings, and the submission goes on."""
+    import pipeline.cluster as cluster_module
+
+    def unreachable(address):
+        raise cluster_module.SubmitError(f"cannot reach the Ray dashboard at {address}: test")
+
+    monkeypatch.setattr(cluster_module, "client", unreachable)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(LOCAL_ONLY.replace("tracking: {uri: 'sqlite:///mlflow.db'}\n", ""))
+    r = CliRunner().invoke(app, ["submit", str(spec), "--address", "http://127.0.0.1:8265"])
+    assert r.exit_code == 1 and "cannot reach the Ray dashboard" in r.output, r.output
+    assert "warning: storage.endpoint_url: 'http://127.0.0.1:9000' is a loopback" in r.output
+    # a left-out tracking.uri is the cluster's MLFLOW_TRACKING_URI: said, not refused
+    assert "tracking.uri is not in the spec" in r.output
+
+
+def test_run_on_a_remote_cluster_refuses_before_ray(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init was called"))
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    spec = jobs / "spec.yaml"
+    spec.write_text(LOCAL_ONLY.replace("sqlite:///mlflow.db", "sqlite:///../mlflow.db"))
+    r = CliRunner().invoke(app, ["run", str(spec), "--address", "ray://head:10001"])
+    assert r.exit_code == 2, r.output
+    assert "storage.endpoint_url: 'http://127.0.0.1:9000' is a loopback" in r.output
+    # as written, not as resolved here (load_spec makes the path absolute for a local run)
+    assert "tracking.uri: 'sqlite:///../mlflow.db' is a relative sqlite store" in r.output
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")  # the address from the environment
+    r = CliRunner().invoke(app, ["run", str(spec)])
+    assert r.exit_code == 2 and "storage.endpoint_url" in r.output, r.output
+
+
+@pytest.mark.parametrize(
+    ("address", "remote"),
+    [(None, False), ("auto", False), ("local", False), ("ray://127.0.0.1:10001", False)]
+    + [("127.0.0.1:6379", False), ("ray://head:10001", True), ("10.1.2.3:6379", True)],
+)
+def test_which_ray_addresses_are_remote(address, remote):
+    from pipeline.cli import _remote_address
+
+    assert _remote_address(address) is remote
