@@ -470,7 +470,9 @@ def audit(
     out: str = typer.Option("runs/", help="Output URI."),
     methods: str = typer.Option("gradcam,saliency", help="Comma list of explainers."),
     annotations: str | None = typer.Option(None, help="annotations.json (labels, boxes)."),
-    tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI."),
+    tracking_uri: str = typer.Option(
+        "sqlite:///mlflow.db", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI."
+    ),
     experiment: str = typer.Option("salient-audit"),
     limit: int | None = typer.Option(None, help="Audit only the first N images."),
     steps: int = typer.Option(32, help="Deletion/insertion steps."),
@@ -534,7 +536,9 @@ def audit(
 def compare(
     run: str = typer.Argument(..., help="MLflow run id or salient run id."),
     baseline: str | None = typer.Option(None, help="Run to compare with (default: last success)."),
-    tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI."),
+    tracking_uri: str = typer.Option(
+        "sqlite:///mlflow.db", envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI."
+    ),
     tolerance: list[str] = typer.Option(
         [], "--tolerance", "-t", help="METRIC=TOL (abs number or N%); globs allowed; repeatable."
     ),

@@ -59,6 +59,11 @@ def test_compare_cli_finds_the_last_success_and_exits_3_on_regression(tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["compare", "no-such-run", "--tracking-uri", uri])
     assert result.exit_code == 2 and "no MLflow run 'no-such-run'" in result.output
+    # without --tracking-uri the store comes from MLFLOW_TRACKING_URI, as for a job spec
+    result = runner.invoke(
+        app, ["compare", worse, "-t", "errors=0"], env={"MLFLOW_TRACKING_URI": uri}
+    )
+    assert result.exit_code == 3 and good in result.output, result.output
 
 
 @pytest.mark.slow
