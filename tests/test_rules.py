@@ -22,9 +22,10 @@ from pipeline.explainers.hooks import (
     forward_hooks,
     forward_order,
     match_rule,
+    pass_through,
     trace,
 )
-from pipeline.explainers.lrp import _LayerRule, pass_through, sum_rule
+from pipeline.explainers.lrp import _LayerRule, sum_rule
 
 # -- the layers: (name, constructor, input shape without the batch) ----------------------------
 LAYERS = {

@@ -23,25 +23,33 @@ from torch import nn
 
 from ..params import PixelValue, Score
 from .base import Explainer, register
-from .hooks import ACTIVATIONS, backward_rules, private_copy
+from .hooks import (
+    ACTIVATIONS,
+    backward_rules,
+    fuse_batchnorm,
+    identity_after_fusion,
+    pass_through,
+    private_copy,
+)
 
 _SMALL = 1e-6  # |x - ref| under this: the multiplier is the local gradient
 
 
 def rescale_rule(m, inputs, out, grad):
-    """Rescale for an elementwise activation, rows [x; ref]: the multiplier
+    """Rescale for an elementwise function, rows [x; ref]: the multiplier
     (f(x) - f(ref)) / (x - ref) for both halves (the local gradient where |x - ref| < 1e-6)."""
     (a,) = inputs
     b = a.shape[0] // 2
     dx = a[:b] - a[b:]
     mult = (out[:b] - out[b:]) / dx  # inf/nan where dx = 0: replaced below
     small = dx.abs() < _SMALL
-    if small.any():  # rare: only then pay for the local gradient (forward without hooks)
+    if small.any():  # only then pay for the local gradient (a forward without hooks)
         with torch.enable_grad():
             leaf = a[:b].detach().requires_grad_(True)
             (local,) = torch.autograd.grad(m.forward(leaf).sum(), leaf)
         mult = torch.where(small, local, mult)
-    return torch.cat([grad[:b] * mult, grad[b:] * mult])
+    # both halves times the same multiplier: one broadcast product, no concatenation
+    return (grad.unflatten(0, (2, b)) * mult).flatten(0, 1)
 
 
 def maxpool_rescale_rule(m, inputs, out, grad):
@@ -64,9 +72,6 @@ def maxpool_rescale_rule(m, inputs, out, grad):
     return torch.cat([mult, mult])
 
 
-RULES = {ACTIVATIONS: rescale_rule, nn.MaxPool2d: maxpool_rescale_rule}
-
-
 @register
 class DeepLift(Explainer):
     """DeepLIFT rescale against a constant reference pixel value (0 = black) in pixel space.
@@ -85,13 +90,27 @@ class DeepLift(Explainer):
     def __init__(self, model, *, reference: PixelValue = 0.0, score: Score | None = None):
         super().__init__(model, score=score)
         self.reference = reference
+        size = model.input_size
+        example = torch.zeros(1, 3, size, size, device=model.device)
         self.module = private_copy(model.module)
+        # BatchNorm folded into its conv: the same function, and its backward need not run
+        fused, _ = fuse_batchnorm(self.module, example)
+        fused = [m for m in fused if identity_after_fusion(m)]
+        with_act = {m for m in fused if any(isinstance(c, ACTIVATIONS) for c in m.children())}
+        identity = set(fused) - with_act
+        self.rules = {
+            # identity + activation (timm's BatchNormAct2d) is elementwise: rescaled as a whole
+            (lambda m: m in with_act): rescale_rule,
+            (lambda m: m in identity): pass_through,
+            ACTIVATIONS: rescale_rule,
+            nn.MaxPool2d: maxpool_rescale_rule,
+        }
 
     def explain(self, x, targets):
         b = x.shape[0]
         ref = self.model.preprocess.pixel_value(self.reference, x.device).expand_as(x)
         both = torch.cat([x, ref]).requires_grad_(True)
-        with backward_rules(self.module, RULES), torch.enable_grad():
+        with backward_rules(self.module, self.rules), torch.enable_grad():
             self.model.forward_passes += 2 * b  # the copy runs outside model.forward
             out = self.module(both.contiguous(memory_format=torch.channels_last))
             s = self.scores(out, torch.cat([targets, targets]))

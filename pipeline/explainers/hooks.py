@@ -124,20 +124,89 @@ def private_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def fuse_batchnorm(module: nn.Module, example: torch.Tensor) -> tuple[list, list]:
+    """Fuse every BatchNorm that reads a conv's output into that conv (in place: call it on a copy).
+
+    The BN becomes an exact identity (mean 0, var 1, eps 0, affine 1/0), so wrappers like timm's
+    BatchNormAct2d keep applying their activation. Returns (the BatchNorms fused, those left
+    unfused).
+    """
+    pairs: list[tuple[nn.Module, nn.Module]] = []
+    for call in trace(module, example):
+        m, conv = call.module, call.source
+        is_conv = isinstance(conv, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+        if isinstance(m, _BATCHNORM) and is_conv and all(bn is not m for _, bn in pairs):
+            pairs.append((conv, m))
+    bns = [m for m in module.modules() if isinstance(m, _BATCHNORM)]
+    fused = set()
+    with torch.no_grad():
+        for conv, bn in pairs:
+            if id(conv) in fused or not bn.track_running_stats or bn.running_var is None:
+                continue
+            scale = (bn.running_var + bn.eps).rsqrt()
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            shift = -bn.running_mean * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias
+            w = conv.weight
+            conv.weight.copy_(w * scale.view(-1, *([1] * (w.ndim - 1))))
+            old = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+            conv.bias = nn.Parameter(old * scale + shift, requires_grad=False)
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0)
+            bn.eps = 0.0
+            if bn.weight is not None:
+                bn.weight.fill_(1.0)
+            if bn.bias is not None:
+                bn.bias.zero_()
+            fused.add(id(conv))
+            fused.add(id(bn))
+    return [bn for bn in bns if id(bn) in fused], [bn for bn in bns if id(bn) not in fused]
+
+
+def identity_after_fusion(bn: nn.Module) -> bool:
+    """A fused BN is an exact identity; wrappers (timm's BatchNormAct2d) may add an activation
+    or dropout inside, which LRP passes through as well."""
+    keep = (*ACTIVATIONS, nn.Identity, nn.Dropout)
+    return all(isinstance(c, keep) for c in bn.children())
+
+
+class _Held:
+    """Hands the module's output to `RuleBackward` as a plain argument, not as a tensor input:
+    returned from forward it is then a fresh output (no copy), not a view of an input, so
+    in-place edits downstream (`out += identity`) stay legal."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
 class RuleBackward(torch.autograd.Function):
-    """Forward: the given output. Backward: `rule(module, inputs, output, grad_out)`."""
+    """Forward: the given output. Backward: `rule(module, inputs, output, grad_out)`.
+
+    Input and output are saved for the rule (an in-place edit of either before the backward
+    then fails loudly instead of feeding the rule wrong values), unless the rule says it reads
+    neither (`rule.reads_tensors = False`, as `pass_through`)."""
 
     @staticmethod
-    def forward(ctx, module, rule, output, *inputs):
-        ctx.module, ctx.rule = module, rule
-        ctx.save_for_backward(output, *inputs)
-        # a view, not a copy: the saved output's version counter still catches in-place edits
-        return output.view_as(output)
+    def forward(ctx, module, rule, held, *inputs):
+        ctx.module, ctx.rule, ctx.n_inputs = module, rule, len(inputs)
+        output = held.tensor
+        ctx.reads = getattr(rule, "reads_tensors", True)
+        if ctx.reads:
+            ctx.save_for_backward(output, *inputs)
+        return output
 
     @staticmethod
     def backward(ctx, grad_out):
-        output, *inputs = ctx.saved_tensors
-        grads = ctx.rule(ctx.module, tuple(inputs), output, grad_out)
+        output, inputs = None, (None,) * ctx.n_inputs
+        if ctx.reads:
+            output, *rest = ctx.saved_tensors
+            inputs = tuple(rest)
+        grads = ctx.rule(ctx.module, inputs, output, grad_out)
         if isinstance(grads, torch.Tensor):
             grads = (grads,)
         return (None, None, None, *grads)
@@ -145,7 +214,16 @@ class RuleBackward(torch.autograd.Function):
 
 def apply_rule(module: nn.Module, rule: Rule, inputs: tuple[torch.Tensor, ...], output):
     """`output`, with `rule` as the backward from it to `inputs`."""
-    return RuleBackward.apply(module, rule, output.detach(), *inputs)
+    return RuleBackward.apply(module, rule, _Held(output.detach()), *inputs)
+
+
+def pass_through(_m, _inputs, _out, grad):
+    """Hand the incoming gradient (or relevance) on unchanged: LRP's rule for elementwise
+    activations, and the backward of an identity (a fused BatchNorm) without running it."""
+    return grad
+
+
+pass_through.reads_tensors = False  # nothing saved: in-place edits downstream do not matter
 
 
 class TensorAdd(nn.Module):

@@ -56,11 +56,21 @@ from torch.func import functional_call
 
 from ..params import NonNegativeFloat, Score
 from .base import Explainer, register
-from .hooks import ACTIVATIONS, TensorAdd, backward_rules, forward_order, private_copy, trace
+from .hooks import (
+    ACTIVATIONS,
+    Call,
+    TensorAdd,
+    backward_rules,
+    forward_order,
+    fuse_batchnorm,
+    identity_after_fusion,
+    pass_through,
+    private_copy,
+    trace,
+)
 
 _LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 Rule = Literal["epsilon", "gamma", "alpha_beta", "zplus", "flat"]
 Composite = Literal[
@@ -148,11 +158,21 @@ def _transposed(module: nn.Module, a: torch.Tensor, weight, s: torch.Tensor) -> 
     )[0]
 
 
-class _LayerRule:
-    """One conv/linear layer's LRP rule, with its modified weights computed once."""
+def _forward_eps(module: nn.Module, a: torch.Tensor, weight, eps: float) -> torch.Tensor:
+    """forward(a, weight) + eps, biases ignored; eps rides in the bias (no extra pass)."""
+    if not _plain(module):
+        return _forward(module, a, weight) + eps
+    return _forward(module, a, weight, weight.new_full((weight.shape[0],), eps))
 
-    def __init__(self, module: nn.Module, rule: str, eps: float, gamma: float, beta: float):
-        self.rule, self.eps, self.beta = rule, eps, beta
+
+class _LayerRule:
+    """One conv/linear layer's LRP rule, with its modified weights computed once.
+
+    nonnegative: the layer only ever reads a ReLU's output (known from the traced forward), so
+    the z+ / alpha-beta rules need not look for negative inputs."""
+
+    def __init__(self, module, rule: str, eps: float, gamma: float, beta: float, nonnegative=False):
+        self.rule, self.eps, self.beta, self.nonnegative = rule, eps, beta, nonnegative
         w, b = module.weight.detach(), getattr(module, "bias", None)
         b = b.detach() if b is not None else None
         if rule == "gamma":
@@ -173,24 +193,33 @@ class _LayerRule:
             return a * _transposed(module, a, self.w, r / _stabilise(zg, eps))
         if self.rule == "flat":  # every input and weight 1: relevance spread uniformly
             ones = torch.ones_like(a)
-            return _transposed(module, a, self.ones, r / (_forward(module, ones, self.ones) + eps))
-        out = self._signed(module, a, r, self.pos, self.neg, eps)  # z+ (= alpha 1, beta 0)
+            return _transposed(module, a, self.ones, r / _forward_eps(module, ones, self.ones, eps))
+        mixed = not self.nonnegative and bool(a.amin() < 0)
+        out = self._signed(module, a, r, self.pos, self.neg, eps, mixed)  # z+ (= alpha1 beta0)
         if self.rule == "alpha_beta":
             out = (self.beta + 1.0) * out
             if self.beta:
-                out = out - self.beta * self._signed(module, a, r, self.neg, self.pos, -eps)
+                out = out - self.beta * self._signed(module, a, r, self.neg, self.pos, -eps, mixed)
         return out
 
     @staticmethod
-    def _signed(module, a, r, wa, wb, eps):
+    def _signed(module, a, r, wa, wb, eps, mixed):
         """R_i = sum_j (a_i w_ij)^s / (sum_q (a_q w_qj)^s + eps) R_j for one sign s: the
         positive parts of a meet weights `wa`, the negative parts `wb` (biases ignored)."""
-        if not bool((a < 0).any()):  # after a ReLU: one forward and one transpose suffice
-            s = r / (_forward(module, a, wa) + eps)
+        if not mixed:  # no negative inputs: one forward and one transpose suffice
+            s = r / _forward_eps(module, a, wa, eps)
             return a * _transposed(module, a, wa, s)
         ap, an = a.clamp(min=0), a.clamp(max=0)
-        s = r / (_forward(module, ap, wa) + _forward(module, an, wb) + eps)
+        s = r / (_forward_eps(module, ap, wa, eps) + _forward(module, an, wb))
         return ap * _transposed(module, a, wa, s) + an * _transposed(module, a, wb, s)
+
+
+def _reads_relu(calls: list[Call], module: nn.Module) -> bool:
+    """Every call of `module` reads a tensor that a ReLU (or ReLU6) wrote: no negative input."""
+    sources = [c.source for c in calls if c.module is module]
+    return bool(sources) and all(
+        isinstance(s, nn.ReLU) or (isinstance(s, nn.Hardtanh) and s.min_val >= 0) for s in sources
+    )
 
 
 def _epsilon_any(eps: float) -> Callable:
@@ -204,11 +233,6 @@ def _epsilon_any(eps: float) -> Callable:
         return a.detach() * c
 
     return rule
-
-
-def pass_through(_m, _inputs, _out, r):
-    """Elementwise activations (and identities): R_in = R_out."""
-    return r
 
 
 def sum_rule(eps: float) -> Callable:
@@ -234,55 +258,6 @@ def tracked(rule: Callable, tracker: _Tracker | None) -> Callable:
         return got
 
     return run
-
-
-# -- preparing the copy -----------------------------------------------------------------------
-def fuse_batchnorm(module: nn.Module, example: torch.Tensor) -> tuple[list, list]:
-    """Fuse every BatchNorm that reads a conv's output into that conv (in place: call it on a copy).
-
-    The BN becomes an exact identity (mean 0, var 1, eps 0, affine 1/0), so wrappers like timm's
-    BatchNormAct2d keep applying their activation. Returns (the BatchNorms fused, those left
-    unfused).
-    """
-    pairs: list[tuple[nn.Module, nn.Module]] = []
-    for call in trace(module, example):
-        m, conv = call.module, call.source
-        is_conv = isinstance(conv, nn.Conv1d | nn.Conv2d | nn.Conv3d)
-        if isinstance(m, _BATCHNORM) and is_conv and all(bn is not m for _, bn in pairs):
-            pairs.append((conv, m))
-    bns = [m for m in module.modules() if isinstance(m, _BATCHNORM)]
-    fused = set()
-    with torch.no_grad():
-        for conv, bn in pairs:
-            if id(conv) in fused or not bn.track_running_stats or bn.running_var is None:
-                continue
-            scale = (bn.running_var + bn.eps).rsqrt()
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias
-            w = conv.weight
-            conv.weight.copy_(w * scale.view(-1, *([1] * (w.ndim - 1))))
-            old = conv.bias if conv.bias is not None else torch.zeros_like(shift)
-            conv.bias = nn.Parameter(old * scale + shift, requires_grad=False)
-            bn.running_mean.zero_()
-            bn.running_var.fill_(1.0)
-            bn.eps = 0.0
-            if bn.weight is not None:
-                bn.weight.fill_(1.0)
-            if bn.bias is not None:
-                bn.bias.zero_()
-            fused.add(id(conv))
-            fused.add(id(bn))
-    return [bn for bn in bns if id(bn) in fused], [bn for bn in bns if id(bn) not in fused]
-
-
-def _identity_after_fusion(bn: nn.Module) -> bool:
-    """A fused BN is an exact identity; wrappers (timm's BatchNormAct2d) may add an activation
-    or dropout inside, which LRP passes through as well."""
-    keep = (*ACTIVATIONS, nn.Identity, nn.Dropout)
-    return all(isinstance(c, keep) for c in bn.children())
 
 
 @register
@@ -318,16 +293,24 @@ class LRP(Explainer):
         example = torch.zeros(1, 3, size, size, device=model.device)
         self.module = private_copy(model.module)
         self.fused_bn, self.unfused_bn = fuse_batchnorm(self.module, example)
-        self.layers = self._assign_rules(example)
+        calls = trace(self.module, example)
+        self.layers = self._assign_rules(calls)
         small = max(epsilon, 1e-12)
         self._layer_rules = {
-            m: _LayerRule(m, rule, epsilon if rule in ("epsilon", "gamma") else small, gamma, beta)
+            m: _LayerRule(
+                m,
+                rule,
+                epsilon if rule in ("epsilon", "gamma") else small,
+                gamma,
+                beta,
+                nonnegative=_reads_relu(calls, m),
+            )
             for m, rule in self.layers
         }
 
-    def _assign_rules(self, example) -> list[tuple[nn.Module, str]]:
+    def _assign_rules(self, calls: list[Call]) -> list[tuple[nn.Module, str]]:
         """(module, rule) for every conv/linear layer in forward order."""
-        order = forward_order(trace(self.module, example), _LINEAR)
+        order = forward_order(calls, _LINEAR)
         first, conv, dense = COMPOSITES[self.composite]
         out = []
         for i, m in enumerate(order):
@@ -344,7 +327,7 @@ class LRP(Explainer):
         """The rule table of one call (the first matching key wins)."""
         small = max(self.epsilon, 1e-12)
         layers = self._layer_rules
-        fused = {m for m in self.fused_bn if _identity_after_fusion(m)}
+        fused = {m for m in self.fused_bn if identity_after_fusion(m)}
         unfused = set(self.unfused_bn)
         epsilon = tracked(_epsilon_any(small), tracker)
 
