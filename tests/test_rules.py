@@ -21,8 +21,10 @@ from pipeline.explainers.hooks import (
     backward_rules,
     forward_hooks,
     forward_order,
+    fuse_batchnorm,
     match_rule,
     pass_through,
+    private_copy,
     trace,
 )
 from pipeline.explainers.lrp import _LayerRule, sum_rule
@@ -385,3 +387,21 @@ def test_rule_tables_are_removed_after_an_error():
     torch.testing.assert_close(_plain_grads(net, x), before, rtol=0, atol=0)
     a = torch.randn(2, 3, requires_grad=True)
     assert (a + a).grad_fn.name() == "AddBackward0"
+
+
+def test_fused_batchnorm_computes_the_same_function_without_the_norm():
+    net = _net()
+    with torch.no_grad():
+        bn = net[1]
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    x = torch.randn(2, 3, 5, 5)
+    clone = private_copy(net)
+    fused, unfused = fuse_batchnorm(clone, x[:1])
+    assert fused == [clone[1]] and unfused == []
+    assert not clone[2].inplace and net[2].inplace  # the copy runs out of place, the user's not
+    torch.testing.assert_close(clone(x), net(x), rtol=1e-5, atol=1e-6)
+    probe = torch.randn(2, 4, 5, 5)
+    assert clone[1](probe) is probe  # an exact identity now: the norm is not run at all

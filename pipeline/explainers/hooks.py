@@ -165,7 +165,23 @@ def fuse_batchnorm(module: nn.Module, example: torch.Tensor) -> tuple[list, list
                 bn.bias.zero_()
             fused.add(id(conv))
             fused.add(id(bn))
+            _skip_identity(bn)
     return [bn for bn in bns if id(bn) in fused], [bn for bn in bns if id(bn) not in fused]
+
+
+def _identity(x):
+    return x
+
+
+def _skip_identity(bn: nn.Module) -> None:
+    """A fused BN computes x * 1 + 0: skip that pass (same numbers). timm's BatchNormAct2d then
+    runs only what it applies after the norm (drop, then act); other subclasses stay as they are."""
+    names = {n for n, _ in bn.named_children()}
+    if type(bn) in _BATCHNORM and not names:
+        bn.forward = _identity
+    elif type(bn).__name__ == "BatchNormAct2d" and names <= {"drop", "act"}:
+        after = [getattr(bn, n) for n in ("drop", "act") if n in names]
+        bn.forward = nn.Sequential(*after).forward if after else _identity
 
 
 def identity_after_fusion(bn: nn.Module) -> bool:

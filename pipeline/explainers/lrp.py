@@ -102,7 +102,10 @@ class _Tracker:
         self.absorbed: torch.Tensor | None = None
 
     def add(self, r_out: torch.Tensor, r_in_total: torch.Tensor):
-        lost = (_per_sample(r_out) - r_in_total).detach()
+        self.absorb(_per_sample(r_out) - r_in_total)
+
+    def absorb(self, lost: torch.Tensor):
+        lost = lost.detach()
         self.absorbed = lost if self.absorbed is None else self.absorbed + lost
 
 
@@ -183,35 +186,44 @@ class _LayerRule:
         elif rule == "flat":
             self.ones = torch.ones_like(w)
 
-    def __call__(self, module, inputs, z, r):
+    def __call__(self, module, inputs, z, r, tracker: _Tracker | None = None):
         (a,) = inputs
         eps = self.eps
         if self.rule == "epsilon":  # z is the layer's saved output: no forward again
-            return a * _transposed(module, a, module.weight, r / _stabilise(z, eps))
-        if self.rule == "gamma":
+            out = a * _transposed(module, a, module.weight, r / _stabilise(z, eps))
+        elif self.rule == "gamma":
             zg = _forward(module, a, self.w, self.b)
-            return a * _transposed(module, a, self.w, r / _stabilise(zg, eps))
-        if self.rule == "flat":  # every input and weight 1: relevance spread uniformly
+            out = a * _transposed(module, a, self.w, r / _stabilise(zg, eps))
+        elif self.rule == "flat":  # every input and weight 1: relevance spread uniformly
             ones = torch.ones_like(a)
-            return _transposed(module, a, self.ones, r / _forward_eps(module, ones, self.ones, eps))
-        mixed = not self.nonnegative and bool(a.amin() < 0)
-        out = self._signed(module, a, r, self.pos, self.neg, eps, mixed)  # z+ (= alpha1 beta0)
-        if self.rule == "alpha_beta":
+            out = _transposed(module, a, self.ones, r / _forward_eps(module, ones, self.ones, eps))
+        else:
+            mixed = not self.nonnegative and bool(a.amin() < 0)
+            out, s = self._signed(module, a, r, self.pos, self.neg, eps, mixed)  # z+
+            if self.rule == "zplus":
+                if tracker is not None:
+                    # R_j - sum_i R_ij = s_j (z+_j + eps) - s_j z+_j: what eps took, one sum
+                    tracker.absorb(eps * _per_sample(s))
+                return out
             out = (self.beta + 1.0) * out
             if self.beta:
-                out = out - self.beta * self._signed(module, a, r, self.neg, self.pos, -eps, mixed)
+                neg, _ = self._signed(module, a, r, self.neg, self.pos, -eps, mixed)
+                out = out - self.beta * neg
+        if tracker is not None:
+            tracker.add(r, _per_sample(out))
         return out
 
     @staticmethod
     def _signed(module, a, r, wa, wb, eps, mixed):
         """R_i = sum_j (a_i w_ij)^s / (sum_q (a_q w_qj)^s + eps) R_j for one sign s: the
-        positive parts of a meet weights `wa`, the negative parts `wb` (biases ignored)."""
+        positive parts of a meet weights `wa`, the negative parts `wb` (biases ignored).
+        Returns R and s = R_out / (z^s + eps)."""
         if not mixed:  # no negative inputs: one forward and one transpose suffice
             s = r / _forward_eps(module, a, wa, eps)
-            return a * _transposed(module, a, wa, s)
+            return a * _transposed(module, a, wa, s), s
         ap, an = a.clamp(min=0), a.clamp(max=0)
         s = r / (_forward_eps(module, ap, wa, eps) + _forward(module, an, wb))
-        return ap * _transposed(module, a, wa, s) + an * _transposed(module, a, wb, s)
+        return ap * _transposed(module, a, wa, s) + an * _transposed(module, a, wb, s), s
 
 
 def _reads_relu(calls: list[Call], module: nn.Module) -> bool:
@@ -331,11 +343,11 @@ class LRP(Explainer):
         unfused = set(self.unfused_bn)
         epsilon = tracked(_epsilon_any(small), tracker)
 
-        def layer_rule(module, inputs, z, r):
-            return layers[module](module, inputs, z, r)
+        def layer_rule(module, inputs, z, r):  # each layer rule records what it absorbed
+            return layers[module](module, inputs, z, r, tracker)
 
         return {
-            (lambda m: m in layers): tracked(layer_rule, tracker),
+            (lambda m: m in layers): layer_rule,
             (lambda m: m in fused): pass_through,  # exact identity: no BN backward to run
             ACTIVATIONS: pass_through,
             _AVGPOOL: epsilon,

@@ -78,7 +78,7 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
     **{
         (module, line, "core/RemoveDecorator"): STATIC
         for module, lines in {
-            "pipeline/explainers/hooks.py": (194, 203),
+            "pipeline/explainers/hooks.py": (210, 219),
         }.items()
         for line in lines
     },
