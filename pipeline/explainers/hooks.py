@@ -12,6 +12,9 @@
   tensor + tensor additions of equal shape (residual additions, which are functional in most
   architectures) through the same Function. Guided backprop, deconvnet, LRP and DeepLIFT are
   rule tables over it.
+- `private_copy` and `fuse_batchnorm`: the deep copy LRP and DeepLIFT rewrite (out-of-place
+  activations; BatchNorm folded into the conv that feeds it, found with `trace`, and then
+  skipped in the forward), so the user's module is never touched.
 """
 
 from __future__ import annotations

@@ -12,10 +12,11 @@ rule table routes every tensor + tensor addition through the sum rule while the 
 whatever module wrote it.
 
 How it runs: the model is deep-copied once at construction; on the copy BatchNorm is fused into
-the conv that feeds it (pairs are found by tensor identity in one traced forward, `hooks.trace`,
-so it works for Sequential, ResNet blocks and timm's BatchNormAct2d) and in-place activations are
-made out-of-place. The user's module is never touched. Each layer's modified weights (w+, w-, the
-gamma weights, the flat rule's ones) are computed once, at construction. Per call, a rule table
+the conv that feeds it (`hooks.fuse_batchnorm`: pairs are found by tensor identity in one traced
+forward, `hooks.trace`, so it works for Sequential, ResNet blocks and timm's BatchNormAct2d; the
+fused norm, an exact identity, is then skipped) and in-place activations are made out-of-place.
+The user's module is never touched. Each layer's modified weights (w+, w-, the gamma weights, the
+flat rule's ones) are computed once, at construction. Per call, a rule table
 over `hooks.backward_rules` replaces the backward of each layer by a rule that maps the relevance
 of its output to the relevance of its input (the forward is the layer's own, hooks and the add
 interception are gone after the call), so `autograd.grad(logits, x, one_hot * logit)` returns
@@ -183,6 +184,12 @@ class _LayerRule:
             self.b = b + gamma * b.clamp(min=0) if b is not None else None
         elif rule in ("zplus", "alpha_beta"):
             self.pos, self.neg = w.clamp(min=0), w.clamp(max=0)
+            # signed inputs: [a+, a-] against [w+, w-] stacked along the input channels is one
+            # convolution (groups 1) instead of two and an add over the (large) output
+            self.stacked = _plain(module) and getattr(module, "groups", 1) == 1
+            if self.stacked:
+                self.pos_neg = torch.cat([self.pos, self.neg], 1)
+                self.neg_pos = torch.cat([self.neg, self.pos], 1)
         elif rule == "flat":
             self.ones = torch.ones_like(w)
 
@@ -199,7 +206,8 @@ class _LayerRule:
             out = _transposed(module, a, self.ones, r / _forward_eps(module, ones, self.ones, eps))
         else:
             mixed = not self.nonnegative and bool(a.amin() < 0)
-            out, s = self._signed(module, a, r, self.pos, self.neg, eps, mixed)  # z+
+            stacked = self.pos_neg if mixed and self.stacked else None
+            out, s = self._signed(module, a, r, self.pos, self.neg, eps, mixed, stacked)  # z+
             if self.rule == "zplus":
                 if tracker is not None:
                     # R_j - sum_i R_ij = s_j (z+_j + eps) - s_j z+_j: what eps took, one sum
@@ -207,21 +215,28 @@ class _LayerRule:
                 return out
             out = (self.beta + 1.0) * out
             if self.beta:
-                neg, _ = self._signed(module, a, r, self.neg, self.pos, -eps, mixed)
+                stacked = self.neg_pos if mixed and self.stacked else None
+                neg, _ = self._signed(module, a, r, self.neg, self.pos, -eps, mixed, stacked)
                 out = out - self.beta * neg
         if tracker is not None:
             tracker.add(r, _per_sample(out))
         return out
 
     @staticmethod
-    def _signed(module, a, r, wa, wb, eps, mixed):
+    def _signed(module, a, r, wa, wb, eps, mixed, stacked=None):
         """R_i = sum_j (a_i w_ij)^s / (sum_q (a_q w_qj)^s + eps) R_j for one sign s: the
-        positive parts of a meet weights `wa`, the negative parts `wb` (biases ignored).
-        Returns R and s = R_out / (z^s + eps)."""
+        positive parts of a meet weights `wa`, the negative parts `wb` (biases ignored;
+        `stacked`: [wa, wb] along the input channels). Returns R and s = R_out / (z^s + eps)."""
         if not mixed:  # no negative inputs: one forward and one transpose suffice
             s = r / _forward_eps(module, a, wa, eps)
             return a * _transposed(module, a, wa, s), s
         ap, an = a.clamp(min=0), a.clamp(max=0)
+        if stacked is not None:
+            dim = -1 if isinstance(module, nn.Linear) else 1
+            both = torch.cat([ap, an], dim)
+            s = r / _forward_eps(module, both, stacked, eps)
+            cp, cn = _transposed(module, both, stacked, s).chunk(2, dim)
+            return ap * cp + an * cn, s
         s = r / (_forward_eps(module, ap, wa, eps) + _forward(module, an, wb))
         return ap * _transposed(module, a, wa, s) + an * _transposed(module, a, wb, s), s
 

@@ -78,7 +78,7 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
     **{
         (module, line, "core/RemoveDecorator"): STATIC
         for module, lines in {
-            "pipeline/explainers/hooks.py": (210, 219),
+            "pipeline/explainers/hooks.py": (213, 222),
         }.items()
         for line in lines
     },
