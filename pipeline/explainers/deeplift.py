@@ -5,10 +5,11 @@ ResNet-18 ("A Module ReLU(inplace=True) ... used more than once") and on the bui
 (tf_efficientnet_lite0) it treats ReLU6 as linear, so summation-to-delta fails there (measured at
 64 px: attributions summed to -0.43 for S(x) - S(ref) = -2.00). Here the input and the reference
 run as one batch [x; ref] through a deep copy (in-place activations made out-of-place; the
-user's module is untouched). Hooks (always removed) replace the backward of every elementwise
-activation by the multiplier dy/dx = (f(x) - f(ref)) / (x - ref) (the local gradient where
-|x - ref| < 1e-6) and of max pooling by routing (max(x) - max(ref)) to x's argmax (or, where
-that position did not move, to the window's largest |x - ref|, so the delta is never dropped).
+user's module is untouched). A rule table over `hooks.backward_rules` (removed after each
+call) replaces the backward of every elementwise activation by the multiplier
+dy/dx = (f(x) - f(ref)) / (x - ref) (the local gradient where |x - ref| < 1e-6) and of max
+pooling by routing (max(x) - max(ref)) to x's argmax (or, where that position did not move, to
+the window's largest |x - ref|, so the delta is never dropped).
 Linear layers (conv, linear, eval BatchNorm, average pools, residual additions) keep their
 gradient, which is the linear rule. Attribution = (x - ref) * multiplier, summed over
 channels (signed).
@@ -22,47 +23,53 @@ from torch import nn
 
 from ..params import PixelValue, Score
 from .base import Explainer, Explanation, register
-from .lrp import ACTIVATIONS, hooked, prepared_copy
+from .hooks import (
+    ACTIVATIONS,
+    backward_rules,
+    fuse_batchnorm,
+    identity_after_fusion,
+    pass_through,
+    private_copy,
+)
+
+_SMALL = 1e-6  # |x - ref| under this: the multiplier is the local gradient
 
 
-class _Rescale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, out, module):
-        ctx.save_for_backward(a, out)
-        ctx.module = module
-        return out.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, out = ctx.saved_tensors
-        b = a.shape[0] // 2
-        dx, dy = a[:b] - a[b:], out[:b] - out[b:]
+def rescale_rule(m, inputs, out, grad):
+    """Rescale for an elementwise function, rows [x; ref]: the multiplier
+    (f(x) - f(ref)) / (x - ref) for both halves (the local gradient where |x - ref| < 1e-6)."""
+    (a,) = inputs
+    b = a.shape[0] // 2
+    dx = a[:b] - a[b:]
+    mult = (out[:b] - out[b:]) / dx  # inf/nan where dx = 0: replaced below
+    small = dx.abs() < _SMALL
+    if small.any():  # only then pay for the local gradient (a forward without hooks)
         with torch.enable_grad():
             leaf = a[:b].detach().requires_grad_(True)
-            (local,) = torch.autograd.grad(ctx.module.forward(leaf).sum(), leaf)  # no hooks
-        small = dx.abs() < 1e-6
-        mult = torch.where(small, local, dy / torch.where(small, torch.ones_like(dx), dx))
-        return grad * torch.cat([mult, mult]), None, None
+            (local,) = torch.autograd.grad(m.forward(leaf).sum(), leaf)
+        mult = torch.where(small, local, mult)
+    # both halves times the same multiplier: one broadcast product, no concatenation
+    return (grad.unflatten(0, (2, b)) * mult).flatten(0, 1)
 
 
-class _MaxPoolRescale(_Rescale):  # same forward; backward routes the delta to the argmax
-    @staticmethod
-    def backward(ctx, grad):
-        a, out = ctx.saved_tensors
-        m: nn.MaxPool2d = ctx.module
-        b = a.shape[0] // 2
-        dx, dy = a[:b] - a[b:], out[:b] - out[b:]
-        args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
-        _, idx = F.max_pool2d(a[:b], *args)  # x's argmax per window (DeepLIFT's routing)
-        _, idx_dx = F.max_pool2d(dx.abs(), *args)  # fallback where x's argmax did not move
-        dx_flat = dx.flatten(2)
-        moved = dx_flat.gather(2, idx.flatten(2)).abs() > 1e-6
-        idx = torch.where(moved, idx.flatten(2), idx_dx.flatten(2))
-        # scatter_add, not max_unpool: overlapping windows (ResNet's 3x3/2) share argmaxes
-        routed = torch.zeros_like(dx_flat).scatter_add_(2, idx, (grad[:b] * dy).flatten(2))
-        routed = routed.view_as(dx)
-        mult = torch.where(dx.abs() > 1e-6, routed / torch.where(dx == 0, 1.0, dx), 0.0)
-        return torch.cat([mult, mult]), None, None
+def maxpool_rescale_rule(m, inputs, out, grad):
+    """Max pooling, rows [x; ref]: (max(x) - max(ref)) routed to x's argmax per window, or,
+    where that position did not move, to the window's largest |x - ref| (the delta is never
+    dropped); the multiplier is the routed delta over x - ref."""
+    (a,) = inputs
+    b = a.shape[0] // 2
+    dx, dy = a[:b] - a[b:], out[:b] - out[b:]
+    args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, True)
+    _, idx = F.max_pool2d(a[:b], *args)  # x's argmax per window (DeepLIFT's routing)
+    _, idx_dx = F.max_pool2d(dx.abs(), *args)  # fallback where x's argmax did not move
+    dx_flat = dx.flatten(2)
+    moved = dx_flat.gather(2, idx.flatten(2)).abs() > _SMALL
+    idx = torch.where(moved, idx.flatten(2), idx_dx.flatten(2))
+    # scatter_add, not max_unpool: overlapping windows (ResNet's 3x3/2) share argmaxes
+    routed = torch.zeros_like(dx_flat).scatter_add_(2, idx, (grad[:b] * dy).flatten(2))
+    routed = routed.view_as(dx)
+    mult = torch.where(dx.abs() > _SMALL, routed / torch.where(dx == 0, 1.0, dx), 0.0)
+    return torch.cat([mult, mult])
 
 
 @register
@@ -87,28 +94,25 @@ class DeepLift(Explainer):
         self.reference = reference
         size = model.input_size
         example = torch.zeros(1, 3, size, size, device=model.device)
-        self.module, _ = prepared_copy(model.module, example, fuse=False)
-
-    def _hooks(self):
-        def rescale(m, inputs, output):
-            return _Rescale.apply(inputs[0], output.detach(), m)
-
-        def maxpool(m, inputs, output):
-            return _MaxPoolRescale.apply(inputs[0], output.detach(), m)
-
-        hooks = []
-        for m in self.module.modules():
-            if isinstance(m, ACTIVATIONS):
-                hooks.append((m, rescale))
-            elif isinstance(m, nn.MaxPool2d):
-                hooks.append((m, maxpool))
-        return hooks
+        self.module = private_copy(model.module)
+        # BatchNorm folded into its conv: the same function, and its backward need not run
+        fused, _ = fuse_batchnorm(self.module, example)
+        fused = [m for m in fused if identity_after_fusion(m)]
+        with_act = {m for m in fused if any(isinstance(c, ACTIVATIONS) for c in m.children())}
+        identity = set(fused) - with_act
+        self.rules = {
+            # identity + activation (timm's BatchNormAct2d) is elementwise: rescaled as a whole
+            (lambda m: m in with_act): rescale_rule,
+            (lambda m: m in identity): pass_through,
+            ACTIVATIONS: rescale_rule,
+            nn.MaxPool2d: maxpool_rescale_rule,
+        }
 
     def attribute(self, x, targets):
         b = x.shape[0]
         ref = self.model.preprocess.pixel_value(self.reference, x.device).expand_as(x)
         both = torch.cat([x, ref]).requires_grad_(True)
-        with hooked(self._hooks()), torch.enable_grad():
+        with backward_rules(self.module, self.rules), torch.enable_grad():
             self.model.forward_passes += 2 * b  # the copy runs outside model.forward
             out = self.module(both.contiguous(memory_format=torch.channels_last))
             s = self.scores(out, torch.cat([targets, targets]))

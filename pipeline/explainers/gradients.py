@@ -12,7 +12,6 @@ batch around it; ours seeds each image's noise from its content.
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
 
 import torch
 from captum.attr import InputXGradient, IntegratedGradients, Saliency
@@ -23,6 +22,7 @@ from ..compute.perturbed_forward import default_max_batch
 from ..compute.seeds import generator, image_seeds
 from ..params import FiniteNonNegativeFloat, PixelValue, PositiveInt, Score
 from .base import Explainer, Explanation, build_explainer, register
+from .hooks import backward_rules
 
 # Captum warns on each call that it set requires_grad on our detached inputs: expected here.
 warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
@@ -108,60 +108,30 @@ class IntegratedGradientsExplainer(_CaptumExplainer):
         return Explanation(attr.sum(1), {"delta": attr.flatten(1).sum(1) - gap})
 
 
-class _RectifiedBackward(torch.autograd.Function):
-    """Forward: the module's activation. Backward: max(grad, 0), times the activation's own
-    derivative mask when `use_mask` (guided backprop) or not (deconvnet)."""
-
-    @staticmethod
-    def forward(ctx, inp, out, use_mask):
-        ctx.use_mask = use_mask
-        ctx.save_for_backward(inp, out)
-        return out.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        inp, out = ctx.saved_tensors
-        grad = grad.clamp(min=0)
-        if ctx.use_mask:
-            # derivative of ReLU/ReLU6/Hardtanh-style clamps: 1 where the output moved with input
-            grad = grad * ((out == inp) & (inp > 0)).to(grad.dtype)
-        return grad, None, None
-
-
 _RECTIFIERS = (nn.ReLU, nn.ReLU6)
 
 
-@contextmanager
-def _rectified_relus(module: nn.Module, use_mask: bool):
-    """Per-call rewrite of every ReLU's backward via forward hooks (works for reused modules);
-    in-place ReLUs are made out-of-place while the hooks are on, so their input survives."""
-    handles, inplace = [], []
+def guided_relu_rule(_m, inputs, out, grad):
+    """Guided backprop: max(grad, 0) times the clamp's own derivative mask (1 where the output
+    moved with the input: ReLU, ReLU6)."""
+    (inp,) = inputs
+    return grad.clamp(min=0) * ((out == inp) & (inp > 0)).to(grad.dtype)
 
-    def hook(_m, inputs, output):
-        return _RectifiedBackward.apply(inputs[0], output, use_mask)
 
-    try:
-        for m in module.modules():
-            if isinstance(m, _RECTIFIERS):
-                if getattr(m, "inplace", False):
-                    inplace.append(m)
-                    m.inplace = False
-                handles.append(m.register_forward_hook(hook))
-        yield len(handles)
-    finally:
-        for h in handles:
-            h.remove()
-        for m in inplace:
-            m.inplace = True
+def deconvnet_relu_rule(_m, _inputs, _out, grad):
+    """Deconvnet: max(grad, 0), the forward mask ignored."""
+    return grad.clamp(min=0)
 
 
 class _ModifiedGradient(Explainer):
     requires = frozenset({"gradients", "layer_types"})
-    use_mask = True
+    relu_rule = staticmethod(guided_relu_rule)
     input_gradient = True
 
     def input_gradients(self, x, targets) -> torch.Tensor:
-        with _rectified_relus(self.model.module, self.use_mask) as n, torch.enable_grad():
+        # a per-call rule table (works for reused modules; in-place ReLUs run out of place)
+        rules = backward_rules(self.model.module, {_RECTIFIERS: self.relu_rule})
+        with rules as n, torch.enable_grad():
             if n == 0:
                 raise ValueError(f"{self.name}: model {self.model.id!r} has no nn.ReLU/ReLU6")
             xg = x.clone().requires_grad_(True)
@@ -185,7 +155,7 @@ class Deconvnet(_ModifiedGradient):
     """ReLU backward max(grad, 0), forward mask ignored (Zeiler & Fergus)."""
 
     name = "deconvnet"
-    use_mask = False
+    relu_rule = staticmethod(deconvnet_relu_rule)
 
 
 @register

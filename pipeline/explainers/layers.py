@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..models.loaded import LoadedModel
+from .hooks import forward_hooks, trace
 
 _POOLING = (
     nn.AdaptiveAvgPool2d,
@@ -43,36 +44,17 @@ def resolve_layer(model: LoadedModel, name: str | None = None) -> tuple[str, nn.
             raise ValueError(f"model {model.id!r} has no layer {name!r}{hint}")
         return name, modules[name]
     found: list[str] = []
-    tokens: list[str] = []
-    names = {id(m): n for n, m in modules.items()}
-
-    def hook(module, _inp, out):
-        name = names.get(id(module), "")
-        if (
-            isinstance(out, torch.Tensor)
-            and out.ndim == 3
-            and name.endswith((".norm1", ".ln_1"))
-            and _token_prefix(out.shape[1]) is not None
-        ):
-            tokens.append(name)
-            found.append(name)
-        if (
-            isinstance(out, torch.Tensor)
-            and out.ndim == 4
-            and out.shape[-1] * out.shape[-2] > 1
-            and not isinstance(module, _POOLING)
-            and names.get(id(module))
-        ):
-            found.append(names[id(module)])
-
-    handles = [m.register_forward_hook(hook) for m in modules.values()]
-    try:
-        size = model.input_size
-        with torch.inference_mode():
-            model.module(torch.zeros(1, 3, size, size, device=model.device))
-    finally:
-        for h in handles:
-            h.remove()
+    size = model.input_size
+    for call in trace(model.module, torch.zeros(1, 3, size, size, device=model.device)):
+        shape = call.shape
+        if shape is None or not call.name:
+            continue
+        tokens = len(shape) == 3 and call.name.endswith((".norm1", ".ln_1"))
+        if tokens and _token_prefix(shape[1]) is not None:
+            found.append(call.name)
+        spatial = len(shape) == 4 and shape[-1] * shape[-2] > 1
+        if spatial and not isinstance(call.module, _POOLING):
+            found.append(call.name)
     if not found:
         raise ValueError(f"model {model.id!r} has no spatial feature map for CAM methods")
     return found[-1], modules[found[-1]]
@@ -152,8 +134,5 @@ def record_activations(
         store["A"] = out
         return None
 
-    handle = layer.register_forward_hook(hook)
-    try:
+    with forward_hooks([(layer, hook)]):
         yield store
-    finally:
-        handle.remove()

@@ -1,4 +1,4 @@
-"""Layer-wise relevance propagation (seed 001, section 5.1) and the rule machinery DeepLIFT reuses.
+"""Layer-wise relevance propagation (seed 001, section 5.1).
 
 Written here rather than with zennit: zennit (0.5.1, EpsilonPlusFlat) conserves relevance on
 torchvision ResNet-18 through its ResNetCanonizer (biases zeroed, 64 px: input relevance 3.0444
@@ -6,21 +6,28 @@ for a logit of 3.0444), but it has no canonizer for timm's EfficientNet blocks, 
 additions are functional (`x = drop_path(x) + shortcut`) and whose BatchNorm is timm's
 BatchNormAct2d: gradient backward hands the full relevance to both summands, so on the builtin
 model (tf_efficientnet_lite0, biases zeroed, SequentialMergeBatchNorm, 64 px) the input relevance
-summed to 533.6 for a logit of 1.04 (measured). Instead of a canonizer
-per architecture, this module intercepts tensor + tensor additions while the forward runs (a
-`TorchFunctionMode`), so every residual addition splits relevance in proportion to its summands,
+summed to 533.6 for a logit of 1.04 (measured). Instead of a canonizer per architecture, the
+rule table routes every tensor + tensor addition through the sum rule while the forward runs
+(`hooks.TensorAdd`), so every residual addition splits relevance in proportion to its summands,
 whatever module wrote it.
 
 How it runs: the model is deep-copied once at construction; on the copy BatchNorm is fused into
-the conv that feeds it (pairs are found by tensor identity in a traced forward, so it works for
-Sequential, ResNet blocks and timm's BatchNormAct2d) and in-place activations are made
-out-of-place. The user's module is never touched. Per call, forward hooks (always removed) put a
-custom autograd function behind each layer whose backward maps the relevance of its output to the
-relevance of its input, so `autograd.grad(logits, x, one_hot * logit)` returns input relevance:
+the conv that feeds it (`hooks.fuse_batchnorm`: pairs are found by tensor identity in one traced
+forward, `hooks.trace`, so it works for Sequential, ResNet blocks and timm's BatchNormAct2d; the
+fused norm, an exact identity, is then skipped) and in-place activations are made out-of-place.
+The user's module is never touched. Each layer's modified weights (w+, w-, the gamma weights, the
+flat rule's ones) are computed once, at construction. Per call, a rule table
+over `hooks.backward_rules` replaces the backward of each layer by a rule that maps the relevance
+of its output to the relevance of its input (the forward is the layer's own, hooks and the add
+interception are gone after the call), so `autograd.grad(logits, x, one_hot * logit)` returns
+input relevance:
 
-- Conv2d / Linear: the layer's rule (epsilon, gamma, alpha-beta, z+, flat).
+- Conv2d / Linear: the layer's rule (epsilon, gamma, alpha-beta, z+, flat), written as one
+  modified forward (only where the rule's denominator is not the layer's own output, which is
+  saved) and one transposed convolution / matrix product per weight sign.
 - average pools and BatchNorm that follows no conv: linear maps, epsilon rule (a -> a/z share).
-- elementwise activations (ReLU, ReLU6, SiLU, ...): pass-through (R_in = R_out), so ReLU6's clip
+- elementwise activations (ReLU, ReLU6, SiLU, ...) and fused BatchNorms (exact identities, or
+  timm's BatchNormAct2d around an activation): pass-through (R_in = R_out), so ReLU6's clip
   loses nothing.
 - tensor + tensor: R_a = a/(a+b) R, R_b = b/(a+b) R (stabilised).
 - max pool, flatten, dropout, identity: the plain gradient (winner-take-all for max pool).
@@ -39,37 +46,32 @@ split (which can hand relevance to a negative summand) that happens, and it is c
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from typing import Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.overrides import TorchFunctionMode
 
 from ..params import NonNegativeFloat, Score
 from .base import Explainer, Explanation, register
-
-ACTIVATIONS = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SiLU,
-    nn.GELU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Softplus,
-    nn.Mish,
+from .hooks import (
+    ACTIVATIONS,
+    Call,
+    TensorAdd,
+    backward_rules,
+    forward_order,
+    fuse_batchnorm,
+    identity_after_fusion,
+    pass_through,
+    private_copy,
+    trace,
 )
+
 _LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 Rule = Literal["epsilon", "gamma", "alpha_beta", "zplus", "flat"]
 Composite = Literal[
@@ -90,7 +92,8 @@ def _stabilise(z: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _per_sample(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).sum(1)
+    # summing over dims, not flatten(1): no copy of channels-last tensors
+    return t.sum(dim=tuple(range(1, t.ndim)))
 
 
 class _Tracker:
@@ -100,233 +103,188 @@ class _Tracker:
         self.absorbed: torch.Tensor | None = None
 
     def add(self, r_out: torch.Tensor, r_in_total: torch.Tensor):
-        lost = (_per_sample(r_out) - r_in_total).detach()
+        self.absorb(_per_sample(r_out) - r_in_total)
+
+    def absorb(self, lost: torch.Tensor):
+        lost = lost.detach()
         self.absorbed = lost if self.absorbed is None else self.absorbed + lost
 
 
-class _Relevance(torch.autograd.Function):
-    """Forward: the layer's output unchanged. Backward: `rule(a, R_out) -> R_in` (relevance)."""
+# -- a conv/linear layer as a function of its weights -----------------------------------------
+_PLAIN_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
 
-    @staticmethod
-    def forward(ctx, a, out, rule, tracker):
-        ctx.save_for_backward(a)
-        ctx.rule, ctx.tracker = rule, tracker
-        return out.clone()
 
-    @staticmethod
-    def backward(ctx, r_out):
-        (a,) = ctx.saved_tensors
+def _plain(module: nn.Module) -> bool:
+    """torch's own conv/linear forward with zero or no padding: its input backward is one
+    transposed convolution. Subclasses that pad in their forward (timm's Conv2dSame) are not."""
+    if type(module).forward not in _PLAIN_FORWARDS:
+        return False
+    return getattr(module, "padding_mode", "zeros") == "zeros" and not isinstance(
+        getattr(module, "padding", 0), str
+    )
+
+
+def _forward(module: nn.Module, a: torch.Tensor, weight, bias=None) -> torch.Tensor:
+    """The layer's forward with other weights."""
+    if not _plain(module):
+        params = {"weight": weight}
+        if getattr(module, "bias", None) is not None:
+            params["bias"] = bias if bias is not None else torch.zeros_like(module.bias)
+        return functional_call(module, params, (a,))
+    if isinstance(module, nn.Linear):
+        return F.linear(a, weight, bias)
+    return module._conv_forward(a, weight, bias)
+
+
+def _transposed(module: nn.Module, a: torch.Tensor, weight, s: torch.Tensor) -> torch.Tensor:
+    """sum_j w_ij s_j: the input gradient of x -> forward(x, weight) at s. Linear maps, so no
+    forward is needed: a matrix product, or the convolution's input backward."""
+    if not _plain(module):  # let autograd transpose the forward
         with torch.enable_grad():
-            r_in = ctx.rule(a.detach(), r_out)
-        if ctx.tracker is not None:
-            ctx.tracker.add(r_out, _per_sample(r_in))
-        return r_in, None, None, None
+            leaf = a.detach().requires_grad_(True)
+            (c,) = torch.autograd.grad(_forward(module, leaf, weight), leaf, s)
+        return c
+    if isinstance(module, nn.Linear):
+        return s @ weight
+    n = weight.ndim - 2
+    return torch.ops.aten.convolution_backward(
+        s,
+        a,
+        weight,
+        None,
+        module.stride,
+        module.padding,
+        module.dilation,
+        False,
+        [0] * n,
+        module.groups,
+        [True, False, False],
+    )[0]
 
 
-class _PassThrough(torch.autograd.Function):
-    """Forward: the activation's output. Backward: R_in = R_out (LRP pass rule)."""
+def _forward_eps(module: nn.Module, a: torch.Tensor, weight, eps: float) -> torch.Tensor:
+    """forward(a, weight) + eps, biases ignored; eps rides in the bias (no extra pass)."""
+    if not _plain(module):
+        return _forward(module, a, weight) + eps
+    return _forward(module, a, weight, weight.new_full((weight.shape[0],), eps))
+
+
+class _LayerRule:
+    """One conv/linear layer's LRP rule, with its modified weights computed once.
+
+    nonnegative: the layer only ever reads a ReLU's output (known from the traced forward), so
+    the z+ / alpha-beta rules need not look for negative inputs."""
+
+    def __init__(self, module, rule: str, eps: float, gamma: float, beta: float, nonnegative=False):
+        self.rule, self.eps, self.beta, self.nonnegative = rule, eps, beta, nonnegative
+        w, b = module.weight.detach(), getattr(module, "bias", None)
+        b = b.detach() if b is not None else None
+        if rule == "gamma":
+            self.w = w + gamma * w.clamp(min=0)
+            self.b = b + gamma * b.clamp(min=0) if b is not None else None
+        elif rule in ("zplus", "alpha_beta"):
+            self.pos, self.neg = w.clamp(min=0), w.clamp(max=0)
+            # signed inputs: [a+, a-] against [w+, w-] stacked along the input channels is one
+            # convolution (groups 1) instead of two and an add over the (large) output
+            self.stacked = _plain(module) and getattr(module, "groups", 1) == 1
+            if self.stacked:
+                self.pos_neg = torch.cat([self.pos, self.neg], 1)
+                self.neg_pos = torch.cat([self.neg, self.pos], 1)
+        elif rule == "flat":
+            self.ones = torch.ones_like(w)
+
+    def __call__(self, module, inputs, z, r, tracker: _Tracker | None = None):
+        (a,) = inputs
+        eps = self.eps
+        if self.rule == "epsilon":  # z is the layer's saved output: no forward again
+            out = a * _transposed(module, a, module.weight, r / _stabilise(z, eps))
+        elif self.rule == "gamma":
+            zg = _forward(module, a, self.w, self.b)
+            out = a * _transposed(module, a, self.w, r / _stabilise(zg, eps))
+        elif self.rule == "flat":  # every input and weight 1: relevance spread uniformly
+            ones = torch.ones_like(a)
+            out = _transposed(module, a, self.ones, r / _forward_eps(module, ones, self.ones, eps))
+        else:
+            mixed = not self.nonnegative and bool(a.amin() < 0)
+            stacked = self.pos_neg if mixed and self.stacked else None
+            out, s = self._signed(module, a, r, self.pos, self.neg, eps, mixed, stacked)  # z+
+            if self.rule == "zplus":
+                if tracker is not None:
+                    # R_j - sum_i R_ij = s_j (z+_j + eps) - s_j z+_j: what eps took, one sum
+                    tracker.absorb(eps * _per_sample(s))
+                return out
+            out = (self.beta + 1.0) * out
+            if self.beta:
+                stacked = self.neg_pos if mixed and self.stacked else None
+                neg, _ = self._signed(module, a, r, self.neg, self.pos, -eps, mixed, stacked)
+                out = out - self.beta * neg
+        if tracker is not None:
+            tracker.add(r, _per_sample(out))
+        return out
 
     @staticmethod
-    def forward(ctx, a, out):
-        return out.clone()
-
-    @staticmethod
-    def backward(ctx, r_out):
-        return r_out, None
-
-
-class _SumRule(torch.autograd.Function):
-    """a + b forward; backward splits relevance in proportion to the summands."""
-
-    @staticmethod
-    def forward(ctx, a, b, eps, tracker):
-        ctx.save_for_backward(a, b)
-        ctx.eps, ctx.tracker = eps, tracker
-        return a + b
-
-    @staticmethod
-    def backward(ctx, r_out):
-        a, b = ctx.saved_tensors
-        s = r_out / _stabilise(a + b, ctx.eps)
-        ra, rb = a * s, b * s
-        if ctx.tracker is not None:
-            ctx.tracker.add(r_out, _per_sample(ra) + _per_sample(rb))
-        return ra, rb, None, None
+    def _signed(module, a, r, wa, wb, eps, mixed, stacked=None):
+        """R_i = sum_j (a_i w_ij)^s / (sum_q (a_q w_qj)^s + eps) R_j for one sign s: the
+        positive parts of a meet weights `wa`, the negative parts `wb` (biases ignored;
+        `stacked`: [wa, wb] along the input channels). Returns R and s = R_out / (z^s + eps)."""
+        if not mixed:  # no negative inputs: one forward and one transpose suffice
+            s = r / _forward_eps(module, a, wa, eps)
+            return a * _transposed(module, a, wa, s), s
+        ap, an = a.clamp(min=0), a.clamp(max=0)
+        if stacked is not None:
+            dim = -1 if isinstance(module, nn.Linear) else 1
+            both = torch.cat([ap, an], dim)
+            s = r / _forward_eps(module, both, stacked, eps)
+            cp, cn = _transposed(module, both, stacked, s).chunk(2, dim)
+            return ap * cp + an * cn, s
+        s = r / (_forward_eps(module, ap, wa, eps) + _forward(module, an, wb))
+        return ap * _transposed(module, a, wa, s) + an * _transposed(module, a, wb, s), s
 
 
-_ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
-_IADDS = {torch.Tensor.add_, torch.Tensor.__iadd__}
+def _reads_relu(calls: list[Call], module: nn.Module) -> bool:
+    """Every call of `module` reads a tensor that a ReLU (or ReLU6) wrote: no negative input."""
+    sources = [c.source for c in calls if c.module is module]
+    return bool(sources) and all(
+        isinstance(s, nn.ReLU) or (isinstance(s, nn.Hardtanh) and s.min_val >= 0) for s in sources
+    )
 
 
-class _ResidualAdds(TorchFunctionMode):
-    """Routes tensor + tensor of equal shape (residual additions) through `_SumRule`."""
+def _epsilon_any(eps: float) -> Callable:
+    """The epsilon rule for any linear map (average pools, unfused BatchNorm): its vjp by
+    autograd at the saved input, with the saved output as z."""
 
-    def __init__(self, eps: float, tracker):
-        super().__init__()
-        self.eps, self.tracker = eps, tracker
+    def rule(module, inputs, z, r):
+        with torch.enable_grad():
+            a = inputs[0].detach().requires_grad_(True)
+            (c,) = torch.autograd.grad(module.forward(a), a, r / _stabilise(z, eps))
+        return a.detach() * c
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if (func in _ADDS or func in _IADDS) and len(args) == 2 and not kwargs:
-            a, b = args
-            if (
-                isinstance(a, torch.Tensor)
-                and isinstance(b, torch.Tensor)
-                and a.shape == b.shape
-                and a.ndim >= 2
-                and a.is_floating_point()
-                and (a.requires_grad or b.requires_grad)
-            ):
-                # in-place adds become out-of-place: `out += identity` rebinds `out`
-                return _SumRule.apply(a, b, self.eps, self.tracker)
-        return func(*args, **kwargs)
+    return rule
 
 
-# -- rules for conv/linear layers: (module, a, R_out) -> R_in ---------------------------------
-def _weights(module: nn.Module, fn: Callable, bias: bool = True) -> dict:
-    params = {"weight": fn(module.weight)}
-    if getattr(module, "bias", None) is not None:
-        params["bias"] = fn(module.bias) if bias else torch.zeros_like(module.bias)
-    return params
+def sum_rule(eps: float) -> Callable:
+    """a + b: R_a = a/(a+b) R, R_b = b/(a+b) R, stabilised."""
+
+    def rule(_m, inputs, out, r):
+        a, b = inputs
+        s = r / _stabilise(out, eps)
+        return a * s, b * s
+
+    return rule
 
 
-def _modified(module, params, a):
-    return functional_call(module, params, (a,))
+def tracked(rule: Callable, tracker: _Tracker | None) -> Callable:
+    """The rule, recording what it absorbed (relevance in minus relevance out) in `tracker`."""
+    if tracker is None:
+        return rule
 
+    def run(module, inputs, out, r):
+        got = rule(module, inputs, out, r)
+        parts = got if isinstance(got, tuple) else (got,)
+        tracker.add(r, sum(_per_sample(p) for p in parts))
+        return got
 
-def epsilon_rule(module, a, r, eps):
-    a = a.requires_grad_(True)
-    z = module(a)
-    (c,) = torch.autograd.grad(z, a, r / _stabilise(z, eps))
-    return a * c
-
-
-def gamma_rule(module, a, r, gamma, eps):
-    a = a.requires_grad_(True)
-    z = _modified(module, _weights(module, lambda w: w + gamma * w.clamp(min=0)), a)
-    (c,) = torch.autograd.grad(z, a, r / _stabilise(z, eps))
-    return a * c
-
-
-def _split(module, a, positive: bool):
-    """Sum of the positive (or negative) contributions a_i w_ij, biases excluded, as a function
-    of two leaves holding a's positive and negative parts."""
-    ap = a.clamp(min=0).requires_grad_(True)
-    an = a.clamp(max=0).requires_grad_(True)
-    wp = _weights(module, lambda w: w.clamp(min=0), bias=False)
-    wn = _weights(module, lambda w: w.clamp(max=0), bias=False)
-    if positive:
-        z = _modified(module, wp, ap) + _modified(module, wn, an)
-    else:
-        z = _modified(module, wn, ap) + _modified(module, wp, an)
-    return ap, an, z
-
-
-def zplus_rule(module, a, r, eps):
-    """z+ (Montavon et al.): R_i = sum_j (a_i w_ij)^+ / sum_q (a_q w_qj)^+ R_j, biases ignored."""
-    ap, an, z = _split(module, a, positive=True)
-    cp, cn = torch.autograd.grad(z, (ap, an), r / (z + eps))
-    return ap * cp + an * cn
-
-
-def alpha_beta_rule(module, a, r, alpha, beta, eps):
-    """alpha (a w)^+/z^+ - beta (a w)^-/z^-, biases ignored (alpha - beta = 1 conserves)."""
-    ap, an, zp = _split(module, a, positive=True)
-    cp, cn = torch.autograd.grad(zp, (ap, an), r / (zp + eps))
-    out = alpha * (ap * cp + an * cn)
-    if beta:
-        ap, an, zn = _split(module, a, positive=False)
-        cp, cn = torch.autograd.grad(zn, (ap, an), r / (zn - eps))
-        out = out - beta * (ap * cp + an * cn)
-    return out
-
-
-def flat_rule(module, a, r, eps):
-    """Relevance spread uniformly over each output's receptive field (weights and inputs = 1)."""
-    ones = torch.ones_like(a).requires_grad_(True)
-    z = _modified(module, _weights(module, torch.ones_like, bias=False), ones)
-    (c,) = torch.autograd.grad(z, ones, r / (z + eps))
-    return c
-
-
-# -- preparing the copy -----------------------------------------------------------------------
-def fuse_batchnorm(module: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """Fuse every BatchNorm that reads a conv's output into that conv (in place: call it on a copy).
-
-    The BN becomes an exact identity (mean 0, var 1, eps 0, affine 1/0), so wrappers like timm's
-    BatchNormAct2d keep applying their activation. Returns the BatchNorms left unfused.
-    """
-    produced: dict[int, nn.Module] = {}
-    keep: list[torch.Tensor] = []  # hold outputs so their ids stay unique during the trace
-    pairs: list[tuple[nn.Module, nn.Module]] = []
-
-    def conv_hook(m, _inp, out):
-        produced[id(out)] = m
-        keep.append(out)
-
-    def bn_hook(m, inp):
-        conv = produced.get(id(inp[0]))
-        if conv is not None and all(bn is not m for _, bn in pairs):
-            pairs.append((conv, m))
-
-    convs = [m for m in module.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)]
-    bns = [m for m in module.modules() if isinstance(m, _BATCHNORM)]
-    handles = [m.register_forward_hook(conv_hook) for m in convs]
-    handles += [m.register_forward_pre_hook(bn_hook) for m in bns]
-    try:
-        with torch.no_grad():
-            module(example)
-    finally:
-        for h in handles:
-            h.remove()
-    fused = set()
-    with torch.no_grad():
-        for conv, bn in pairs:
-            if id(conv) in fused or not bn.track_running_stats or bn.running_var is None:
-                continue
-            scale = (bn.running_var + bn.eps).rsqrt()
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias
-            w = conv.weight
-            conv.weight.copy_(w * scale.view(-1, *([1] * (w.ndim - 1))))
-            old = conv.bias if conv.bias is not None else torch.zeros_like(shift)
-            conv.bias = nn.Parameter(old * scale + shift, requires_grad=False)
-            bn.running_mean.zero_()
-            bn.running_var.fill_(1.0)
-            bn.eps = 0.0
-            if bn.weight is not None:
-                bn.weight.fill_(1.0)
-            if bn.bias is not None:
-                bn.bias.zero_()
-            fused.add(id(conv))
-            fused.add(id(bn))
-    return [bn for bn in bns if id(bn) not in fused]
-
-
-def prepared_copy(module: nn.Module, example: torch.Tensor, fuse: bool = True):
-    """A deep copy with out-of-place activations (and BN fused): the user's module stays as is."""
-    clone = copy.deepcopy(module)
-    for m in clone.modules():
-        if hasattr(m, "inplace") and isinstance(m.inplace, bool):
-            m.inplace = False
-    unfused = fuse_batchnorm(clone, example) if fuse else []
-    return clone, unfused
-
-
-@contextmanager
-def hooked(handles_from: list[tuple[nn.Module, Callable]]):
-    """Register forward hooks; remove them all on exit, also when the forward raised."""
-    handles = []
-    try:
-        for m, fn in handles_from:
-            handles.append(m.register_forward_hook(fn))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return run
 
 
 @register
@@ -362,20 +320,26 @@ class LRP(Explainer):
         self.epsilon, self.gamma, self.beta = epsilon, gamma, beta
         size = model.input_size
         example = torch.zeros(1, 3, size, size, device=model.device)
-        self.module, self.unfused_bn = prepared_copy(model.module, example)
-        self.layers = self._assign_rules(example)
+        self.module = private_copy(model.module)
+        self.fused_bn, self.unfused_bn = fuse_batchnorm(self.module, example)
+        calls = trace(self.module, example)
+        self.layers = self._assign_rules(calls)
+        small = max(epsilon, 1e-12)
+        self._layer_rules = {
+            m: _LayerRule(
+                m,
+                rule,
+                epsilon if rule in ("epsilon", "gamma") else small,
+                gamma,
+                beta,
+                nonnegative=_reads_relu(calls, m),
+            )
+            for m, rule in self.layers
+        }
 
-    def _assign_rules(self, example) -> list[tuple[nn.Module, str]]:
+    def _assign_rules(self, calls: list[Call]) -> list[tuple[nn.Module, str]]:
         """(module, rule) for every conv/linear layer in forward order."""
-        order: list[nn.Module] = []
-
-        def note(m, _i, _o):
-            if all(m is not o for o in order):
-                order.append(m)
-
-        mods = [m for m in self.module.modules() if isinstance(m, _LINEAR)]
-        with hooked([(m, note) for m in mods]), torch.no_grad():
-            self.module(example)
+        order = forward_order(calls, _LINEAR)
         first, conv, dense = COMPOSITES[self.composite]
         out = []
         for i, m in enumerate(order):
@@ -388,38 +352,25 @@ class LRP(Explainer):
             out.append((m, rule))
         return out
 
-    def _rule_fn(self, module, rule):
-        eps, g, b = self.epsilon, self.gamma, self.beta
-        if rule == "epsilon":
-            return lambda a, r: epsilon_rule(module, a, r, eps)
-        if rule == "gamma":
-            return lambda a, r: gamma_rule(module, a, r, g, eps)
-        if rule == "zplus":
-            return lambda a, r: zplus_rule(module, a, r, max(eps, 1e-12))
-        if rule == "alpha_beta":
-            return lambda a, r: alpha_beta_rule(module, a, r, b + 1.0, b, max(eps, 1e-12))
-        return lambda a, r: flat_rule(module, a, r, max(eps, 1e-12))
-
-    def _hooks(self, tracker):
-        def relevance_hook(fn):
-            def hook(_m, inputs, output):
-                return _Relevance.apply(inputs[0], output.detach(), fn, tracker)
-
-            return hook
-
-        def pass_hook(_m, inputs, output):
-            return _PassThrough.apply(inputs[0], output.detach())
-
+    def rule_table(self, tracker: _Tracker | None = None) -> dict:
+        """The rule table of one call (the first matching key wins)."""
         small = max(self.epsilon, 1e-12)
-        hooks = [(m, relevance_hook(self._rule_fn(m, rule))) for m, rule in self.layers]
-        for m in self.module.modules():
-            if isinstance(m, _AVGPOOL):
-                hooks.append((m, relevance_hook(lambda a, r, m=m: epsilon_rule(m, a, r, small))))
-            elif isinstance(m, ACTIVATIONS):
-                hooks.append((m, pass_hook))
-        for m in self.unfused_bn:
-            hooks.append((m, relevance_hook(lambda a, r, m=m: epsilon_rule(m, a, r, small))))
-        return hooks
+        layers = self._layer_rules
+        fused = {m for m in self.fused_bn if identity_after_fusion(m)}
+        unfused = set(self.unfused_bn)
+        epsilon = tracked(_epsilon_any(small), tracker)
+
+        def layer_rule(module, inputs, z, r):  # each layer rule records what it absorbed
+            return layers[module](module, inputs, z, r, tracker)
+
+        return {
+            (lambda m: m in layers): layer_rule,
+            (lambda m: m in fused): pass_through,  # exact identity: no BN backward to run
+            ACTIVATIONS: pass_through,
+            _AVGPOOL: epsilon,
+            (lambda m: m in unfused): epsilon,
+            TensorAdd: tracked(sum_rule(small), tracker),
+        }
 
     def relevance(self, x, targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Input relevance [B,3,H,W] and the extras: the explained `score` and the relevance
@@ -427,8 +378,7 @@ class LRP(Explainer):
         tracker = _Tracker()
         with ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
-            stack.enter_context(hooked(self._hooks(tracker)))
-            stack.enter_context(_ResidualAdds(max(self.epsilon, 1e-12), tracker))
+            stack.enter_context(backward_rules(self.module, self.rule_table(tracker)))
             xg = x.clone().requires_grad_(True)
             self.model.forward_passes += x.shape[0]  # the copy runs outside model.forward
             out = self.module(xg.contiguous(memory_format=torch.channels_last))

@@ -37,9 +37,10 @@ FAST = ["-m", "not slow and not realdata"]
 # module -> (group, the test files that check it). Only fast, in-process tests: a mutant costs
 # one pytest start (~5 s with torch) plus these tests.
 KNOWN = "tests/test_known_answers.py"
+RULES = "tests/test_rules.py"
 SCOPE: dict[str, tuple[str, list[str]]] = {
     "pipeline/explainers/cam.py": ("explainers", ["tests/test_explainers.py", KNOWN]),
-    "pipeline/explainers/gradients.py": ("explainers", ["tests/test_explainers.py", KNOWN]),
+    "pipeline/explainers/gradients.py": ("explainers", ["tests/test_explainers.py", KNOWN, RULES]),
     "pipeline/explainers/glas.py": ("explainers", ["tests/test_blackbox.py"]),
     "pipeline/explainers/perturbation.py": ("explainers", ["tests/test_blackbox.py", KNOWN]),
     # the out-of-memory halving is tested with the gradient family's suite
@@ -49,8 +50,12 @@ SCOPE: dict[str, tuple[str, list[str]]] = {
     ),
     "pipeline/explainers/evet.py": ("explainers", ["tests/test_blackbox.py", KNOWN]),
     "pipeline/compute/transforms.py": ("explainers", ["tests/test_blackbox.py", KNOWN]),
-    "pipeline/explainers/lrp.py": ("explainers", ["tests/test_lrp.py", KNOWN]),
-    "pipeline/explainers/deeplift.py": ("explainers", ["tests/test_lrp.py"]),
+    "pipeline/explainers/lrp.py": ("explainers", ["tests/test_lrp.py", KNOWN, RULES]),
+    "pipeline/explainers/deeplift.py": ("explainers", ["tests/test_lrp.py", RULES]),
+    "pipeline/explainers/hooks.py": (
+        "explainers",
+        [RULES, "tests/test_lrp.py", "tests/test_explainers.py"],
+    ),
     "pipeline/explainers/attribution_vis.py": ("explainers", ["tests/test_attribution_vis.py"]),
     "pipeline/metrics/faithfulness.py": ("metrics", ["tests/test_metrics.py", KNOWN]),
     "pipeline/metrics/localisation.py": ("metrics", ["tests/test_metrics.py", KNOWN]),
@@ -73,9 +78,7 @@ EQUIVALENT: dict[tuple[str, int, str], str] = {
     **{
         (module, line, "core/RemoveDecorator"): STATIC
         for module, lines in {
-            "pipeline/explainers/lrp.py": (104, 110, 123, 127, 135, 141),
-            "pipeline/explainers/deeplift.py": (28, 34, 48),
-            "pipeline/explainers/gradients.py": (109, 115),
+            "pipeline/explainers/hooks.py": (213, 222),
         }.items()
         for line in lines
     },
