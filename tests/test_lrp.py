@@ -184,12 +184,12 @@ def test_deeplift_summation_to_delta(which, request):
         model, size = (tiny_model() if which == "tiny" else _wrap(ResNetish())), 32
     x = random_images(2, size, seed=5)
     e = build_explainer("deeplift", model)
-    got = e.explain(x, torch.tensor([1, 2]))
-    maps = got.maps
-    assert got.forward_passes == 4  # x and the reference in one batch
+    explained = e.explain(x, torch.tensor([1, 2]))
+    maps = explained.maps
+    assert explained.forward_passes == 4  # x and the reference in one batch
     ref = model.preprocess.pixel_value(0.0).expand_as(x)
     with torch.inference_mode():
         want = model.module(x)[:, [1, 2]].diagonal() - model.module(ref)[:, [1, 2]].diagonal()
     got = maps.flatten(1).sum(1)
     assert torch.allclose(got, want, rtol=1e-2, atol=1e-4 * want.abs().max()), (got, want)
-    assert got.extras["delta"].abs().max() <= 1e-2 * want.abs().max() + 1e-5
+    assert explained.extras["delta"].abs().max() <= 1e-2 * want.abs().max() + 1e-5
