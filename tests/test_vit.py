@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
 import torchvision
-from conftest import random_images
+from conftest import pearson, random_images
 from torch import nn
 
 from pipeline.explainers import EXPLAINERS, build_explainer
@@ -37,7 +39,18 @@ def _tv_vit():
     return wrap_module(m, PRE, id="test:tv-vit", device="cpu")
 
 
+def _timm_swin():
+    torch.manual_seed(0)
+    m = timm.models.swin_transformer.SwinTransformer(
+        img_size=32, patch_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+        window_size=4, num_classes=5,
+    )  # fmt: skip
+    return wrap_module(m, PRE, id="test:swin", device="cpu")
+
+
 MODELS = {
+    # hierarchical: stages give [B,H,W,C] feature maps (timm's output_fmt NHWC)
+    "timm-swin": (_timm_swin, "norm"),
     "timm-vit": (_timm_vit, "blocks.11.norm1"),
     "timm-deit-distilled": (
         lambda: _timm_vit("deit_tiny_distilled_patch16_224"),
@@ -150,3 +163,24 @@ def test_timm_vit_weights_round_trip(tmp_path):
     assert torch.allclose(model.logits(x), want, rtol=1e-4, atol=1e-5)
     fresh = load_model("timm:vit_tiny_patch16_224", device="cpu", random_init=True)
     assert not torch.allclose(fresh.logits(x), want, atol=1e-3)
+
+
+def test_gradcam_on_swin_agrees_with_pytorch_grad_cam():
+    """[B,H,W,C] stage outputs: ours reads them as [B,C,H,W] by itself; pytorch-grad-cam needs
+    a reshape_transform for the same (its Swin recipe). Same layer, same targets, same maps."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = _timm_swin()
+    x, t = random_images(2, 32, seed=3), torch.tensor([1, 4])
+    ours = build_explainer("gradcam", model)(x, t)
+    # the peer backpropagates from the loss, so it needs weights that require grad
+    peer_net = copy.deepcopy(model.module).requires_grad_(True)
+    with GradCAM(
+        model=peer_net,
+        target_layers=[peer_net.norm],
+        reshape_transform=lambda a: a.permute(0, 3, 1, 2),
+    ) as peer:
+        theirs = peer(x, targets=[ClassifierOutputTarget(int(c)) for c in t])
+    for a, b in zip(ours, theirs, strict=True):
+        assert pearson(a, torch.from_numpy(b)) >= 0.99

@@ -47,7 +47,7 @@ from ..params import (
     Score,
 )
 from .base import Explainer, Explanation, register
-from .layers import record_activations, resolve_layer
+from .layers import channels_last_output, record_activations, resolve_layer
 
 # lucid's square root of the ImageNet colour covariance (SVD), columns normalised to max norm 1
 _COLOR = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
@@ -147,12 +147,16 @@ class AttributionVisualization(Explainer):
     ):
         super().__init__(model, score=score)
         self.layer_name, self.layer = resolve_layer(model, layer)
+        self.channels_last = channels_last_output(model, self.layer)
         self.steps, self.attr_steps, self.beta, self.depth = steps, attr_steps, beta, depth
         self.lr, self.lam_growth, self.transforms, self.seed = lr, lam_growth, transforms, seed
         self.lam_init = lam_init
 
     def _layer_output(self, x) -> torch.Tensor:
-        with record_activations(self.layer) as store, torch.no_grad():
+        with (
+            record_activations(self.layer, channels_last=self.channels_last) as store,
+            torch.no_grad(),
+        ):
             self.model.forward(x)
         a = store["A"]
         if not isinstance(a, torch.Tensor) or a.ndim != 4:
@@ -168,7 +172,10 @@ class AttributionVisualization(Explainer):
         total = torch.zeros_like(a)
         for k in range(1, self.attr_steps + 1):
             point = (a0 + (k / self.attr_steps) * (a - a0)).requires_grad_(True)
-            with record_activations(self.layer, replace=point), torch.enable_grad():
+            with (
+                record_activations(self.layer, replace=point, channels_last=self.channels_last),
+                torch.enable_grad(),
+            ):
                 s = self.scores(self.model.forward(x), targets)
                 (g,) = torch.autograd.grad(s.sum(), point)
             total += g.float()
@@ -213,7 +220,7 @@ class AttributionVisualization(Explainer):
                     theta = _affine(b, h, gens, dev)
                     grid = F.affine_grid(theta, list(comp.shape), align_corners=False)
                     comp = F.grid_sample(comp, grid, padding_mode="reflection", align_corners=False)
-                with record_activations(self.layer) as store:
+                with record_activations(self.layer, channels_last=self.channels_last) as store:
                     self.model.forward(comp)
                 gain = (store["A"].float() * r).flatten(1).sum(1)
                 penalty = lam * (m.flatten(1).mean(1) - beta) ** 2

@@ -16,7 +16,7 @@ from ..compute.perturbed_forward import perturbed_scores
 from ..params import PositiveInt, Score
 from .base import Explainer, register
 from .gradients import GuidedBackprop
-from .layers import record_activations, resolve_layer
+from .layers import channels_last_output, record_activations, resolve_layer
 
 
 class _LayerExplainer(Explainer):
@@ -25,14 +25,17 @@ class _LayerExplainer(Explainer):
     def __init__(self, model, *, layer: str | None = None, score: Score | None = None):
         super().__init__(model, score=score)
         self.layer_name, self.layer = resolve_layer(model, layer)
+        self.channels_last = channels_last_output(model, self.layer)
 
     def activations(self, x) -> torch.Tensor:
-        with record_activations(self.layer, with_grad=False) as store, torch.inference_mode():
+        read = record_activations(self.layer, channels_last=self.channels_last)
+        with read as store, torch.inference_mode():
             self.model.forward(x)
         return store["A"].float()
 
     def activations_and_grads(self, x, targets) -> tuple[torch.Tensor, torch.Tensor]:
-        with record_activations(self.layer, with_grad=True) as store, torch.enable_grad():
+        read = record_activations(self.layer, with_grad=True, channels_last=self.channels_last)
+        with read as store, torch.enable_grad():
             s = self.scores(self.model.forward(x), targets)
             a = store["A"]
             (g,) = torch.autograd.grad(s.sum(), a)

@@ -92,14 +92,27 @@ def grid_to_tokens(grid: torch.Tensor, prefix_tokens: torch.Tensor) -> torch.Ten
     return torch.cat([prefix_tokens, grid.flatten(2).transpose(1, 2)], 1)
 
 
+def channels_last_output(model: LoadedModel, layer: nn.Module) -> bool:
+    """Whether the layer's 4-D output is [B,H,W,C]: the feature maps of timm models whose
+    `output_fmt` is NHWC (Swin and other hierarchical transformers); convolutions still give
+    [B,C,H,W]."""
+    fmt = getattr(model.module, "output_fmt", "NCHW")
+    return getattr(fmt, "value", fmt) == "NHWC" and not isinstance(layer, nn.Conv2d)
+
+
 @contextmanager
 def record_activations(
-    layer: nn.Module, *, with_grad: bool = False, replace: torch.Tensor | None = None
+    layer: nn.Module,
+    *,
+    with_grad: bool = False,
+    replace: torch.Tensor | None = None,
+    channels_last: bool = False,
 ):
     """Yield a dict that receives the layer's output "A" on the next forward.
 
     Token outputs [B,T,C] (vision transformers) are given as the patch grid [B,C,h,w] (class and
-    distillation tokens dropped, see `tokens_to_grid`), so every CAM method works on ViTs.
+    distillation tokens dropped, see `tokens_to_grid`), and with `channels_last` a [B,H,W,C]
+    output (`channels_last_output`) as [B,C,H,W], so every CAM method works on ViTs and Swins.
 
     with_grad: the output is replaced by a leaf that requires grad (its clone flows on, so in-place
     ops downstream stay legal), so gradients w.r.t. A exist even though neither the input nor the
@@ -118,7 +131,17 @@ def record_activations(
             store["A"] = replace
             if out.ndim == 3:
                 return grid_to_tokens(replace, out[:, : tokens_to_grid(out)[1]])
+            if channels_last:
+                return replace.permute(0, 2, 3, 1).clone()
             return replace.clone()  # the clone flows on: in-place ops cannot touch the leaf
+        if channels_last and out.ndim == 4:  # [B,H,W,C] feature map: seen as [B,C,H,W]
+            grid = out.permute(0, 3, 1, 2)
+            if with_grad:
+                leaf = grid.detach().requires_grad_(True)
+                store["A"] = leaf
+                return leaf.permute(0, 2, 3, 1)
+            store["A"] = grid
+            return None
         if out.ndim == 3:  # transformer tokens: CAM methods see the patch grid [B,C,h,w]
             grid, p = tokens_to_grid(out)
             if with_grad:

@@ -97,9 +97,13 @@ def _per_sample(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Tracker:
-    """Collects per-sample relevance absorbed by biases and stabilisers during one backward."""
+    """Collects per-image relevance absorbed by biases and stabilisers during one backward.
 
-    def __init__(self):
+    Layers inside windowed attention (Swin) see a batch of images x windows: their rows are
+    summed per image, windows being image-major there (timm's window partition)."""
+
+    def __init__(self, images: int):
+        self.images = images
         self.absorbed: torch.Tensor | None = None
 
     def add(self, r_out: torch.Tensor, r_in_total: torch.Tensor):
@@ -107,6 +111,8 @@ class _Tracker:
 
     def absorb(self, lost: torch.Tensor):
         lost = lost.detach()
+        if lost.shape[0] != self.images and lost.shape[0] % self.images == 0:
+            lost = lost.view(self.images, -1).sum(1)
         self.absorbed = lost if self.absorbed is None else self.absorbed + lost
 
 
@@ -375,7 +381,7 @@ class LRP(Explainer):
     def relevance(self, x, targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Input relevance [B,3,H,W] and the extras: the explained `score` and the relevance
         `absorbed` by biases and stabilisers."""
-        tracker = _Tracker()
+        tracker = _Tracker(x.shape[0])
         with ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
             stack.enter_context(backward_rules(self.module, self.rule_table(tracker)))
