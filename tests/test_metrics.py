@@ -385,7 +385,7 @@ def test_sanity_verdicts_of_seed_002_table_3_on_the_builtin(builtin, demo_images
 def test_real_imagenet_table_with_sanity_bounds(builtin, imagenet300):
     """Grad-CAM, saliency and GLAS with the builtin model on real ImageNet images with their
     official boxes. Subsets keep it inside CI time: 60 images for the localisation metrics
-    (20 for GLAS at k=6, 73 forwards each) and 12 for deletion/insertion at 32 steps."""
+    (20 for GLAS at k=6, 73 forwards each) and 8 for deletion/insertion at 16 steps."""
     from PIL import Image
 
     from pipeline.explainers import EXPLAINERS, build_explainer
@@ -419,8 +419,8 @@ def test_real_imagenet_table_with_sanity_bounds(builtin, imagenet300):
             m.update(ExplainedBatch(maps, anns[:n], model=builtin, x=x[:n], targets=t[:n]))
             row[metric] = m.compute()
         for metric in ("deletion", "insertion"):
-            m = build_metric(metric, steps=32)
-            m.update(ExplainedBatch(maps[:12], anns[:12], model=builtin, x=x[:12], targets=t[:12]))
+            m = build_metric(metric, steps=16)
+            m.update(ExplainedBatch(maps[:8], anns[:8], model=builtin, x=x[:8], targets=t[:8]))
             row[metric] = m.compute()
         table[name] = row
     print(f"\nrandom pointing baseline (mean box area fraction): {random_pg:.3f}")
