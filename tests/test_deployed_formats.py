@@ -64,7 +64,7 @@ def formats(s3, demo_images):
 
 JOBS = {
     "onnx": ("onnx:{root}/models/tiny.onnx", [{"name": "rise", "params": {"n_masks": 16}}]),
-    "export": ("export:{root}/models/tiny.pt2", [{"name": "gradcam"}, {"name": "saliency"}]),
+    "export": ("export:{root}/models/tiny.pt2", [{"name": "gradcam"}, {"name": "lrp"}]),
     "hf": ("hf:{root}/models/vit", [{"name": "gradcam"}]),
 }
 

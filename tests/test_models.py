@@ -309,7 +309,7 @@ def test_an_exported_program_runs_every_method_it_offers_with_the_eager_maps(tmp
     eager = wrap_module(net, exported.preprocess, id="eager", device="cpu")
     offered = methods_for(exported)
     refused = sorted(set(EXPLAINERS) - set(offered))
-    assert refused == ["cam", "deconvnet", "deeplift", "guided_backprop", "guided_gradcam", "lrp"]
+    assert refused == []
     for name in offered:
         want = build_explainer(name, eager, **FAST.get(name, {}))(x, t)
         got = build_explainer(name, exported, **FAST.get(name, {}))(x, t)
@@ -320,6 +320,98 @@ def test_an_exported_program_runs_every_method_it_offers_with_the_eager_maps(tmp
             ValueError, match=f"{name} needs .*layer_types.*methods that run on it: attri"
         ):
             build_explainer(name, exported)
+
+
+def _export_to(path, net, size: int):
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    x = torch.zeros(2, 3, size, size)
+    torch.export.save(torch.export.export(net, (x,), dynamic_shapes=({0: batch},)), path)
+    path.with_name(path.name + ".card.yaml").write_text(f"size: {size}\nresize: squash\n")
+
+
+def test_an_exported_resnet_gets_its_layers_back_for_the_rule_methods(tmp_path):
+    """BatchNorm folding, residual additions (aten.add_ in the program), shared ReLUs and a
+    max pool: the rule methods give the eager ResNet's maps on the program."""
+    from conftest import random_images
+
+    from pipeline.explainers import build_explainer
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    for m in net.modules():  # non-trivial BatchNorm statistics, so folding them matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    _export_to(tmp_path / "resnet.pt2", net, 64)
+    exported = load_model(f"export:{tmp_path / 'resnet.pt2'}", device="cpu")
+    assert type(exported.module.layer1.get_submodule("0").bn1) is torch.nn.BatchNorm2d
+    eager = wrap_module(net, exported.preprocess, id="eager", device="cpu")
+    x, t = random_images(2, 64, seed=3), torch.tensor([2, 7])
+    for name in ("lrp", "deeplift", "guided_backprop", "deconvnet", "guided_gradcam", "cam"):
+        want = build_explainer(name, eager)(x, t)
+        got = build_explainer(name, exported)(x, t)
+        scale = float(want.abs().max()) + 1e-12
+        assert float((got - want).abs().max()) <= 1e-4 * scale, name
+
+
+def test_an_exported_timm_net_gets_its_padded_convs_and_norm_activations_back(tmp_path):
+    """timm's Conv2dSame (pads, then convolves) and BatchNormAct2d (norm, then activation) run
+    several ops each; they come back as Conv2d / BatchNorm2d subclasses running the program's
+    own graph, so LRP folds the norms and applies its conv rules as on the eager net (the
+    builtin EfficientNet is built from these)."""
+    from conftest import random_images
+    from timm.layers import BatchNormAct2d, Conv2dSame
+
+    from pipeline.explainers import build_explainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        Conv2dSame(3, 8, 3, stride=2, bias=False), BatchNormAct2d(8, act_layer=torch.nn.ReLU6),
+        Conv2dSame(8, 16, 3, stride=2, bias=True), BatchNormAct2d(16),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5),
+    ).eval()  # fmt: skip
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    _export_to(tmp_path / "timm.pt2", net, 33)
+    exported = load_model(f"export:{tmp_path / 'timm.pt2'}", device="cpu")
+    layers = [exported.module.get_submodule(str(i)) for i in range(4)]
+    assert [type(m).__name__ for m in layers] == ["Conv2dSame", "BatchNormAct2d"] * 2
+    assert isinstance(layers[0], torch.nn.Conv2d) and isinstance(layers[1], torch.nn.BatchNorm2d)
+    eager = wrap_module(net, exported.preprocess, id="eager", device="cpu")
+    x, t = random_images(2, 33, seed=4), torch.tensor([0, 3])
+    for name in ("lrp", "deeplift", "guided_backprop", "gradcam"):
+        want = build_explainer(name, eager)(x, t)
+        got = build_explainer(name, exported)(x, t)
+        scale = float(want.abs().max()) + 1e-12
+        assert float((got - want).abs().max()) <= 1e-4 * scale, name
+
+
+def test_an_exported_program_with_a_layer_it_cannot_rebuild_refuses_only_the_rule_methods(
+    tmp_path, caplog
+):
+    """A torch.nn leaf Salient does not rebuild (PReLU) stays a graph op; LRP would then miss
+    it, so the rule methods are refused and the log names the layer."""
+    from conftest import random_images
+
+    from pipeline.explainers import build_explainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.PReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(4, 3),
+    ).eval()  # fmt: skip
+    _export_to(tmp_path / "prelu.pt2", net, 16)
+    with caplog.at_level("WARNING", logger="pipeline.models.loaders"):
+        exported = load_model(f"export:{tmp_path / 'prelu.pt2'}", device="cpu")
+    assert "torch.nn.modules.activation.PReLU" in caplog.text
+    assert "layer_types" not in exported.capabilities
+    assert type(exported.module.get_submodule("0")) is torch.nn.Conv2d  # the rest is restored
+    with pytest.raises(ValueError, match="lrp needs layer_types"):
+        build_explainer("lrp", exported)
+    x = random_images(1, 16, seed=0)
+    eager = wrap_module(net, exported.preprocess, id="eager", device="cpu")
+    want = build_explainer("saliency", eager)(x, torch.tensor([1]))
+    assert torch.allclose(build_explainer("saliency", exported)(x, torch.tensor([1])), want)
 
 
 def test_an_exported_program_with_a_fixed_batch_or_a_bad_card_is_a_clear_error(tmp_path):

@@ -261,6 +261,8 @@ _ADDS = frozenset(
         torch.Tensor.__radd__,
         torch.Tensor.add_,
         torch.Tensor.__iadd__,
+        torch.ops.aten.add.Tensor,  # torch.export programs add with aten ops
+        torch.ops.aten.add_.Tensor,
     }
 )
 

@@ -16,8 +16,9 @@ from .preprocess import Preprocess
 ScoreFunction = Literal["softmax", "sigmoid", "logit"]
 
 # What a loaded model lets a method do beyond forward passes. A torch module offers all four;
-# an exported program (its layers are graph ops, not nn.Module types) no layer types; an ONNX
-# session only forwards. Explainers and metrics declare what they need (`requires`).
+# an exported program no layer types when a torch.nn layer in it could not be rebuilt from its
+# graph ops (models/exported.py); an ONNX session only forwards. Explainers and metrics
+# declare what they need (`requires`).
 Capability = Literal["gradients", "activations", "layer_types", "weights"]
 ALL_CAPABILITIES: frozenset[str] = frozenset(("gradients", "activations", "layer_types", "weights"))
 

@@ -8,7 +8,8 @@ Schemes:
                                        network explained by mistake looks like a real one)
   export:<URI>                         a torch.export program (.pt2, saved with a dynamic batch
                                        dimension); its module hierarchy is restored with
-                                       torch.export.unflatten, so layers resolve by name
+                                       torch.export.unflatten and its torch.nn layers
+                                       rebuilt from their ops, so every method runs on it
   torchscript:<URI>                    a TorchScript archive (deprecated by torch; prefer export)
   onnx:<URI>                           an ONNX model run by ONNX Runtime: forward passes only
   hf:<URI>                             a Hugging Face image classifier's save_pretrained folder
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -41,6 +43,8 @@ from ..storage import Storage
 from .builtin import load_builtin
 from .loaded import ALL_CAPABILITIES, LoadedModel, ScoreFunction
 from .preprocess import Preprocess
+
+log = logging.getLogger(__name__)
 
 
 class LoaderResult(NamedTuple):
@@ -274,8 +278,10 @@ def _timm(arch: str, *, weights=None, num_classes=None, **_) -> LoaderResult:
 
 @loader("export")
 def _export(path: str, **_) -> LoaderResult:
-    """A torch.export program. Its layers are graph ops, not nn.Module types, so methods whose
-    rules key on layer types (LRP, DeepLIFT, guided backprop, deconvnet, CAM) are refused."""
+    """A torch.export program, its module hierarchy unflattened and the torch.nn layers it was
+    built from restored (exported.py), so every method runs on it as on the eager model."""
+    from .exported import restore_layer_types
+
     raw = Storage().read_bytes(path)
     try:
         program = torch.export.load(io.BytesIO(raw))
@@ -292,7 +298,21 @@ def _export(path: str, **_) -> LoaderResult:
             "batch dimension (dynamic_shapes={'x': {0: torch.export.Dim('batch')}}) and give "
             "its input size in a card beside it (<file>.card.yaml: size: ...)"
         ) from None
-    capabilities = ALL_CAPABILITIES - {"layer_types"}
+    size = preprocess.size
+    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = module(probe)
+        unrestored = restore_layer_types(module, program)
+        got = module(probe)
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())):
+        raise RuntimeError(  # a layer rebuilt with the wrong arguments: a bug here, not input
+            f"{path!r}: the program's layers rebuilt as torch.nn modules change its output "
+            f"(max difference {float((got - want).abs().max()):.3g}); please report this model"
+        )
+    capabilities = ALL_CAPABILITIES
+    if unrestored:  # layers the rules would miss: refuse the rule methods rather than misapply
+        log.warning("%s: layers left as graph ops: %s", path, ", ".join(unrestored))
+        capabilities = ALL_CAPABILITIES - {"layer_types"}
     return LoaderResult(module, preprocess, hashlib.sha256(raw).hexdigest(), labels, capabilities)
 
 
