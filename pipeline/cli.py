@@ -543,15 +543,24 @@ def compare(
         [], "--tolerance", "-t", help="METRIC=TOL (abs number or N%); globs allowed; repeatable."
     ),
     match_tag: list[str] = typer.Option(["salient.job"], help="Tags a baseline must share."),
+    alpha: float = typer.Option(
+        0.05, min=0.0, max=1.0, help="Significance level a change beyond tolerance must reach."
+    ),
+    endpoint_url: str | None = typer.Option(
+        None, envvar="AWS_ENDPOINT_URL", help="S3 endpoint of the runs' output tables."
+    ),
 ) -> None:
-    """Compare a run's metrics with a baseline; exit 3 when a metric regressed beyond tolerance."""
+    """Compare a run's metrics with a baseline; exit 3 when a metric regressed beyond tolerance
+    and significantly (paired on per-image values when both runs scored the same images)."""
     import mlflow
 
+    from .storage import Storage
     from .tracking.compare import (
         compare_metrics,
         directions_from_tags,
         find_baseline,
         gate,
+        paired_for,
         parse_tolerance,
         resolve_run,
     )
@@ -577,9 +586,17 @@ def compare(
     if base is None:
         _fail(f"no earlier successful run to compare {run} with; pass --baseline")
     directions = {**directions_from_tags(base.data.tags), **directions_from_tags(current.data.tags)}
+    if not 0 < alpha < 1:
+        _fail(f"--alpha {alpha}: must be between 0 and 1")
+    paired, pairing = paired_for(current, base, Storage(endpoint_url=endpoint_url))
     try:
         changes = compare_metrics(
-            current.data.metrics, base.data.metrics, tolerances, directions=directions
+            current.data.metrics,
+            base.data.metrics,
+            tolerances,
+            directions=directions,
+            alpha=alpha,
+            paired=paired,
         )
     except ValueError as e:
         _fail(str(e))
@@ -587,6 +604,8 @@ def compare(
         "gate": gate(changes),
         "baseline": base.info.run_id,
         "changes": [c.__dict__ for c in changes],
+        "alpha": alpha,
+        "pairing": pairing,
     }
     print_changes(verdict)
     if verdict["gate"] == "fail":
@@ -598,9 +617,9 @@ def print_changes(verdict: dict) -> None:
         title=f"Compared with {verdict['baseline'] or '(no baseline)'}: {verdict['gate'].upper()}",
         caption=DIRECTION_LEGEND,
     )
-    for col in ("metric", "better", "baseline", "current", "delta", "tolerance", "status"):
+    for col in ("metric", "better", "baseline", "current", "delta", "tolerance", "p", "status"):
         table.add_column(col)
-    style = {"regressed": "red", "missing": "red", "improved": "green", "ok": ""}
+    style = {"regressed": "red", "missing": "red", "improved": "green", "noise": "yellow"}
     for c in verdict["changes"]:
         if c["status"] == "info" and c["tolerance"] is None:
             continue
@@ -611,11 +630,18 @@ def print_changes(verdict: dict) -> None:
             _fmt(c["current"]),
             _fmt(c["delta"]),
             c["tolerance"] or "-",
+            "-" if c.get("p_value") is None else f"{c['p_value']:.3g}",
             f"[{style.get(c['status'], '')}]{c['status']}[/]"
             if style.get(c["status"])
             else c["status"],
         )
     console.print(table)
+    if verdict.get("pairing"):
+        console.print(
+            f"{verdict['pairing']}; a change beyond tolerance fails only at p < "
+            f"{verdict.get('alpha', 0.05)} (noise: beyond tolerance, not significant)",
+            highlight=False,
+        )
     if verdict.get("note"):
         console.print(verdict["note"], highlight=False)
 
@@ -641,14 +667,17 @@ def print_summary(summary: dict) -> None:
     directions = {m["key"]: m["higher_is_better"] for m in summary.get("metrics", [])}
     metrics = list(directions) or sorted({m for e in explainers.values() for m in e["metrics"]})
     if metrics:
-        mt = Table(title="Metric means", caption=DIRECTION_LEGEND)
+        mt = Table(
+            title="Metric means [95% interval]",
+            caption=f"{DIRECTION_LEGEND}; Wilson intervals for 0/1 metrics",
+        )
         mt.add_column("metric")
         for key in explainers:
             mt.add_column(key)
         for m in metrics:
             mt.add_row(
                 f"{m} {_arrow(directions.get(m))}",
-                *[_fmt(e["metrics"].get(m)) for e in explainers.values()],
+                *[_mean_and_interval(e, m) for e in explainers.values()],
             )
         console.print(mt)
     for warning in summary.get("warnings", []):
@@ -660,6 +689,12 @@ def print_summary(summary: dict) -> None:
         f"{summary['wall_seconds']:.1f} s wall",
         highlight=False,
     )
+
+
+def _mean_and_interval(e: dict, metric: str) -> str:
+    ci = e.get("metric_intervals", {}).get(metric)
+    mean = _fmt(e["metrics"].get(metric))
+    return f"{mean} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else mean
 
 
 def _fmt(v) -> str:

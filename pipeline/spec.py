@@ -221,6 +221,9 @@ class CompareSpec(_Strict):
     match_tags: list[str] = Field(default_factory=lambda: ["salient.job"])
     tolerances: dict[str, float | str] = Field(default_factory=dict)
     fail_on_missing: bool = True
+    # a change beyond tolerance fails only when significant at this level (paired t-test on
+    # per-image values when both runs scored the same images, else Welch's t-test)
+    alpha: float = Field(0.05, gt=0, lt=1)
 
     @field_validator("tolerances")
     @classmethod

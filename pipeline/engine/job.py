@@ -423,8 +423,18 @@ def run_job(
         storage.write_bytes_atomic(f"{root}/summary.json", json.dumps(summary, indent=2).encode())
         storage.write_bytes_atomic(f"{root}/digest.json", json.dumps(digest.to_json()).encode())
         tracker.log_metrics(_flat_metrics(summary))
+        # the gate before the report, so the report shows its verdict and evidence
+        gate = tracker.regression_gate(spec.compare_to, storage) if spec.compare_to else None
         report = render_report(
-            ReportInputs(root, summary, digest, f"Salient run {run_id}", model.preprocess, storage)
+            ReportInputs(
+                root,
+                summary,
+                digest,
+                f"Salient run {run_id}",
+                model.preprocess,
+                storage,
+                gate=gate,
+            )  # fmt: skip
         )
         storage.write_bytes_atomic(f"{root}/report.html", report.encode())
         tracker.log_artifacts(
@@ -440,7 +450,6 @@ def run_job(
             raise JobFailed(f"{summary['lost']} inputs are neither in heatmaps nor in errors")
         check_outcome(spec, summary)
         tracker.finish()
-        gate = tracker.regression_gate(spec.compare_to) if spec.compare_to else None
         return JobResult(run_id, root, tracker.mlflow_run_id, summary, digest, gate)
     except KeyboardInterrupt as e:
         tracker.fail(e)
@@ -720,8 +729,15 @@ def _flat_metrics(summary: dict) -> dict[str, float]:
         if e["images_per_s"]:
             out[f"{key}.images_per_s"] = e["images_per_s"]
         for metric, value in e["metrics"].items():
-            if value is not None:
-                out[f"{key}.{metric}"] = value
+            if value is None:
+                continue
+            out[f"{key}.{metric}"] = value
+            # what the gate's test needs from a run, and the interval a reader wants
+            stats = {"n": e["metric_counts"].get(metric), "sd": e.get("metric_sd", {}).get(metric)}
+            ci = e.get("metric_intervals", {}).get(metric)
+            if ci is not None:
+                stats |= {"ci_low": ci[0], "ci_high": ci[1]}
+            out |= {f"{key}.{metric}.{k}": v for k, v in stats.items() if v is not None}
     return out
 
 

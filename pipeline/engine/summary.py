@@ -25,6 +25,9 @@ def metric_details(metric) -> dict:
     out = {}
     if hasattr(metric, "mean_curve"):
         out["curve"] = metric.mean_curve()
+        band = metric.curve_band()
+        if band is not None:
+            out["curve_band"] = {"low": band[0], "high": band[1]}
     if hasattr(metric, "by_transform"):
         out["by_transform"] = metric.by_transform()
     if hasattr(metric, "report"):
@@ -90,6 +93,13 @@ class RunTotals:
                 "forward_passes_per_image": passes / images if images else None,
                 "metrics": {k: metric.compute() for k, metric in merged.items()},
                 "metric_counts": {k: metric.n for k, metric in merged.items()},
+                # 95% intervals of the means (Wilson for 0/1 metrics) and the values' spread,
+                # from states merged exactly across blocks; None below two values
+                "metric_intervals": {
+                    k: None if (ci := metric.interval()) is None else list(ci)
+                    for k, metric in merged.items()
+                },
+                "metric_sd": {k: metric.sd() for k, metric in merged.items()},
                 "metric_details": {
                     k: d for k, metric in merged.items() if (d := metric_details(metric))
                 },

@@ -20,6 +20,7 @@ import torch
 
 from ..models.loaded import LoadedModel
 from ..registry import Registry
+from ..stats import LEVEL, Moments, mean_interval, wilson_interval, z_for
 
 if TYPE_CHECKING:  # metrics receive explainers; they never build on the explainers' module
     from ..explainers.base import Explainer
@@ -112,9 +113,14 @@ class Metric:
     # `salient validate`, so a metric a model cannot support never reaches the actors
     requires: ClassVar[frozenset[str]] = frozenset()
 
+    # the value that counts as a success for a 0/1 metric (1, or 100 for a percentage): its
+    # aggregate is a proportion and gets a Wilson interval; None: a mean, mean +- z s / sqrt(n)
+    proportion: ClassVar[float | None] = None
+
     def __init__(self):
         self.n = 0
         self.total = 0.0
+        self.m2: float | None = 0.0  # None: merged from a state that did not keep it
 
     def update(self, batch: ExplainedBatch) -> list[float | None]:
         """Values for every row of the batch (None where the image lacks the ground truth the
@@ -130,22 +136,50 @@ class Metric:
         elif keep:
             for i, v in zip(keep, self.values(batch.rows(keep)), strict=True):
                 values[i] = v
-        for v in values:
-            if v is not None:
-                self.n += 1
-                self.total += float(v)
+        self._fold(Moments.of(v for v in values if v is not None))
         return values
+
+    def moments(self) -> Moments | None:
+        """Count, mean and M2 of the values so far (None: a merged state lacked M2)."""
+        if self.m2 is None:
+            return None
+        return Moments(self.n, self.total / self.n if self.n else 0.0, self.m2)
+
+    def _fold(self, new: Moments) -> None:
+        merged = self.moments().merge(new) if self.m2 is not None else None
+        self.n += new.n
+        self.total += new.mean * new.n
+        self.m2 = merged.m2 if merged is not None else None
+
+    def interval(self, level: float = LEVEL) -> tuple[float, float] | None:
+        """The aggregate's interval: Wilson for a proportion, else mean +- z s / sqrt(n)."""
+        if not self.n:
+            return None
+        if self.proportion:
+            lo, hi = wilson_interval(self.total / self.proportion, self.n, level)
+            return lo * self.proportion, hi * self.proportion
+        m = self.moments()
+        return None if m is None else mean_interval(m, level)
+
+    def sd(self) -> float | None:
+        m = self.moments()
+        return None if m is None else m.sd
 
     def values(self, batch: ExplainedBatch) -> list[float | None]:
         """One value per row; every row has the ground truth `needs` names."""
         raise NotImplementedError
 
     def state(self) -> dict:
-        return {"n": self.n, "total": self.total}
+        return {"n": self.n, "total": self.total, "m2": self.m2}
 
     def merge(self, state: dict) -> Metric:
-        self.n += state["n"]
-        self.total += state["total"]
+        n, m2 = state["n"], state.get("m2")  # states written before intervals have no M2
+        if m2 is None or self.m2 is None:
+            self.n += n
+            self.total += state["total"]
+            self.m2 = None
+        else:
+            self._fold(Moments(n, state["total"] / n if n else 0.0, m2))
         return self
 
     def compute(self) -> float | None:
@@ -166,21 +200,40 @@ class CurveMetric(Metric):
     def __init__(self, length: int):
         super().__init__()
         self.curve = torch.zeros(length, dtype=torch.float64)
+        self.curve_sq: torch.Tensor | None = torch.zeros(length, dtype=torch.float64)
 
     def add_curves(self, curves: torch.Tensor) -> None:
         """curves [B, length] of the images just scored."""
-        self.curve += curves.detach().double().sum(0).cpu()
+        c = curves.detach().double().cpu()
+        self.curve += c.sum(0)
+        if self.curve_sq is not None:
+            self.curve_sq += (c * c).sum(0)
 
     def state(self) -> dict:
-        return {**super().state(), "curve": self.curve.tolist()}
+        sq = None if self.curve_sq is None else self.curve_sq.tolist()
+        return {**super().state(), "curve": self.curve.tolist(), "curve_sq": sq}
 
     def merge(self, state: dict) -> Metric:
         super().merge(state)
         self.curve += torch.tensor(state["curve"], dtype=torch.float64)
+        if self.curve_sq is not None and state.get("curve_sq") is not None:
+            self.curve_sq += torch.tensor(state["curve_sq"], dtype=torch.float64)
+        else:
+            self.curve_sq = None
         return self
 
     def mean_curve(self) -> list[float]:
         return (self.curve / max(self.n, 1)).tolist()
+
+    def curve_band(self, level: float = LEVEL) -> tuple[list[float], list[float]] | None:
+        """Pointwise mean +- z s / sqrt(n) of the curves (a band around `mean_curve`). Sums of
+        squares are exact enough here: curve values are scores and IoUs in [0, 1]."""
+        if self.curve_sq is None or self.n < 2:
+            return None
+        mean = self.curve / self.n
+        var = ((self.curve_sq - self.n * mean * mean) / (self.n - 1)).clamp_min(0)
+        half = z_for(level) * var.sqrt() / self.n**0.5
+        return (mean - half).tolist(), (mean + half).tolist()
 
 
 def positive(maps: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,7 @@ class IncreaseInConfidence(AverageDrop):
 
     name = "increase_in_confidence"
     higher_is_better = True
+    proportion = 100.0
 
     def values(self, b: ExplainedBatch):
         s = explanation_map_scores(b.model, b.x, b.targets, b.maps, self.max_batch)

@@ -79,6 +79,7 @@ class PointingGame(Metric):
 
     name = "pointing_game"
     needs = "boxes|mask"
+    proportion = 1.0
 
     def __init__(self, tolerance: NonNegativeFloat = 0.0, variant: Variant = "max"):
         super().__init__()

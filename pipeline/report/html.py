@@ -52,8 +52,10 @@ class ReportInputs:
     rank_metric: str | None = None
     drift: dict | None = None  # audit: {"rows": [...], "per_class": [...], "most_changed": [...]}
     sanity: dict | None = None  # {explainer: {"verdict": ..., "similarity": [...]}}
-    curves: dict = field(default_factory=dict)  # {explainer: {"deletion": [...], ...}}
+    # {explainer: {"deletion": (mean curve, {"low": [...], "high": [...]} or None), ...}}
+    curves: dict = field(default_factory=dict)
     n_thumbs: int = 4
+    gate: dict | None = None  # the regression gate's verdict (tracking/compare.py), if run
 
 
 def render_report(inp: ReportInputs) -> str:
@@ -62,7 +64,7 @@ def render_report(inp: ReportInputs) -> str:
     for key, e in s["explainers"].items():  # curves and verdicts the metrics carried
         for metric, d in e.get("metric_details", {}).items():
             if "curve" in d and metric in ("deletion", "insertion"):
-                inp.curves.setdefault(key, {})[metric] = d["curve"]
+                inp.curves.setdefault(key, {})[metric] = (d["curve"], d.get("curve_band"))
             if d.get("verdict") and inp.sanity is None:
                 inp.sanity = {}
             if d.get("verdict"):
@@ -75,6 +77,7 @@ def render_report(inp: ReportInputs) -> str:
         f"<p>run <b>{_e(s['run_id'])}</b> &middot; inputs {s['inputs']} = images "
         f"{s['images_ok']} + errors {s['errors']} (lost {s['lost']})</p>",
         _summary_section(s),
+        _gate_section(inp.gate),
         _thumbs_section(inp, rank),
         _curves_section(inp.curves),
         _distribution_section(inp),
@@ -164,13 +167,58 @@ def _summary_section(s: dict) -> str:
     rows = []
     for key, e in s["explainers"].items():
         cells = [key, e["method"], e["images"], e["images_per_s"], e["forward_passes_per_image"]]
-        cells += [e["metrics"].get(m) for m in metrics]
-        rows.append("<tr>" + "".join(f"<td>{_f(c)}</td>" for c in cells) + "</tr>")
-    legend = "<p class=muted>↑ higher is better, ↓ lower is better</p>"
+        row = "".join(f"<td>{_f(c)}</td>" for c in cells)
+        row += "".join(f"<td>{_with_interval(e, m)}</td>" for m in metrics)
+        rows.append(f"<tr>{row}</tr>")
+    legend = (
+        "<p class=muted>↑ higher is better, ↓ lower is better; under each mean its 95% "
+        "interval (Wilson for 0/1 metrics) and the number of images it is over</p>"
+    )
     return (
         f"<h2 id=summary>Summary per explainer</h2>{legend if metrics else ''}"
         f"<table><tr>{head}</tr>{''.join(rows)}</table>"
     )
+
+
+def _gate_section(verdict: dict | None) -> str:
+    """The gate's verdict and, per gated metric, its evidence: the test, the difference with
+    its 95% interval, the p-value and the effect size."""
+    if verdict is None:
+        return ""
+    rows = []
+    for c in verdict.get("changes", []):
+        if c["tolerance"] is None:
+            continue
+        ci = c.get("interval")
+        cells = [
+            c["metric"], c["baseline"], c["current"], c["delta"],
+            f"[{_f(ci[0])}, {_f(ci[1])}]" if ci else None, c["tolerance"],
+            c.get("test"), None if c.get("p_value") is None else f"{c['p_value']:.3g}",
+            c.get("effect"), c["status"],
+        ]  # fmt: skip
+        rows.append("<tr>" + "".join(f"<td>{_f(x)}</td>" for x in cells) + "</tr>")
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("metric", "baseline", "current", "difference", "95% interval", "tolerance",
+                  "test", "p", "effect", "status")
+    )  # fmt: skip
+    notes = " ".join(_e(str(verdict[k])) for k in ("pairing", "note") if verdict.get(k))
+    return (
+        f"<h2 id=gate>Regression gate: {_e(verdict['gate'].upper())}</h2>"
+        f"<p class=muted>baseline {_e(verdict.get('baseline') or 'none')}; a change beyond "
+        f"tolerance fails only at p &lt; {_f(verdict.get('alpha'))}. {notes}</p>"
+        f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    )
+
+
+def _with_interval(e: dict, metric: str) -> str:
+    value = _f(e["metrics"].get(metric))
+    n = e.get("metric_counts", {}).get(metric)
+    ci = e.get("metric_intervals", {}).get(metric)
+    if n is None:
+        return value
+    spread = f"[{_f(ci[0])}, {_f(ci[1])}] " if ci else ""
+    return f"{value}<br><small class=muted>{spread}n={n}</small>"
 
 
 def _jpeg_data_uri(image: Image.Image) -> str:
@@ -231,11 +279,23 @@ def _thumb(inp: ReportInputs, explainer: str, row: dict) -> str:
     )
 
 
+def _points(ys: list[float], w: int, h: int) -> list[str]:
+    return [f"{i / (len(ys) - 1) * w:.1f},{h - float(y) * h:.1f}" for i, y in enumerate(ys)]
+
+
 def _polyline(ys: list[float], w=260, h=120, colour="#36c") -> str:
     if len(ys) < 2:
         return ""
-    pts = " ".join(f"{i / (len(ys) - 1) * w:.1f},{h - float(y) * h:.1f}" for i, y in enumerate(ys))
+    pts = " ".join(_points(ys, w, h))
     return f"<polyline fill=none stroke='{colour}' stroke-width=2 points='{pts}'/>"
+
+
+def _band(band: dict | None, w=260, h=120, colour="#36c") -> str:
+    """The 95% band around a mean curve, as a shaded polygon (low forwards, high back)."""
+    if not band or len(band["low"]) < 2:
+        return ""
+    pts = " ".join(_points(band["low"], w, h) + _points(band["high"], w, h)[::-1])
+    return f"<polygon class=band fill='{colour}' fill-opacity=0.2 stroke=none points='{pts}'/>"
 
 
 def _curves_section(curves: dict) -> str:
@@ -244,15 +304,15 @@ def _curves_section(curves: dict) -> str:
     out = ["<h2 id=curves>Deletion and insertion curves</h2><div class=thumbs>"]
     for explainer, per_metric in curves.items():
         lines = "".join(
-            _polyline(ys, colour=c)
-            for (_, ys), c in zip(
+            _band(band, colour=c) + _polyline(ys, colour=c)
+            for (_, (ys, band)), c in zip(
                 sorted(per_metric.items()), ("#c33", "#36c", "#393"), strict=False
             )
         )
         legend = ", ".join(_e(m) for m in sorted(per_metric))
         out.append(
             f"<div><svg width=260 height=120 role=img>{lines}</svg><br>"
-            f"{_e(explainer)}: {legend} (red, blue)</div>"
+            f"{_e(explainer)}: {legend} (red, blue; shaded: 95% band of the mean)</div>"
         )
     out.append("</div>")
     return "\n".join(out)

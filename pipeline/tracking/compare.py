@@ -1,4 +1,13 @@
-"""The regression gate: compare a run's aggregate metrics with a baseline run's, per tolerance.
+"""The regression gate: compare a run's aggregate metrics with a baseline run's, per tolerance,
+and flag a regression only when it is also significant.
+
+A change beyond tolerance fails the gate only when a test says it is not noise (p < alpha,
+default 0.05): a paired t-test on per-image differences when both runs scored the same images
+(`paired.py` reads them from the runs' metrics tables), else Welch's t-test on the two runs'
+count, mean and standard deviation (logged beside each metric as `<metric>.n` and `.sd`). A
+change beyond tolerance that is not significant is reported as `noise` and passes; runs logged
+without those numbers are gated on tolerance alone, as before. Each change records its test,
+p-value, interval of the difference and standardised effect.
 
 Tolerances are per metric key (globs allowed: `*.pointing_game`): a number is an absolute
 tolerance, "5%" a relative one. Only metrics that match a tolerance are gated; the others are
@@ -14,6 +23,8 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict, dataclass
 
+from ..stats import Difference, Moments, paired_test, welch_test
+
 # Run-level metrics (not in the metric registry) and their direction.
 RUN_METRICS = {
     "images_per_s": True,
@@ -26,7 +37,11 @@ RUN_METRICS = {
 
 
 DEFAULT_TOLERANCE = "5%"
+DEFAULT_ALPHA = 0.05
 DIRECTION_TAG = "salient.direction."
+# logged beside each aggregate metric `<explainer>.<metric>`: its count, the values' standard
+# deviation and its 95% interval; statistics of a metric, not metrics to gate
+STAT_SUFFIXES = ("n", "sd", "ci_low", "ci_high")
 
 
 def parse_tolerance(text: str | float, what: str = "tolerance") -> str | float:
@@ -42,9 +57,24 @@ def parse_tolerance(text: str | float, what: str = "tolerance") -> str | float:
     return raw if raw.endswith("%") else value
 
 
+def is_statistic(key: str, keys) -> bool:
+    """`<metric>.n`, `.sd`, `.ci_low`, `.ci_high` beside a metric `<metric>` of the run."""
+    base, _, suffix = key.rpartition(".")
+    return suffix in STAT_SUFFIXES and base in keys
+
+
 def is_evaluation_metric(key: str) -> bool:
     """`<explainer>.<metric>` aggregates, not run counters or throughput (hardware-dependent)."""
     return "." in key and not key.endswith(".images_per_s")
+
+
+def moments(metrics: dict[str, float], key: str) -> Moments | None:
+    """A logged metric's count, mean and spread as Moments (None when the run lacks them)."""
+    n, sd = metrics.get(f"{key}.n"), metrics.get(f"{key}.sd")
+    if n is None or sd is None or metrics.get(key) is None:
+        return None
+    n = int(n)
+    return Moments(n, float(metrics[key]), float(sd) ** 2 * (n - 1))
 
 
 def directions_from_tags(tags: dict[str, str]) -> dict[str, bool]:
@@ -71,7 +101,13 @@ class Change:
     delta: float | None
     tolerance: str | None
     higher_is_better: bool | None
-    status: str  # ok | regressed | improved | missing | info
+    status: str  # ok | regressed | improved | noise (beyond tolerance, not significant) | ...
+    # missing | info; the evidence, when the runs carry it:
+    test: str | None = None  # "paired t" | "welch t"
+    n: int | None = None  # pairs, or the smaller sample
+    p_value: float | None = None
+    interval: list[float] | None = None  # 95% interval of current - baseline
+    effect: float | None = None  # the difference in standard deviations (d, or d_z paired)
 
 
 def higher_is_better(key: str, directions: dict[str, bool] | None = None) -> bool | None:
@@ -111,10 +147,15 @@ def compare_metrics(
     tolerances: dict[str, str | float],
     fail_on_missing: bool = False,
     directions: dict[str, bool] | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    paired: dict[str, Moments] | None = None,
 ) -> list[Change]:
-    """One Change per metric of either run. Raises ValueError when the gate would compare
-    nothing: a tolerance pattern that matches no metric, or no gated metric in both runs."""
-    keys = sorted(set(current) | set(baseline))
+    """One Change per metric of either run. `paired`: per metric key, the moments of per-image
+    differences (current - baseline) over the images both runs scored, when they scored the
+    same ones. Raises ValueError when the gate would compare nothing: a tolerance pattern that
+    matches no metric, or no gated metric in both runs."""
+    every = set(current) | set(baseline)
+    keys = sorted(k for k in every if not is_statistic(k, every))
     for pattern, tol in tolerances.items():
         parse_tolerance(tol, f"tolerance {pattern!r}")
         if not any(k == pattern or fnmatch.fnmatchcase(k, pattern) for k in keys):
@@ -140,19 +181,40 @@ def compare_metrics(
             continue
         allowed = _allowed(tol, base)
         worse = -delta if hib else delta if hib is False else abs(delta)
+        diff = _difference(key, current, baseline, paired or {})
+        significant = diff is None or diff.p_value < alpha
         if worse > allowed + 1e-12:
-            status = "regressed"
+            status = "regressed" if significant else "noise"
         elif hib is not None and -worse > allowed:
-            status = "improved"
+            status = "improved" if significant else "noise"
         else:
             status = "ok"
-        changes.append(Change(key, base, cur, delta, _s(tol), hib, status))
+        evidence = {}
+        if diff is not None:
+            evidence = {
+                "test": diff.test,
+                "n": diff.n,
+                "p_value": diff.p_value,
+                "interval": list(diff.interval),
+                "effect": diff.effect,
+            }
+        changes.append(Change(key, base, cur, delta, _s(tol), hib, status, **evidence))
     if not any(c.tolerance is not None and c.delta is not None for c in changes):
         raise ValueError(
             "nothing to compare: the two runs share no gated metric "
             f"(current has {len(current)} metrics, baseline {len(baseline)})"
         )
     return changes
+
+
+def _difference(key: str, current: dict, baseline: dict, paired: dict) -> Difference | None:
+    """The paired test where per-image differences are given, else Welch's on the moments."""
+    if key in paired:
+        diff = paired_test(paired[key])
+        if diff is not None:
+            return diff
+    a, b = moments(current, key), moments(baseline, key)
+    return None if a is None or b is None else welch_test(a, b)
 
 
 def _s(tol) -> str | None:
@@ -188,6 +250,24 @@ def find_baseline(client, experiment_id: str, current_run, match_tags: list[str]
             continue
         return run
     return None
+
+
+def paired_for(current_run, baseline_run, storage) -> tuple[dict[str, Moments], str]:
+    """Per-image differences of the metrics both MLflow runs logged, read from their output
+    tables (tag `salient.output_uri`), and a note saying how the pairing went. Where a run's
+    tables cannot be read, nothing is paired and the gate uses Welch's test."""
+    from .paired import paired_differences
+
+    roots = [r.data.tags.get("salient.output_uri") for r in (current_run, baseline_run)]
+    if not all(roots):
+        return {}, "not paired: a run has no salient.output_uri tag"
+    shared = set(current_run.data.metrics) & set(baseline_run.data.metrics)
+    keys = sorted(k for k in shared if is_evaluation_metric(k) and not is_statistic(k, shared))
+    try:
+        paired = paired_differences(roots[0], roots[1], keys, storage)
+    except Exception as e:  # the verdict still stands on the logged moments
+        return {}, f"not paired: reading the runs' metrics tables failed ({type(e).__name__}: {e})"
+    return paired, f"paired on per-image values for {len(paired)} of {len(keys)} metrics"
 
 
 def resolve_run(client, run: str, experiment_ids: list[str] | None = None):

@@ -114,8 +114,9 @@ class JobTracker:
         if self.enabled and self.mlflow_run_id:
             self.client.set_terminated(self.mlflow_run_id, status="FINISHED")
 
-    def regression_gate(self, compare) -> dict:
-        """Compare this (finished) run with its baseline; tag it pass/fail and log the table."""
+    def regression_gate(self, compare, storage) -> dict:
+        """Compare this (finished) run with its baseline; tag it pass/fail and log the table
+        (`storage` reads both runs' metrics tables for the paired test)."""
         import json
 
         from .compare import (
@@ -124,6 +125,7 @@ class JobTracker:
             directions_from_tags,
             find_baseline,
             gate,
+            paired_for,
             resolve_run,
         )
 
@@ -142,6 +144,7 @@ class JobTracker:
                 "note": "no earlier successful run to compare with: this run is the first",
             }
         else:
+            paired, pairing = paired_for(current, base, storage)
             try:
                 changes = compare_metrics(
                     current.data.metrics,
@@ -149,10 +152,13 @@ class JobTracker:
                     compare.tolerances,
                     compare.fail_on_missing,
                     directions_from_tags(current.data.tags),
+                    alpha=compare.alpha,
+                    paired=paired,
                 )
                 verdict = {"gate": gate(changes), "changes": as_dicts(changes)}
             except ValueError as e:  # a gate that compared nothing must not pass
                 verdict = {"gate": "fail", "changes": [], "note": str(e)}
+            verdict |= {"alpha": compare.alpha, "pairing": pairing}
             verdict["baseline"] = base.info.run_id
         self.set_tags(
             {"salient.gate": verdict["gate"], "salient.baseline_run": verdict["baseline"] or ""}
