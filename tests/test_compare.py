@@ -77,10 +77,11 @@ def test_nightly_job_tags_pass_then_fails_against_a_better_pinned_baseline(
     spec = {
         "source": {"uri": str(tmp_path / "data" / "images")},
         "explainers": [{"name": "gradcam"}],
+        "metrics": [{"name": "deletion", "params": {"steps": 4}}],
         "output": {"uri": str(tmp_path / "runs")},
         "compute": {"device": "cpu", "block_size": 4},
         "tracking": {"uri": uri, "experiment": "nightly", "tags": {"salient.job": "nightly"}},
-        "compare_to": {"tolerances": {"errors": 0, "images_ok": 0}},
+        "compare_to": {"tolerances": {"errors": 0, "images_ok": 0, "gradcam.deletion": 0}},
         "run_id": "nightly-{date}-a",
     }
     path = tmp_path / "nightly.yaml"
@@ -97,6 +98,16 @@ def test_nightly_job_tags_pass_then_fails_against_a_better_pinned_baseline(
     runs = client.search_runs([exp], order_by=["attributes.start_time DESC"])
     assert runs[0].data.tags["salient.gate"] == "pass"
     assert runs[0].data.tags["salient.baseline_run"] == runs[1].info.run_id
+    # the same images both nights: the gate's test is paired on the metrics tables' values
+    import json
+
+    saved = client.download_artifacts(runs[0].info.run_id, "comparison.json", str(tmp_path))
+    verdict = json.loads(open(saved).read())
+    assert verdict["pairing"] == "paired on per-image values for 1 of 1 metrics", verdict
+    (deletion,) = [c for c in verdict["changes"] if c["metric"] == "gradcam.deletion"]
+    assert (deletion["test"], deletion["n"], deletion["status"]) == ("paired t", 3, "ok")
+    assert runs[0].data.metrics["gradcam.deletion.n"] == 3
+    assert "gradcam.deletion.ci_low" in runs[0].data.metrics
     better = _log_run(client, exp, {"errors": 0, "images_ok": 10}, {"salient.job": "nightly"})
     spec["run_id"] = "nightly-{date}-c"
     spec["compare_to"]["baseline"] = better
