@@ -1,5 +1,6 @@
 """Localisation metrics (need boxes, masks or landmarks): pointing game and its variants,
-energy pointing game, IoU curve, localisation error, landmark distance. METHODS.md "Metrics".
+energy pointing game, relevance rank accuracy, IoU curve, localisation error, landmark distance.
+METHODS.md "Metrics".
 
 Boxes are [x0, y0, x1, y1] in pixels of the model input, corners inclusive (ImageNet). An image
 without the needed ground truth gets None. Signed maps: the peak of the raw map points; energy
@@ -144,6 +145,39 @@ class EnergyPointingGame(Metric):
             total = float(m.sum())
             out.append(float(m[gt].sum()) / total if total > 0 else 0.0)
         return out
+
+
+def rank_accuracy(m: torch.Tensor, gt: torch.Tensor) -> float | None:
+    """Share of the K = |gt| highest map pixels inside gt (None for an empty gt). Pixels tied
+    with the K-th value share the places left at that value: each counts as the fraction of
+    those places per tied pixel, the expected share under a random order of the ties (so a
+    constant map scores K / N, chance, not the share of the first pixels in raster order)."""
+    flat, inside = m.flatten().double(), gt.flatten().bool()
+    k = int(inside.sum())
+    if k == 0:
+        return None
+    kth = torch.topk(flat, k).values[-1]
+    above, tied = flat > kth, flat == kth
+    places = k - int(above.sum())
+    hits = float((above & inside).sum()) + places * float((tied & inside).sum()) / float(tied.sum())
+    return hits / k
+
+
+@register
+class RelevanceRankAccuracy(Metric):
+    """Arras et al. 2022 (CLEVR-XAI): with K the number of ground-truth pixels (mask, else the
+    union of the boxes), the fraction of the K highest-ranked map pixels that lie inside it. The
+    raw map is ranked (positive evidence first); ties at the K-th value count by their expected
+    share (`rank_accuracy`). An image whose ground truth covers no pixel gets None."""
+
+    name = "relevance_rank_accuracy"
+    needs = "boxes|mask"
+
+    def values(self, b: ExplainedBatch):
+        return [
+            rank_accuracy(m, ground_truth(ann, *m.shape, device=m.device))
+            for m, ann in zip(b.maps, b.annotations, strict=True)
+        ]
 
 
 @register
