@@ -100,9 +100,10 @@ def test_nightly_job_tags_pass_then_fails_against_a_better_pinned_baseline(
     assert runs[0].data.tags["salient.baseline_run"] == runs[1].info.run_id
     # the same images both nights: the gate's test is paired on the metrics tables' values
     import json
+    from pathlib import Path
 
     saved = client.download_artifacts(runs[0].info.run_id, "comparison.json", str(tmp_path))
-    verdict = json.loads(open(saved).read())
+    verdict = json.loads(Path(saved).read_text())
     assert verdict["pairing"] == "paired on per-image values for 1 of 1 metrics", verdict
     (deletion,) = [c for c in verdict["changes"] if c["metric"] == "gradcam.deletion"]
     assert (deletion["test"], deletion["n"], deletion["status"]) == ("paired t", 3, "ok")
