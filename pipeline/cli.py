@@ -724,6 +724,40 @@ def _print_rows(rows: list[dict], out: Path) -> None:
     console.print(f"{len(rows)} overlays (.png) and maps (.npy) written to {out}/")
 
 
+@app.command()
+def view(
+    run_uri: str = typer.Argument(..., help="A finished run: <output.uri>/<run_id> (local or S3)."),
+    against: str | None = typer.Option(None, help="A second run to compare maps with."),
+    port: int = typer.Option(8765, help="Port (0: any free port)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; any but loopback needs a token."),
+    token: str | None = typer.Option(
+        None, envvar="SALIENT_VIEW_TOKEN", help="Token for --host (default: a random one)."
+    ),
+    endpoint_url: str | None = typer.Option(
+        None, envvar="AWS_ENDPOINT_URL", help="S3 endpoint of the runs."
+    ),
+) -> None:
+    """Browse a run: summary with intervals, classes, a filterable grid of overlays, one image
+    across explainers, errors, and with --against the images whose maps changed most."""
+    from .storage import Storage
+    from .view.server import make_server
+
+    try:
+        server, url = make_server(
+            run_uri.rstrip("/"), Storage(endpoint_url=endpoint_url), against=against,
+            host=host, port=port, token=token,
+        )  # fmt: skip
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    console.print(f"serving {run_uri} at {url}  (Ctrl-C stops)", highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 cluster.register(app)  # submit, status, logs: a job on a Ray cluster (pipeline/cluster.py)
 
 

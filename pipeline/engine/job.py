@@ -5,6 +5,7 @@ blocks, watches progress and merges the blocks' markers into the summary.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -417,6 +418,8 @@ def run_job(
             changes = _changes_since(stored, relisted)
         summary = totals.summary(run_id, compute_seconds, time.perf_counter() - t_start)
         summary["source_changes"] = changes
+        # how images became model inputs: what a viewer needs to lay maps over the sources
+        summary["preprocess"] = dataclasses.asdict(model.preprocess)
         digest = totals.digest
         if spec.output.compact:
             summary["files"] = _compact(root, set(blocks.ids), storage, address)

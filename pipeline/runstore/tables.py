@@ -17,8 +17,10 @@ from .commit import arrow_filesystem, part_block, read_commit
 from .layout import part_uri
 
 
-def _dataset(root: str, table: str, storage: Storage):
-    """(dataset of the table's current rows, row filter or None), or None when it has none."""
+def table_pieces(root: str, table: str, storage: Storage) -> list[tuple[pads.Dataset, list | None]]:
+    """The table's current rows as (dataset, blocks) pieces: the compacted files with the block
+    ids whose rows count (the commit's), then the parts of blocks computed since (None: every
+    row). Empty when the run has no such table."""
     fs, base = storage.filesystem(root)
     fs.invalidate_cache(base)
     commit = read_commit(root, storage)
@@ -33,8 +35,7 @@ def _dataset(root: str, table: str, storage: Storage):
     pieces = []
     if compacted:
         ds = pads.dataset(compacted, filesystem=afs, partitioning="hive", format="parquet")
-        keep = pc.field("block_id").isin(pa.array(sorted(covered), pa.string()))
-        pieces.append((ds, keep))
+        pieces.append((ds, sorted(covered)))
     if parts:
         pieces.append((pads.dataset(parts, filesystem=afs, format="parquet"), None))
     return pieces
@@ -50,12 +51,13 @@ def read_table(
     """One output table's current rows; `columns` and `filters` (pyarrow's DNF list or an
     expression) are pushed down. Compacted rows carry a `block_id` column; parts do not, so
     it is dropped here: both read alike."""
-    pieces = _dataset(root, table, storage)
+    pieces = table_pieces(root, table, storage)
     if not pieces:
         return pa.table({})
     expr = pq.filters_to_expression(filters) if isinstance(filters, list) else filters
     tables = []
-    for ds, keep in pieces:
+    for ds, blocks in pieces:
+        keep = None if blocks is None else pc.field("block_id").isin(pa.array(blocks, pa.string()))
         names = [n for n in ds.schema.names if n != "block_id"]
         want = columns or names
         where = keep if expr is None else (expr if keep is None else keep & expr)
