@@ -15,6 +15,8 @@ Each case runs in its own process, so its peak RSS (the process's high-water mar
                digest) and rendering report.html
   compaction   the same run compacted: files left, objects per million images, and a DuckDB
                query (mean metric per class for one explainer) over the compacted files
+  view         `salient view` over the compacted run of R heatmap rows: open, each page's
+               query (median of 5), the two-run map fingerprints, a page of the changes
   listing      N keys under ~1,000 prefixes of the tests' local S3 endpoint (moto, in a
                process of its own): `_files_under` (parallel over prefixes) vs one serial
                `fs.find`, in seconds and LIST requests, as the endpoint answers and with a
@@ -304,6 +306,74 @@ def case_compaction(rows: int, work: Path) -> dict:
     }
 
 
+def case_view(rows: int, work: Path) -> dict:
+    """`salient view` over the compacted run: opening it, then each page's queries (median of
+    5), the two-run fingerprints (the run against itself) and a page of the changes."""
+    import statistics
+
+    import ray
+
+    from pipeline.runstore.compaction import compact
+    from pipeline.storage import Storage
+    from pipeline.view.changes import map_changes
+    from pipeline.view.run_index import GridQuery, RunIndex
+
+    root = work / "run"
+    blocks = json.loads((work / "blocks.json").read_text())  # made by case_make_run
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")  # fmt: skip
+    compact(str(root), set(blocks))
+    ray.shutdown()
+    summary = {"run_id": "r", "inputs": len(blocks) * BLOCK, "images_ok": len(blocks) * BLOCK,
+               "errors": 0, "lost": 0, "explainers": {e: {"images": 0, "metrics": {}}
+                                                     for e in EXPLAINERS},
+               "metrics": [{"key": "pointing_game", "name": "pointing_game",
+                            "higher_is_better": True}]}  # fmt: skip
+    (root / "summary.json").write_text(json.dumps(summary))
+    t0 = time.perf_counter()
+    index = RunIndex(str(root))
+    opened = time.perf_counter() - t0
+    some = f"img{len(blocks) * BLOCK // 2:09d}"
+    target = index.image(some)[0]["target"]
+    queries = {
+        "classes": index.classes,
+        "grid_first_page": lambda: index.grid(GridQuery()),
+        "grid_class_explainer_by_metric": lambda: index.grid(
+            GridQuery(cls="7", explainer="rise", metric="pointing_game", sort="metric")
+        ),
+        "grid_metric_range_page_100": lambda: index.grid(
+            GridQuery(metric="pointing_game", low=0.5, high=1.0, sort="score", page=100)
+        ),
+        "grid_wrong_predictions": lambda: index.grid(GridQuery(outcome="wrong")),
+        "image": lambda: index.image(some),
+        "heatmap_row": lambda: index.heatmap(some, "rise", target),
+        "errors": index.errors,
+    }
+    seconds = {}
+    for name, fn in queries.items():
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        seconds[name] = statistics.median(times)
+    t = time.perf_counter()
+    changes = map_changes(str(root), str(root), Storage())
+    fingerprints = time.perf_counter() - t
+    index.register_table("changes", changes)
+    t = time.perf_counter()
+    index.query("SELECT * FROM changes ORDER BY distance DESC, image_id LIMIT 48")
+    seconds["changes_page"] = time.perf_counter() - t
+    return {
+        "rows": rows,
+        "open_seconds": opened,
+        "query_seconds": seconds,
+        "slowest_query_seconds": max(seconds.values()),
+        "changes_build_seconds": fingerprints,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
 LISTING_PREFIXES = 1000
 LISTING_LATENCY_MS = 50  # a ListObjectsV2 page's latency on a real store is 10s to 100s of ms
 
@@ -578,6 +648,7 @@ CASES = {
     "resume_s3": case_resume_s3,
     "compaction": case_compaction,
     "listing": case_listing,
+    "view": case_view,
 }
 
 
@@ -615,13 +686,14 @@ def main() -> None:
         "end_of_run": [20_000, 200_000] if args.quick else [100_000, 1_000_000],
         "compaction": [20_000] if args.quick else [1_000_000],
         "listing": [20_000] if args.quick else [200_000],
+        "view": [20_000] if args.quick else [1_000_000],
     }
     for case, ns in sizes.items():
         if args.only and case not in args.only:
             continue
         for n in ns:
             work = None
-            if case in ("end_of_run", "compaction"):  # their run is made by another process
+            if case in ("end_of_run", "compaction", "view"):  # their run is made by another process
                 work = Path(tempfile.mkdtemp(prefix="salient-scale-"))
                 run_case("make_run", n, work)
             print(case, json.dumps(run_case(case, n, work)), flush=True)
