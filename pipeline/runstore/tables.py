@@ -5,6 +5,7 @@ parts of any block computed since; an uncompacted one from its parts."""
 from __future__ import annotations
 
 import posixpath
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -17,10 +18,19 @@ from .commit import arrow_filesystem, part_block, read_commit
 from .layout import part_uri
 
 
-def table_pieces(root: str, table: str, storage: Storage) -> list[tuple[pads.Dataset, list | None]]:
-    """The table's current rows as (dataset, blocks) pieces: the compacted files with the block
-    ids whose rows count (the commit's), then the parts of blocks computed since (None: every
-    row). Empty when the run has no such table."""
+@dataclass(frozen=True)
+class TableFiles:
+    """Where a table's current rows are: the compacted files (paths in `filesystem`; only
+    their rows of `blocks` count, by the `block_id` column) and the parts of blocks computed
+    since (every row counts). What a reader that is not pyarrow (Ray Data, DuckDB) needs."""
+
+    filesystem: object  # pyarrow FileSystem over the run's storage
+    compacted: list[str]
+    blocks: list[str]  # the block ids the compacted files hold
+    parts: list[str]
+
+
+def table_files(root: str, table: str, storage: Storage = Storage()) -> TableFiles:
     fs, base = storage.filesystem(root)
     fs.invalidate_cache(base)
     commit = read_commit(root, storage)
@@ -31,13 +41,22 @@ def table_pieces(root: str, table: str, storage: Storage) -> list[tuple[pads.Dat
         found = []
     parts = sorted(p for p in found if (b := part_block(p)) and b not in covered)
     compacted = [f"{base}/{p}" for p in commit.files.get(table, [])] if commit else []
-    afs = arrow_filesystem(fs)
+    return TableFiles(arrow_filesystem(fs), compacted, sorted(covered), parts)
+
+
+def table_datasets(files: TableFiles) -> list[tuple[pads.Dataset, pc.Expression | None]]:
+    """The table's current rows as pyarrow (dataset, row filter or None) pieces: the compacted
+    files with their block filter, then the parts. Empty when the run has no such table."""
     pieces = []
-    if compacted:
-        ds = pads.dataset(compacted, filesystem=afs, partitioning="hive", format="parquet")
-        pieces.append((ds, sorted(covered)))
-    if parts:
-        pieces.append((pads.dataset(parts, filesystem=afs, format="parquet"), None))
+    if files.compacted:
+        ds = pads.dataset(
+            files.compacted, filesystem=files.filesystem, partitioning="hive", format="parquet"
+        )
+        pieces.append((ds, pc.field("block_id").isin(pa.array(files.blocks, pa.string()))))
+    if files.parts:
+        pieces.append(
+            (pads.dataset(files.parts, filesystem=files.filesystem, format="parquet"), None)
+        )
     return pieces
 
 
@@ -51,13 +70,12 @@ def read_table(
     """One output table's current rows; `columns` and `filters` (pyarrow's DNF list or an
     expression) are pushed down. Compacted rows carry a `block_id` column; parts do not, so
     it is dropped here: both read alike."""
-    pieces = table_pieces(root, table, storage)
+    pieces = table_datasets(table_files(root, table, storage))
     if not pieces:
         return pa.table({})
     expr = pq.filters_to_expression(filters) if isinstance(filters, list) else filters
     tables = []
-    for ds, blocks in pieces:
-        keep = None if blocks is None else pc.field("block_id").isin(pa.array(blocks, pa.string()))
+    for ds, keep in pieces:
         names = [n for n in ds.schema.names if n != "block_id"]
         want = columns or names
         where = keep if expr is None else (expr if keep is None else keep & expr)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
 from ..runstore import decode_heatmaps
-from ..runstore.tables import table_pieces
+from ..runstore.tables import table_datasets, table_files
 from ..storage import Storage
 
 FINGERPRINT = 8
@@ -29,8 +28,7 @@ def fingerprints(
     """(keys table with a `row` index, [N, 64] z-scored fingerprints) of a run's heatmaps."""
     keys, prints = [], []
     n = 0
-    for ds, blocks in table_pieces(root, "heatmaps", storage):
-        where = None if blocks is None else pc.field("block_id").isin(pa.array(blocks, pa.string()))
+    for ds, where in table_datasets(table_files(root, "heatmaps", storage)):
         cols = ["image_id", "explainer", "target", "heatmap", "map_min", "map_max"]
         for batch in ds.to_batches(columns=cols, filter=where, batch_size=batch_rows):
             if batch.num_rows == 0:

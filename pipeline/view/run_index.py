@@ -1,11 +1,11 @@
 """A finished run's tables as SQL views, queried in place: what the run browser shows.
 
-DuckDB scans the run's Parquet through pyarrow datasets (any fsspec URI: local, S3), so each
-query reads only the columns and row groups it needs and nothing is loaded whole: a page of the
-grid at 1M heatmap rows reads the key columns, sorts, and returns 48 rows. The heatmaps view is
-the compacted files (rows of the blocks the commit names) plus the parts of any block computed
-since, as `read_table` defines a run's current rows. Heatmap pixels are read one row at a time,
-by key, for the overlay being drawn.
+DuckDB's own Parquet reader scans the run's files (on S3 and other stores through the run's
+fsspec filesystem, registered with DuckDB), so each query reads only the columns and row groups
+it needs and nothing is loaded whole: a page of the grid at 1M heatmap rows reads the key
+columns, sorts, and returns 48 rows. The heatmaps view is the compacted files (rows of the
+blocks the commit names) plus the parts of any block computed since, as `read_table` defines a
+run's current rows. Heatmap pixels are read one row at a time, by key, for the overlay drawn.
 
 Classes: an image's class is its label where the source gives one, else its explained target.
 """
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..runstore import decode_heatmaps
-from ..runstore.tables import table_pieces
+from ..runstore.tables import TableFiles, table_datasets, table_files
 from ..storage import Storage
 
 PAGE = 48
@@ -62,32 +62,45 @@ class RunIndex:
             ) from None
         self._db = duckdb.connect()
         self._lock = threading.Lock()
-        self._pieces = {
-            t: table_pieces(self.root, t, storage) for t in ("heatmaps", "metrics", "errors")
+        self._classes: list[dict] | None = None
+        fs, _ = storage.filesystem(self.root)
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        if not local:  # DuckDB reads through the run's own fsspec filesystem (no extension)
+            self._db.register_filesystem(fs)
+        self._uri = (lambda p: p) if local else fs.unstrip_protocol
+        self._files = {
+            t: table_files(self.root, t, storage) for t in ("heatmaps", "metrics", "errors")
         }
-        for table, pieces in self._pieces.items():
-            self._register(table, pieces)
+        for table, files in self._files.items():
+            self._register(table, files)
 
-    def _register(self, table: str, pieces) -> None:
+    def _register(self, table: str, files: TableFiles) -> None:
+        """A view of the table's current rows: DuckDB's own Parquet reader over the files,
+        which reads only the columns and row groups a query needs."""
+        drop = "block_id, heatmap" if table == "heatmaps" else "block_id"
         selects = []
-        for i, (ds, blocks) in enumerate(pieces):
-            name = f"{table}_{i}"
-            self._db.register(name, ds)
-            cols = ", ".join(f'"{c}"' for c in ds.schema.names if c not in ("block_id", "heatmap"))
-            if blocks is not None:  # compacted rows of the blocks the commit names
-                self._db.register(f"{name}_blocks", pa.table({"block_id": blocks}))
-                selects.append(
-                    f"SELECT {cols} FROM {name} WHERE block_id IN "
-                    f"(SELECT block_id FROM {name}_blocks)"
-                )
-            else:
-                selects.append(f"SELECT {cols} FROM {name}")
+        if files.compacted:  # the rows of the blocks the commit names
+            self._db.register(f"{table}_blocks", pa.table({"block_id": files.blocks}))
+            selects.append(
+                f"SELECT * EXCLUDE ({drop}) FROM read_parquet({self._list(files.compacted)}, "
+                f"hive_partitioning = true) WHERE block_id IN (SELECT block_id FROM {table}_blocks)"
+            )
+        if files.parts:
+            heatmap = " EXCLUDE (heatmap)" if table == "heatmaps" else ""
+            selects.append(
+                f"SELECT *{heatmap} FROM read_parquet({self._list(files.parts)}, "
+                "hive_partitioning = false)"
+            )
         if not selects:  # a table the run never wrote (no errors): an empty view of its columns
             empty = {"heatmaps": HEATMAP_COLUMNS, "metrics": (*KEY, "metric", "value"),
                      "errors": ("image_id", "source_uri", "stage", "error_type", "message",
                                 "fatal")}[table]  # fmt: skip
             selects.append("SELECT " + ", ".join(f'NULL AS "{c}"' for c in empty) + " LIMIT 0")
-        self._db.execute(f"CREATE VIEW {table} AS " + " UNION ALL ".join(selects))
+        self._db.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(selects))
+
+    def _list(self, paths: list[str]) -> str:
+        quoted = ", ".join("'" + self._uri(p).replace("'", "''") + "'" for p in paths)
+        return f"[{quoted}]"
 
     def register_table(self, name: str, table: pa.Table) -> None:
         """A derived table (the two-run changes) queryable beside the run's views."""
@@ -118,7 +131,17 @@ class RunIndex:
         return {r["id"]: r["name"] for r in rows if r["id"] is not None}
 
     def classes(self) -> list[dict]:
-        """Per class: images, accuracy (where labels exist) and every explainer's metric means."""
+        """Per class: images, accuracy (where labels exist) and every explainer's metric means.
+        Computed once per browser (a finished run does not change); sorting is the page's."""
+        with self._lock:
+            cached = self._classes
+        if cached is None:
+            cached = self._classes_query()
+            with self._lock:
+                self._classes = cached
+        return [dict(r) for r in cached]
+
+    def _classes_query(self) -> list[dict]:
         base = self.query(
             "SELECT coalesce(label, target) AS cls, count(DISTINCT image_id) AS images, "
             "avg(CASE WHEN label IS NULL THEN NULL WHEN predicted = label THEN 1.0 ELSE 0.0 END)"
@@ -168,13 +191,24 @@ class RunIndex:
         )
         order = f"{sort} {'DESC' if q.descending else 'ASC'} NULLS LAST, h.image_id, h.explainer"
         body = f"FROM heatmaps h {join} {'WHERE ' + ' AND '.join(where) if where else ''}"
-        total = self.query(f"SELECT count(*) AS n {body}", params)[0]["n"]
         cols = ", ".join(f"h.{c}" for c in HEATMAP_COLUMNS)
+        page = [PAGE, max(q.page, 0) * PAGE]
+        if not join:  # one table: the count is a cheap scan, and the page a top-N sort
+            total = self.query(f"SELECT count(*) AS n {body}", params)[0]["n"]
+            rows = self.query(
+                f"SELECT {cols}, NULL AS value {body} ORDER BY {order} LIMIT ? OFFSET ?",
+                [*params, *page],
+            )
+            return total, rows
+        # with the metric joined, the count rides along as a window: one join, not two
         rows = self.query(
-            f"SELECT {cols}, {value} AS value {body} ORDER BY {order} LIMIT ? OFFSET ?",
-            [*params, PAGE, max(q.page, 0) * PAGE],
+            f"SELECT {cols}, {value} AS value, count(*) OVER () AS total_rows {body} "
+            f"ORDER BY {order} LIMIT ? OFFSET ?",
+            [*params, *page],
         )
-        return total, rows
+        if rows or q.page <= 0:
+            return (rows[0]["total_rows"] if rows else 0), rows
+        return self.query(f"SELECT count(*) AS n {body}", params)[0]["n"], []  # past the end
 
     def image(self, image_id: str) -> list[dict]:
         """Every heatmap row of one image, each with its metric values."""
@@ -208,10 +242,11 @@ class RunIndex:
             & (pc.field("explainer") == explainer)
             & (pc.field("target") == int(target))
         )
-        for ds, blocks in self._pieces["heatmaps"]:
-            if blocks is not None:
-                where = where & pc.field("block_id").isin(pa.array(blocks, pa.string()))
-            t = ds.to_table(columns=["heatmap", "map_min", "map_max"], filter=where)
+        for ds, keep in table_datasets(self._files["heatmaps"]):
+            t = ds.to_table(
+                columns=["heatmap", "map_min", "map_max"],
+                filter=where if keep is None else where & keep,
+            )
             if t.num_rows:
                 return decode_heatmaps(t)[0]
         raise FileNotFoundError(f"no heatmap for {image_id} ({explainer}, target {target})")
