@@ -22,7 +22,7 @@ binary mask Salient scores against (`localisation.ground_truth`: the union of th
 
 Parameter randomisation (parameter_randomisation vs quantus.MPRT) runs on the 4-layer TinyNet of
 conftest (real images squashed to 32 px), not the builtin: Quantus randomises one layer per step,
-so on the builtin it would recompute the maps once per parameterised module (~150 of them), far
+so on the builtin it would recompute the maps once per parameterised module (99 of them), far
 beyond this file's time. On TinyNet Salient's `steps=4` cascade and Quantus's `top_down` order are
 the same four cumulative steps (fc, conv3, conv2, conv1). The differences that remain:
 
