@@ -102,6 +102,7 @@ def theirs(cls, real, a_batch) -> np.ndarray:
 
 
 @pytest.mark.realdata
+@pytest.mark.slow  # the builtin's maps of 3 explainers, shared by the 9 tests
 @pytest.mark.parametrize("explainer", EXPLAINERS)
 def test_pointing_game_is_quantus_pointing_game(real, explainer):
     maps = real["maps"][explainer]
@@ -116,6 +117,7 @@ def test_pointing_game_is_quantus_pointing_game(real, explainer):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow  # the builtin's maps of 3 explainers, shared by the 9 tests
 @pytest.mark.parametrize("explainer", EXPLAINERS)
 def test_energy_pointing_game_is_relevance_mass_accuracy_of_the_positive_part(real, explainer):
     maps = real["maps"][explainer]
@@ -131,6 +133,7 @@ def test_energy_pointing_game_is_relevance_mass_accuracy_of_the_positive_part(re
 
 
 @pytest.mark.realdata
+@pytest.mark.slow  # the builtin's maps of 3 explainers, shared by the 9 tests
 @pytest.mark.parametrize("explainer", EXPLAINERS)
 def test_relevance_rank_accuracy_is_quantus_relevance_rank_accuracy(real, explainer):
     maps = real["maps"][explainer]
