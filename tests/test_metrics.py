@@ -458,3 +458,20 @@ def test_every_metric_states_the_direction_its_definition_gives():
         "stability_index": True,
     }
     assert {name: cls.higher_is_better for name, cls in METRICS.items()} == higher_is_better
+
+
+def test_spearman_ranks_ties_by_their_mean_like_scipy_and_a_flat_map_scores_zero():
+    """Rectified maps (Grad-CAM) are full of tied zeros: ranking them by position would make
+    the zero region correlate with whatever sits at the same pixels of the other map."""
+    from scipy.stats import spearmanr
+
+    from pipeline.metrics.sanity import spearman
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 4, (5, 64), generator=g).float()
+    b = torch.randint(0, 4, (5, 64), generator=g).float()
+    want = [spearmanr(x, y).statistic for x, y in zip(a.numpy(), b.numpy(), strict=True)]
+    assert spearman(a, b).tolist() == pytest.approx(want, abs=1e-6)
+    flat = torch.zeros(2, 64)
+    structured = torch.arange(128.0).view(2, 64)
+    assert spearman(flat, structured).tolist() == [0.0, 0.0]  # scipy: nan

@@ -25,13 +25,25 @@ from .base import ExplainedBatch, Metric, register
 _PARAMETERISED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm)
 
 
+def average_ranks(a: torch.Tensor) -> torch.Tensor:
+    """Per row of [B,N]: 0-based ranks, tied values sharing their mean rank (scipy's
+    rankdata 'average' minus one). Ranking ties by position would invent an order: the zero
+    region of a rectified map would correlate with whatever lies at the same positions."""
+    ordered = a.sort(dim=1).values.contiguous()
+    below = torch.searchsorted(ordered, a.contiguous(), side="left")
+    upto = torch.searchsorted(ordered, a.contiguous(), side="right")
+    return (below + upto - 1).double() / 2
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per row of [B,N]: Spearman's rho (ranks by sorting; ties broken by position)."""
-    ra = torch.argsort(torch.argsort(a, dim=1), dim=1).double()
-    rb = torch.argsort(torch.argsort(b, dim=1), dim=1).double()
+    """Per row of [B,N]: Spearman's rho on average ranks. A constant row has no order to
+    share: its rho is 0 (scipy gives nan), so a map the randomised model flattens counts as
+    dissimilar, not as a number drawn from pixel positions."""
+    ra, rb = average_ranks(a), average_ranks(b)
     ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
-    denom = torch.sqrt((ra * ra).sum(1) * (rb * rb).sum(1)).clamp_min(1e-12)
-    return ((ra * rb).sum(1) / denom).float()
+    var = (ra * ra).sum(1) * (rb * rb).sum(1)
+    rho = (ra * rb).sum(1) / torch.sqrt(var).clamp_min(1e-12)
+    return torch.where(var > 0, rho, torch.zeros_like(rho)).float()
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
