@@ -195,3 +195,48 @@ def test_the_random_class_is_uniform_over_the_others():
         assert counts[c] == 0 and counts.min() < counts.max() and min(counts[counts > 0]) > 30
     assert torch.equal(drawn, random_other_classes(x, t, 3, seed=0))
     assert not torch.equal(drawn, random_other_classes(x, t, 3, seed=1))
+
+
+class RecordingPatchModel(PatchModel):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return super().forward(x)
+
+
+def test_road_removes_the_stated_share_and_adds_noise_only_there():
+    """The copies ROAD scores: at p the removed pixels number round(p H W); kept pixels are the
+    image's own; the noise (noise=0.01 of the range: 0.04 in this model's space) is on removed
+    pixels only."""
+    _, x, t = patch_case(2)
+    pre = Preprocess(size=S, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), policy="squash")
+    m = torch.rand(2, S, S, generator=torch.Generator().manual_seed(6))
+    seen = {}
+    for noise in (0.0, 0.01):
+        module = RecordingPatchModel()
+        model = wrap_module(module, pre, id="test:patch-rec", device="cpu")
+        build_metric("road", noise=noise).update(ExplainedBatch(m, model=model, x=x, targets=t))
+        seen[noise] = torch.cat(module.seen)[-36:].view(2, 18, 3, S, S)  # the last forward
+    clean, noisy = seen[0.0], seen[0.01]
+    removed = (clean != x[:, None]).any(2)  # [2, 18, S, S]
+    shares = [round(p / 10 * S * S) for p in range(1, 10)] * 2
+    assert removed.flatten(2).sum(2).tolist() == [shares, shares]
+    diff = noisy - clean
+    assert torch.equal(diff * ~removed[:, :, None], torch.zeros_like(diff))
+    assert float(diff[removed[:, :, None].expand_as(diff)].std()) == pytest.approx(0.04, rel=0.1)
+
+
+def test_road_orders_ties_by_a_seeded_permutation_not_by_position():
+    road = build_metric("road")
+    flat = torch.ones(1, S, S)
+    rank = road.ranks(flat, [7])
+    assert sorted(rank[0].tolist()) == list(range(S * S))
+    assert rank[0, : S * S // 2].float().mean() < 0.6 * S * S  # not raster order (mean ~128)
+    assert rank[0, : S * S // 2].float().mean() > 0.4 * S * S
+    assert not torch.equal(rank, road.ranks(flat, [8]))
+    two = torch.zeros(1, S, S)
+    two[0, :4] = 1.0  # the top rows first, in some order
+    assert set(road.ranks(two, [7])[0, : 4 * S].tolist()) == set(range(4 * S))
