@@ -456,6 +456,8 @@ def test_every_metric_states_the_direction_its_definition_gives():
         "landmark_distance": False,
         "parameter_randomisation": False,  # similarity to the randomised model's maps
         "stability_index": True,
+        "road": True,  # the LeRF - MoRF gap: a faithful map loses the score first under MoRF
+        "random_logit": False,  # similarity of the maps for two classes
     }
     assert {name: cls.higher_is_better for name, cls in METRICS.items()} == higher_is_better
 

@@ -1,6 +1,6 @@
 """Faithfulness metrics (no ground truth): average drop, increase in confidence, win, deletion
-and insertion AUC. Every perturbed forward goes through the perturbed-forward core, so all steps
-of many images run in a few large batches.
+and insertion AUC, ROAD. Every perturbed forward goes through the perturbed-forward core, so all
+steps of many images run in a few large batches.
 """
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ from typing import Literal
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-from ..compute.maps import normalise01
+from ..compute.impute import linear_impute
+from ..compute.maps import normalise01, upsample
 from ..compute.perturbed_forward import blend, perturbed_scores
-from ..params import PixelValue, PositiveInt
+from ..compute.seeds import generator, image_seeds
+from ..params import FiniteNonNegativeFloat, OpenUnitInterval, PixelValue, PositiveInt, Score
 from .base import CurveMetric, ExplainedBatch, Metric, register
+from .robustness import copy_noise, pixel_span
 
 
 def explanation_map_scores(model, x, targets, maps, max_batch=None) -> torch.Tensor:
@@ -151,3 +154,94 @@ class Insertion(_PixelCurve):
 
     name = "insertion"
     deletion = False
+
+
+@register
+class Road(CurveMetric):
+    """ROAD (Rong et al., ICML 2022): RemOve And Debias. At each of `percentages` (10%, ..., 90%)
+    the pixels are removed most relevant first (MoRF) and, separately, least relevant first
+    (LeRF), and filled by noisy linear imputation: the joint neighbour-mean solve of
+    `compute.impute.linear_impute` plus Gaussian noise of `noise` (0.01) of the pixel range on
+    each removed pixel (the reference code's `NoisyLinearImputer(noise=0.01)`, there added to
+    whatever tensor it is given). The curves are the target's `score` (the model's score
+    function by default) on each of the 2 x len(percentages) imputed copies.
+
+    Value per image: the mean over the percentages of LeRF - MoRF, the area between the two
+    curves over the removal range (higher is better: a faithful map loses the score fast when
+    its top pixels go and keeps it when its bottom pixels go). Imputation leaves no trace of
+    the removal's shape for the model to read, which is what makes MoRF and LeRF agree on the
+    ranking of methods (the paper's point); their gap measures the map. The curve kept is MoRF
+    at each percentage followed by LeRF at each; `report()` splits it.
+
+    Pixels of equal relevance are ordered by a seeded permutation per image (content and
+    `seed`), not by position, so a constant map gives MoRF and LeRF the same expected curve and
+    a gap near zero; the noise is seeded per image and copy the same way. Maps at a lower
+    resolution are upsampled. Cost: 2 x len(percentages) forwards and as many imputations.
+    """
+
+    name = "road"
+    higher_is_better = True
+
+    def __init__(
+        self,
+        percentages: list[OpenUnitInterval] | None = None,
+        noise: FiniteNonNegativeFloat = 0.01,
+        score: Score = "prob",
+        seed: int = 0,
+        max_batch: PositiveInt | None = None,
+    ):
+        self.percentages = list(percentages or [i / 10 for i in range(1, 10)])
+        super().__init__(2 * len(self.percentages))
+        self.noise, self.score, self.seed, self.max_batch = noise, score, seed, max_batch
+
+    def ranks(self, maps: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """[B, H*W]: each pixel's place in MoRF order (0: the most relevant), ties by a seeded
+        permutation."""
+        flat = maps.flatten(1)
+        b, n = flat.shape
+        rank = torch.empty(b, n, dtype=torch.long, device=flat.device)
+        for i in range(b):
+            perm = torch.randperm(n, generator=generator(torch.device("cpu"), seeds[i]))
+            perm = perm.to(flat.device)
+            order = perm[torch.argsort(flat[i, perm], descending=True, stable=True)]
+            rank[i, order] = torch.arange(n, device=flat.device)
+        return rank
+
+    def curves(self, model, x, targets, maps) -> torch.Tensor:
+        """[B, 2K]: MoRF scores at the K percentages, then LeRF's."""
+        b, c, h, w = x.shape
+        n, k_count = h * w, len(self.percentages)
+        seeds = image_seeds(x, self.seed)
+        rank = self.ranks(upsample(maps.to(x.device).float(), (h, w)), seeds)
+        counts = torch.tensor([round(p * n) for p in self.percentages], device=x.device)
+        sigma = self.noise * pixel_span(model, x.device)
+
+        def make(img, k):
+            lerf = k >= k_count
+            count = counts[k % k_count][:, None]
+            r = rank[img]
+            removed = torch.where(lerf[:, None], r >= n - count, r < count).view(-1, h, w)
+            filled = linear_impute(x[img], removed)
+            if self.noise > 0:
+                unit = copy_noise(seeds, img, k, (c, h, w), "normal", x.device)
+                filled = filled + unit * sigma * removed[:, None]
+            return filled
+
+        return perturbed_scores(
+            model,
+            targets.to(x.device),
+            2 * k_count,
+            make,
+            score=self.score,
+            max_batch=self.max_batch,
+        )
+
+    def values(self, b: ExplainedBatch):
+        c = self.curves(b.model, b.x, b.targets, b.maps)
+        self.add_curves(c)
+        k = len(self.percentages)
+        return (c[:, k:] - c[:, :k]).mean(1).tolist()
+
+    def report(self) -> dict:
+        curve, k = self.mean_curve(), len(self.percentages)
+        return {"percentages": self.percentages, "morf": curve[:k], "lerf": curve[k:]}

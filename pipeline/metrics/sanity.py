@@ -1,4 +1,5 @@
-"""Sanity check by cascading parameter randomisation (Adebayo et al., seed 002 Table 3).
+"""Sanity checks: cascading parameter randomisation (Adebayo et al., seed 002 Table 3) and the
+random logit test (Sixt et al. 2020, `RandomLogit` below).
 
 On a deep copy of the model (the original is never touched) the parameterised layers are
 re-initialised from the top (the classifier first) down, in `steps` cumulative groups; after each
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..compute.maps import normalise01
+from ..compute.seeds import generator, image_seeds
 from ..params import PositiveInt, UnitInterval
 from .base import ExplainedBatch, Metric, register
 
@@ -171,3 +173,40 @@ def _reinit(layer: nn.Module, gen: torch.Generator) -> None:
         if isinstance(layer, nn.BatchNorm2d):
             layer.running_mean.zero_()
             layer.running_var.fill_(1.0)
+
+
+def random_other_classes(x: torch.Tensor, targets: torch.Tensor, classes: int, seed: int):
+    """[B]: per image a class drawn uniformly from the `classes` - 1 other than its target, from a
+    generator seeded by the image's content and `seed` (the same draw in any batch)."""
+    out = []
+    for s, t in zip(image_seeds(x, seed), targets.tolist(), strict=True):
+        r = int(torch.randint(classes - 1, (1,), generator=generator(torch.device("cpu"), s)))
+        out.append(r + (r >= t))  # skip the target: uniform over the others
+    return torch.tensor(out, dtype=torch.long, device=targets.device)
+
+
+@register
+class RandomLogit(Metric):
+    """Random logit test (Sixt, Granz, Landgraf, ICML 2020, "When Explanations Lie"): SSIM (the
+    one above, on [0,1]-normalised maps) between the map for the target and the map for a random
+    other class, recomputed with the batch's explainer. Lower is better: a method whose map does
+    not change with the explained class scores 1. The other class is uniform over the model's
+    other classes, seeded by the image and `seed`; a model with one class gives None.
+    Cost: 1 x explainer."""
+
+    name = "random_logit"
+    higher_is_better = False
+    needs_explainer = True
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed = seed
+
+    def values(self, b: ExplainedBatch):
+        model, x, targets, maps = b.model, b.x, b.targets, b.maps
+        classes = model.num_classes
+        if classes < 2:
+            return [None] * len(maps)
+        others = random_other_classes(x, targets.to(x.device), classes, self.seed)
+        other_maps = b.explainer(x, others).to(x.device)
+        return ssim(normalise01(maps.to(x.device)), normalise01(other_maps)).tolist()
