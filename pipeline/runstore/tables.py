@@ -5,6 +5,7 @@ parts of any block computed since; an uncompacted one from its parts."""
 from __future__ import annotations
 
 import posixpath
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -17,8 +18,19 @@ from .commit import arrow_filesystem, part_block, read_commit
 from .layout import part_uri
 
 
-def _dataset(root: str, table: str, storage: Storage):
-    """(dataset of the table's current rows, row filter or None), or None when it has none."""
+@dataclass(frozen=True)
+class TableFiles:
+    """Where a table's current rows are: the compacted files (paths in `filesystem`; only
+    their rows of `blocks` count, by the `block_id` column) and the parts of blocks computed
+    since (every row counts). What a reader that is not pyarrow (Ray Data) needs."""
+
+    filesystem: object  # pyarrow FileSystem over the run's storage
+    compacted: list[str]
+    blocks: list[str]  # the block ids the compacted files hold
+    parts: list[str]
+
+
+def table_files(root: str, table: str, storage: Storage = Storage()) -> TableFiles:
     fs, base = storage.filesystem(root)
     fs.invalidate_cache(base)
     commit = read_commit(root, storage)
@@ -29,7 +41,13 @@ def _dataset(root: str, table: str, storage: Storage):
         found = []
     parts = sorted(p for p in found if (b := part_block(p)) and b not in covered)
     compacted = [f"{base}/{p}" for p in commit.files.get(table, [])] if commit else []
-    afs = arrow_filesystem(fs)
+    return TableFiles(arrow_filesystem(fs), compacted, sorted(covered), parts)
+
+
+def _dataset(root: str, table: str, storage: Storage):
+    """(dataset of the table's current rows, row filter or None), or None when it has none."""
+    files = table_files(root, table, storage)
+    compacted, parts, covered, afs = files.compacted, files.parts, files.blocks, files.filesystem
     pieces = []
     if compacted:
         ds = pads.dataset(compacted, filesystem=afs, partitioning="hive", format="parquet")
