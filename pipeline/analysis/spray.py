@@ -49,6 +49,7 @@ from ..storage import Storage
 
 DENSE_LIMIT = 2000  # up to this many heatmaps a class's eigenproblem is solved dense
 RAY_ROWS = 50_000  # engine="auto": more heatmap rows than this run on Ray Data
+SORT_PARTITIONS = 200  # at most this many partitions (tasks) in the per-class shuffle
 
 # what the per-image step reads from the heatmaps table
 READ_COLUMNS = [
@@ -493,7 +494,8 @@ def pooled_dataset(
 ):
     """Ray Data: the explainer's heatmap rows read from the run's current files (compacted:
     only its explainer's partition, rows of committed blocks; parts: every row), decoded and
-    pooled per batch in tasks. None when the run has no heatmaps."""
+    pooled per batch in tasks; and the number of files it reads. (None, 0) when the run has
+    no heatmaps."""
     import ray
 
     files = table_files(root, "heatmaps", storage)
@@ -502,7 +504,12 @@ def pooled_dataset(
     datasets = []
     if files.parts:
         ds = ray.data.read_parquet(
-            files.parts, filesystem=files.filesystem, columns=[*READ_COLUMNS, "explainer"]
+            files.parts,
+            filesystem=files.filesystem,
+            columns=[*READ_COLUMNS, "explainer"],
+            # a read task per file: Ray's default (200 blocks whatever the size) makes a small
+            # run start hundreds of tasks, each importing torch
+            override_num_blocks=len(files.parts),
         )
         datasets.append(ds.map_batches(pool_batch, fn_kwargs=kwargs, batch_format="pyarrow"))
     mine = [p for p in files.compacted if f"explainer={explainer}" in p.split("/")]
@@ -512,6 +519,7 @@ def pooled_dataset(
             filesystem=files.filesystem,
             columns=[*READ_COLUMNS, "block_id"],
             partitioning=None,
+            override_num_blocks=len(mine),
         )
         datasets.append(
             ds.map_batches(
@@ -519,8 +527,9 @@ def pooled_dataset(
             )
         )
     if not datasets:
-        return None
-    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        return None, 0
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    return ds, len(files.parts) + len(mine)
 
 
 def analyse(pooled: pa.Table, params: SprayParams = SprayParams()) -> SprayResult:
@@ -551,10 +560,13 @@ def _cluster_group(rows: pa.Table, params_json: str) -> pa.Table:
     )
 
 
-def analyse_dataset(ds, explainer: str, params: SprayParams = SprayParams()) -> SprayResult:
+def analyse_dataset(
+    ds, explainer: str, params: SprayParams = SprayParams(), partitions: int = 1
+) -> SprayResult:
     """Ray Data: pooled rows -> one clustering task per class (groupby + map_groups; a
-    task-based sort, not the hash shuffle's aggregator actors). The driver receives one row per
-    class, each holding that class's small tables."""
+    task-based sort, not the hash shuffle's aggregator actors; `partitions` of it, at most
+    SORT_PARTITIONS: Ray's default of 200 makes a small run wait on 200 x 200 tiny tasks).
+    The driver receives one row per class, each holding that class's small tables."""
     from ray.data import DataContext
     from ray.data.context import ShuffleStrategy
 
@@ -565,7 +577,8 @@ def analyse_dataset(ds, explainer: str, params: SprayParams = SprayParams()) -> 
         saved = ctx.shuffle_strategy
         ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
         try:
-            out = ds.groupby("target").map_groups(
+            partitions = max(1, min(SORT_PARTITIONS, partitions))
+            out = ds.groupby("target", num_partitions=partitions).map_groups(
                 _cluster_group,
                 fn_kwargs={"params_json": json.dumps(asdict(params))},
                 batch_format="pyarrow",
@@ -627,10 +640,10 @@ def spray(
             "ray" if ray.is_initialized() or heatmap_rows(root, storage) > RAY_ROWS else "local"
         )
     if engine == "ray":
-        ds = pooled_dataset(root, explainer, storage, params, boxes)
+        ds, n_files = pooled_dataset(root, explainer, storage, params, boxes)
         if ds is None:
             return _result(explainer, [], params, {})
-        result = analyse_dataset(ds, explainer, params)
+        result = analyse_dataset(ds, explainer, params, n_files)
     elif engine == "local":
         t0 = time.perf_counter()
         pooled = pooled_table(root, explainer, storage, params, boxes)
