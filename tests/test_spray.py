@@ -297,3 +297,44 @@ def test_cli_writes_the_tables_beside_the_run(watermark_run, tmp_path):
     assert all(marked[ids.index(i)] for i in first["examples"])
     missing = CliRunner().invoke(app, ["spray", root, "--explainer", "nope", "--engine", "local"])
     assert missing.exit_code == 2 and "no heatmaps of explainer 'nope'" in missing.output
+
+
+def test_the_bulk_is_the_class_mean_not_its_largest_cluster():
+    """A shortcut held by 20 images (the largest single cluster) beside a real cue that
+    varies in place (three groups of 14): the shortcut cluster is still the most outlying."""
+    import pyarrow as pa
+
+    from pipeline.analysis.spray import cluster_class, pooled_schema
+
+    rng = np.random.default_rng(1)
+    maps = []
+    for _ in range(20):  # shortcut: the top-left corner
+        m = np.zeros((8, 8))
+        m[:2, :2] = 1.0
+        maps.append(m)
+    for y0, x0 in ((3, 3), (3, 4), (4, 3)):  # the real cue, a pixel apart: three clusters
+        for _ in range(14):
+            m = np.zeros((8, 8))
+            m[y0 : y0 + 3, x0 : x0 + 3] = 1.0
+            maps.append(m)
+    x = np.stack(maps) + 0.02 * rng.random((len(maps), 8, 8))
+    n = len(x)
+    rows = pa.table(
+        {
+            "explainer": ["e"] * n,
+            "image_id": [f"i{i:02d}" for i in range(n)],
+            "target": pa.array([0] * n, pa.int32()),
+            "target_name": ["a"] * n,
+            "predicted": pa.array([0] * n, pa.int32()),
+            "label": pa.array([0] * n, pa.int32()),
+            "features": pa.FixedSizeListArray.from_arrays(
+                pa.array(x.reshape(-1), pa.float32()), 64
+            ),
+            "outside_energy": pa.array([None] * n, pa.float64()),
+        },
+        schema=pooled_schema(8),
+    )
+    images, clusters, info = cluster_class(rows, SprayParams(size=8, clusters=4))
+    first = clusters.filter(clusters.column("cluster_rank").to_numpy() == 1).to_pylist()[0]
+    assert first["cluster"] == 0 and first["n_images"] == 20  # the largest, yet first
+    assert set(first["examples"]) <= {f"i{i:02d}" for i in range(20)}
