@@ -758,6 +758,77 @@ def view(
         server.server_close()
 
 
+@app.command("spray")
+def spray_command(
+    run_uri: str = typer.Argument(..., help="The run's folder (its output.uri/<run id>)."),
+    explainer: str = typer.Option(..., help="Explainer key of the heatmaps to analyse."),
+    size: int = typer.Option(32, help="Side of the pooled maps."),
+    k: int = typer.Option(10, "--k", help="Neighbours of the k-NN graph."),
+    max_clusters: int = typer.Option(10, help="Clusters looked for by the eigengap, at most."),
+    clusters: int | None = typer.Option(None, help="A fixed number of clusters per class."),
+    norm: str = typer.Option("l1", help="Per-map normalisation: l1 or max."),
+    min_images: int = typer.Option(10, help="Skip classes with fewer heatmaps."),
+    all_targets: bool = typer.Option(False, help="Every target of an image, not only the first."),
+    boxes: str | None = typer.Option(
+        None, help="JSON file: image_id -> [[x0, y0, x1, y1], ...] in model-input pixels."
+    ),
+    engine: str = typer.Option("auto", help="auto, local (this process) or ray (Ray Data)."),
+    address: str | None = typer.Option(None, help="Ray cluster address."),
+    tracking_uri: str | None = typer.Option(
+        None, envvar="MLFLOW_TRACKING_URI", help="MLflow tracking URI (default: the run's)."
+    ),
+    endpoint_url: str | None = typer.Option(None, help="S3-compatible endpoint."),
+) -> None:
+    """Spectral relevance analysis: per class, cluster the heatmaps and rank the clusters by
+    how far they sit from the class's bulk; writes <run>/spray/<explainer>/."""
+    import json
+
+    from .analysis.spray import SprayParams, log_spray, spray, write_spray
+    from .storage import Storage
+
+    storage = Storage(endpoint_url=endpoint_url)
+    try:
+        params = SprayParams(
+            size=size,
+            norm=norm,
+            neighbours=k,
+            max_clusters=max_clusters,
+            clusters=clusters,
+            min_images=min_images,
+            all_targets=all_targets,
+        )
+        box_map = json.loads(storage.read_bytes(boxes)) if boxes else None
+        if engine == "ray" or address:
+            from .engine.job import init_ray
+
+            init_ray(address)
+        result = spray(run_uri.rstrip("/"), explainer, storage, params, box_map, engine)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    uris = write_spray(run_uri.rstrip("/"), result, storage)
+    mlflow_run = log_spray(run_uri.rstrip("/"), result, storage, tracking_uri)
+    table = Table(title=f"SpRAy: {explainer}, most outlying cluster per class")
+    for col in ("class", "heatmaps", "clusters", "top cluster", "share", "score", "examples"):
+        table.add_column(col)
+    for c in result.clusters.to_pylist():
+        if c["cluster_rank"] == 1:
+            n = round(c["n_images"] / c["share"])
+            table.add_row(
+                escape(str(c["target_name"] or c["target"])),
+                str(n),
+                str(c["clusters"]),
+                str(c["cluster"]),
+                f"{c['share']:.2f}",
+                f"{c['score']:.3f}",
+                escape(", ".join(c["examples"][:3])),
+            )
+    console.print(table)
+    for s in result.info["skipped"]:
+        console.print(f"skipped class {s['target_name'] or s['target']}: {s['skipped']}")
+    console.print(f"written: {uris['spray.parquet']}, {uris['spray_clusters.parquet']}")
+    console.print(f"mlflow run: {mlflow_run or '- (the run has none)'}")
+
+
 cluster.register(app)  # submit, status, logs: a job on a Ray cluster (pipeline/cluster.py)
 
 

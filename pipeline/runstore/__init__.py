@@ -12,7 +12,7 @@ from .codec import (
     shrink,
 )
 from .digest import Digest
-from .layout import marker_uri, part_uri, run_root, safe_name
+from .layout import marker_uri, part_uri, run_root, safe_name, spray_uri
 from .markers import (
     BlockMarker,
     finished_block_ids,
@@ -21,7 +21,7 @@ from .markers import (
     remove_stale_outputs,
     write_block,
 )
-from .tables import read_heatmap, read_table
+from .tables import TableFiles, read_heatmap, read_table, table_files
 
 __all__ = [
     "ERROR_SCHEMA",
@@ -29,6 +29,7 @@ __all__ = [
     "TABLES",
     "BlockMarker",
     "Digest",
+    "TableFiles",
     "decode_heatmaps",
     "encode_heatmaps",
     "finished_block_ids",
@@ -44,5 +45,7 @@ __all__ = [
     "run_root",
     "safe_name",
     "shrink",
+    "spray_uri",
+    "table_files",
     "write_block",
 ]

@@ -10,6 +10,9 @@
   _blocks/<block>.json            written last: the block is finished (typed BlockMarker)
   overlays/<explainer>/*.png      a few overlays from the first block
   pictures/<explainer>/*.png      per-pair image extras (Explainer.image_extras)
+  spray/<explainer>/spray.parquet           SpRAy: one row per heatmap analysed (pipeline/analysis)
+  spray/<explainer>/spray_clusters.parquet  SpRAy: one row per class x cluster
+  spray/<explainer>/spray.json              SpRAy: parameters, eigenvalues per class, costs
   summary.json, digest.json, report.html, spec.yaml
 """
 
@@ -37,6 +40,11 @@ def plan_uri(root: str) -> str:
 
 def plan_blocks_uri(root: str) -> str:
     return f"{root}/_plan/blocks.parquet"
+
+
+def spray_uri(root: str, explainer: str, name: str) -> str:
+    """`name`: "spray.parquet", "spray_clusters.parquet" or "spray.json"."""
+    return f"{root}/spray/{safe_name(explainer)}/{name}"
 
 
 def safe_name(name: str) -> str:
