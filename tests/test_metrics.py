@@ -458,6 +458,9 @@ def test_every_metric_states_the_direction_its_definition_gives():
         "stability_index": True,
         "road": True,  # the LeRF - MoRF gap: a faithful map loses the score first under MoRF
         "random_logit": False,  # similarity of the maps for two classes
+        "infidelity": False,  # squared error between the map's and the model's predicted drop
+        "max_sensitivity": False,  # how much the map moves under a small input change
+        "relevance_rank_accuracy": True,  # share of the top-K pixels inside the object
     }
     assert {name: cls.higher_is_better for name, cls in METRICS.items()} == higher_is_better
 
