@@ -4,6 +4,7 @@ one on a run's written heatmaps table."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -338,3 +339,35 @@ def test_the_bulk_is_the_class_mean_not_its_largest_cluster():
     first = clusters.filter(clusters.column("cluster_rank").to_numpy() == 1).to_pylist()[0]
     assert first["cluster"] == 0 and first["n_images"] == 20  # the largest, yet first
     assert set(first["examples"]) <= {f"i{i:02d}" for i in range(20)}
+
+
+def test_the_run_browser_lists_the_watermark_cluster_first_for_its_class(watermark_run, tmp_path):
+    """`salient view`'s SpRAy page: per class the clusters in rank order, each with its mean
+    map and example overlays; for class A the first is the watermark cluster."""
+    import re
+    import shutil
+
+    from PIL import Image
+
+    from pipeline.view.server import Browser
+
+    src, ids, marked, *_ = watermark_run
+    root = str(tmp_path / "run-spray")
+    shutil.copytree(src, root)  # the other tests write their own SpRAy results into src
+    write_spray(root, spray(root, "ixg", engine="local"))
+    summary = {"run_id": "run-spray", "inputs": len(ids), "images_ok": len(ids), "errors": 0,
+               "lost": 0, "metrics": [], "explainers": {"ixg": {"images": len(ids), "metrics": {}}},
+               "preprocess": {"size": SIZE, "policy": "squash"}}  # fmt: skip
+    Path(root, "summary.json").write_text(json.dumps(summary))
+    browser = Browser(root, Storage())
+    page = browser.spray()
+    assert "href='/spray'" in browser.summary()  # the nav links the page once results exist
+    section = page.split("<h2 class=class>class0</h2>")[1].split("</table>")[0]
+    first = re.findall(r"<tr class=cluster data-cluster='(\d+)'>(.*?)</tr>", section)[0]
+    examples = re.findall(r"data-id='([^']+)'", first[1])
+    assert examples and all(marked[ids.index(i)] for i in examples)
+    mean = re.search(r"src='(/spray_mean.png\?[^']+)'", first[1]).group(1)
+    q = dict(kv.split("=") for kv in mean.split("?")[1].split("&"))
+    png = browser.spray_mean_png(q["explainer"], int(q["target"]), int(q["cluster"]))
+    assert Image.open(io.BytesIO(png)).size == (96, 96)
+    assert Image.open(io.BytesIO(browser.overlay_png(0, examples[0], "ixg", A))).size == (160, 160)

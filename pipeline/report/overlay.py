@@ -54,3 +54,14 @@ def overlay_png(pixels: np.ndarray, heatmap, *, signed: bool = False) -> bytes:
     buf = io.BytesIO()
     overlay(Image.fromarray(pixels), heatmap, signed=signed).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def heatmap_png(heatmap, size: int = 96, *, signed: bool = False) -> bytes:
+    """A map alone, coloured like the overlays, enlarged to size x size -> PNG bytes (a
+    cluster's mean map, where there is no one image to lay it over)."""
+    import io
+
+    colour = Image.fromarray(_turbo_like(normalise_for_display(heatmap, signed)))
+    buf = io.BytesIO()
+    colour.resize((size, size), Image.Resampling.NEAREST).save(buf, format="PNG")
+    return buf.getvalue()

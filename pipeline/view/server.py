@@ -23,8 +23,9 @@ from urllib.parse import parse_qs, urlencode, urlparse
 import numpy as np
 from PIL import Image
 
+from ..analysis.spray import read_spray
 from ..models.preprocess import Preprocess
-from ..report.overlay import overlay
+from ..report.overlay import heatmap_png, overlay
 from ..sources.decode import decode_image
 from ..sources.inputs import InputItem
 from ..sources.reader import read_input_bytes
@@ -66,6 +67,7 @@ class Browser:
         self._changes_lock = threading.Lock()
         self._png: OrderedDict[tuple, bytes] = OrderedDict()
         self._png_lock = threading.Lock()
+        self._spray: dict | None = None  # explainer -> its clusters table, read once
 
     # -- shared layout ------------------------------------------------------------------------
     def page(self, title: str, body: str) -> str:
@@ -73,6 +75,8 @@ class Browser:
                ("/errors", "errors")]  # fmt: skip
         if self.other is not None:
             nav.append(("/compare", "compare runs"))
+        if self.spray_explainers():
+            nav.append(("/spray", "SpRAy"))
         links = "".join(f"<a href='{u}'>{t}</a>" for u, t in nav)
         return (
             f"<!doctype html><html><head><meta charset=utf-8><title>{_e(title)}</title>"
@@ -275,6 +279,71 @@ class Browser:
             + self._pager("/compare", {"explainer": explainer}, page, total),
         )
 
+    # -- SpRAy (pipeline/analysis/spray.py, written by `salient spray`) ---------------------------
+    def spray_explainers(self) -> list[str]:
+        if self._spray is None:
+            found = {}
+            for x in self.run.explainers():
+                try:
+                    found[x] = read_spray(self.run.root, x, self.storage)[1]
+                except FileNotFoundError:
+                    continue
+            self._spray = found
+        return list(self._spray)
+
+    def spray(self, explainer: str = "", cls: str = "") -> str:
+        names = self.spray_explainers()
+        if not names:
+            return self.page("SpRAy", "<p>no SpRAy results: run <code>salient spray RUN "
+                             "--explainer KEY</code></p>")  # fmt: skip
+        explainer = explainer if explainer in names else names[0]
+        clusters = self._spray[explainer].to_pylist()
+        classes = sorted({(c["target"], c["target_name"]) for c in clusters})
+        if cls:
+            clusters = [c for c in clusters if str(c["target"]) == cls]
+        pick = "".join(
+            f"<a href='/spray?{urlencode({'explainer': x})}'>{_e(x)}</a> " for x in names
+        )
+        out = [f"<p>explainer: {pick}</p><p class=muted>per class, clusters of similar maps, "
+               "the most outlying first (farthest from the class's mean map, or most relevance "
+               "outside the boxes): candidate spurious strategies</p>"]  # fmt: skip
+        for target, name in classes:
+            rows = sorted(
+                (c for c in clusters if c["target"] == target), key=lambda c: c["cluster_rank"]
+            )
+            if not rows:
+                continue
+            out.append(f"<h2 class=class>{_e(name or target)}</h2><table class=spray>"
+                       "<tr><th>rank</th><th>mean map</th><th>images</th><th>share</th>"
+                       "<th>score</th><th>outside</th><th>examples</th></tr>")  # fmt: skip
+            for c in rows:
+                mean = "/spray_mean.png?" + urlencode(
+                    {"explainer": explainer, "target": target, "cluster": c["cluster"]}
+                )
+                examples = "".join(
+                    f"<a href='/image?{urlencode({'id': i})}'><img width=80 height=80 "
+                    f"alt='{_e(i)}' class=example data-id='{_e(i)}' src='{self._overlay_url(key)}'>"
+                    "</a>"
+                    for i in c["examples"][:6]
+                    if (key := {"image_id": i, "explainer": explainer, "target": target})
+                )
+                out.append(
+                    f"<tr class=cluster data-cluster='{c['cluster']}'><td>{c['cluster_rank']}</td>"
+                    f"<td><img width=80 height=80 alt='mean map' src='{mean}'></td>"
+                    f"<td>{c['n_images']}</td><td>{_f(c['share'])}</td><td>{_f(c['score'])}</td>"
+                    f"<td>{_f(c['outside_energy'])}</td><td>{examples}</td></tr>"
+                )
+            out.append("</table>")
+        return self.page(f"SpRAy: {explainer}", "".join(out))
+
+    def spray_mean_png(self, explainer: str, target: int, cluster: int) -> bytes:
+        self.spray_explainers()
+        for c in self._spray[explainer].to_pylist():
+            if c["target"] == target and c["cluster"] == cluster:
+                size = c["map_size"]
+                return heatmap_png(np.asarray(c["mean_map"], np.float32).reshape(size, size))
+        raise FileNotFoundError(f"no SpRAy cluster {cluster} of class {target} ({explainer})")
+
     def overlay_png(self, run: int, image_id: str, explainer: str, target: int) -> bytes:
         key = (run, image_id, explainer, target)
         with self._png_lock:
@@ -370,6 +439,13 @@ class Handler(BaseHTTPRequestHandler):
                 out = b.errors(int(params.get("page", 0) or 0))
             elif url.path == "/compare":
                 out = b.compare(params.get("explainer", ""), int(params.get("page", 0) or 0))
+            elif url.path == "/spray":
+                out = b.spray(params.get("explainer", ""), params.get("cls", ""))
+            elif url.path == "/spray_mean.png":
+                png = b.spray_mean_png(
+                    params["explainer"], int(params["target"]), int(params["cluster"])
+                )
+                return self._send(200, "image/png", png, set_cookie)
             elif url.path == "/overlay.png":
                 png = b.overlay_png(
                     int(params.get("run", 0)), params["image"], params["explainer"],
