@@ -806,6 +806,7 @@ def spray_command(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     uris = write_spray(run_uri.rstrip("/"), result, storage)
+    _add_spray_to_report(run_uri.rstrip("/"), result, storage)
     mlflow_run = log_spray(run_uri.rstrip("/"), result, storage, tracking_uri)
     table = Table(title=f"SpRAy: {explainer}, most outlying cluster per class")
     for col in ("class", "heatmaps", "clusters", "top cluster", "share", "score", "examples"):
@@ -827,6 +828,29 @@ def spray_command(
         console.print(f"skipped class {s['target_name'] or s['target']}: {s['skipped']}")
     console.print(f"written: {uris['spray.parquet']}, {uris['spray_clusters.parquet']}")
     console.print(f"mlflow run: {mlflow_run or '- (the run has none)'}")
+
+
+def _add_spray_to_report(root: str, result, storage) -> None:
+    """The run's report.html gains (or replaces) this explainer's SpRAy section."""
+    import json
+
+    from .models.preprocess import Preprocess
+    from .report.html import spray_section, with_section
+
+    try:
+        report = storage.read_bytes(f"{root}/report.html").decode()
+    except FileNotFoundError:
+        return  # a run without a report (a partial one): the tables are the result
+    try:
+        summary = json.loads(storage.read_bytes(f"{root}/summary.json"))
+        preprocess = Preprocess(**summary["preprocess"]) if "preprocess" in summary else None
+    except FileNotFoundError:
+        preprocess = None
+    section = spray_section(
+        root, result.explainer, result.clusters.to_pylist(), preprocess, storage
+    )
+    report = with_section(report, f"spray-{result.explainer}", section)
+    storage.write_bytes_atomic(f"{root}/report.html", report.encode())
 
 
 cluster.register(app)  # submit, status, logs: a job on a Ray cluster (pipeline/cluster.py)

@@ -371,3 +371,33 @@ def test_the_run_browser_lists_the_watermark_cluster_first_for_its_class(waterma
     png = browser.spray_mean_png(q["explainer"], int(q["target"]), int(q["cluster"]))
     assert Image.open(io.BytesIO(png)).size == (96, 96)
     assert Image.open(io.BytesIO(browser.overlay_png(0, examples[0], "ixg", A))).size == (160, 160)
+
+
+def test_salient_spray_adds_its_section_to_the_runs_report(watermark_run, tmp_path):
+    """report.html gains each class's clusters with example overlays, watermark cluster first
+    for class A; a second run replaces the section rather than adding another; the page loads
+    in Chromium without console errors."""
+    import re
+    import shutil
+
+    from test_report import load_in_chromium
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    src, ids, marked, *_ = watermark_run
+    root = tmp_path / "run-spray"
+    shutil.copytree(src, root)
+    (root / "report.html").write_text("<html><body><h1>Salient run</h1></body></html>")
+    args = ["spray", str(root), "--explainer", "ixg", "--engine", "local"]
+    for _ in range(2):
+        result = CliRunner().invoke(app, [*args, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+        assert result.exit_code == 0, result.output
+    page = (root / "report.html").read_text()
+    assert page.count("<!-- spray:spray-ixg -->") == 1 and "<h1>Salient run</h1>" in page
+    section = page.split("<h3>class0</h3>")[1].split("</table>")[0]
+    first = section.split("<tr><td>1</td>")[1].split("</tr>")[0]
+    examples = re.findall(r"title='([^']+)'", first)
+    assert examples and all(marked[ids.index(i)] for i in examples)
+    _, errors = load_in_chromium(root / "report.html", tmp_path)
+    assert not errors, errors

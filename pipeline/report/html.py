@@ -21,13 +21,13 @@ from PIL import Image
 
 from ..metrics import METRICS
 from ..models.preprocess import Preprocess
-from ..runstore import Digest, read_heatmap
+from ..runstore import Digest, decode_heatmaps, read_heatmap, read_table
 from ..runstore.digest import HIST_BINS, SCORE, histogram_stats
 from ..sources.decode import decode_image
 from ..sources.inputs import InputItem
 from ..sources.reader import read_input_bytes
 from ..storage import Storage
-from .overlay import overlay
+from .overlay import heatmap_png, overlay
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2rem;color:#222;max-width:1200px}
@@ -265,18 +265,26 @@ def _thumb(inp: ReportInputs, explainer: str, row: dict) -> str:
     heat = read_heatmap(
         inp.root, row["block_id"], row["image_id"], explainer, row["target"], inp.storage
     )
-    pre = inp.preprocess or Preprocess()
-    try:
-        item = InputItem(row["image_id"], row["source_uri"], row["source_member"])
-        image = pre.resize(decode_image(read_input_bytes(item, inp.storage), row["image_id"]))
-    except (OSError, ValueError):
-        image = Image.new("RGB", (pre.size, pre.size), (128, 128, 128))
-    up = Image.fromarray(heat.astype(np.float32), mode="F").resize(image.size, Image.BILINEAR)
-    thumb = overlay(image, np.asarray(up)).resize((150, 150))
+    item = InputItem(row["image_id"], row["source_uri"], row["source_member"])
+    thumb = source_overlay(item, heat, inp.preprocess, inp.storage, 150)
     return (
         f"<div class=thumb><img alt='{_e(row['image_id'])}' src='{_jpeg_data_uri(thumb)}'>"
         f"{_e(row['image_id'])}<br>{_e(row['target_name'])} &middot; {_f(row['value'])}</div>"
     )
+
+
+def source_overlay(
+    item: InputItem, heat: np.ndarray, preprocess: Preprocess | None, storage: Storage, size: int
+) -> Image.Image:
+    """A stored map over its source image as the model saw it (the run's preprocessing), at
+    size x size; on grey when the source cannot be read any more."""
+    pre = preprocess or Preprocess()
+    try:
+        image = pre.resize(decode_image(read_input_bytes(item, storage), item.image_id))
+    except (OSError, ValueError):
+        image = Image.new("RGB", (pre.size, pre.size), (128, 128, 128))
+    up = Image.fromarray(heat.astype(np.float32), mode="F").resize(image.size, Image.BILINEAR)
+    return overlay(image, np.asarray(up)).resize((size, size))
 
 
 def _points(ys: list[float], w: int, h: int) -> list[str]:
@@ -419,3 +427,70 @@ def _errors_section(inp: ReportInputs) -> str:
         f"</tr>{kinds}</table><p class=muted>the first {len(d.first_errors)}, fatal first</p>"
         f"<table><tr><th>image</th><th>stage</th><th>type</th><th>message</th></tr>{rows}</table>"
     )
+
+
+# -- SpRAy, added to a finished run's report by `salient spray` ----------------------------------
+SPRAY_BEGIN, SPRAY_END = "<!-- spray:{} -->", "<!-- /spray:{} -->"
+
+
+def spray_section(
+    root: str, explainer: str, clusters: list[dict], preprocess: Preprocess | None,
+    storage: Storage = Storage(), examples: int = 4,
+) -> str:  # fmt: skip
+    """Per class, the SpRAy clusters of one explainer in rank order (most outlying first), each
+    with its mean map and example overlays. `clusters`: spray_clusters rows (analysis/spray.py).
+    The examples' maps are read by key, all of the explainer's at once."""
+    wanted = sorted({i for c in clusters for i in c["examples"][:examples]})
+    rows = read_table(
+        root, "heatmaps", storage,
+        columns=["image_id", "target", "source_uri", "source_member", "heatmap", "map_min",
+                 "map_max"],
+        filters=[("image_id", "in", wanted), ("explainer", "=", explainer)],
+    ) if wanted else None  # fmt: skip
+    maps = decode_heatmaps(rows) if rows is not None and rows.num_rows else []
+    by_key = {}
+    for r, m in zip(rows.to_pylist() if rows is not None else [], maps, strict=False):
+        by_key[(r["image_id"], r["target"])] = (r, m)
+    out = [
+        f"<h2 id=spray-{_e(explainer)}>SpRAy: {_e(explainer)}</h2><p class=muted>per class, "
+        "clusters of similar maps, the most outlying first (farthest from the class's mean map, "
+        "or most relevance outside the boxes): candidate spurious strategies</p>"
+    ]
+    for target in sorted({c["target"] for c in clusters}):
+        ranked = sorted(
+            (c for c in clusters if c["target"] == target), key=lambda c: c["cluster_rank"]
+        )
+        out.append(f"<h3>{_e(ranked[0]['target_name'] or target)}</h3><table><tr><th>rank</th>"
+                   "<th>mean map</th><th>images</th><th>share</th><th>score</th><th>examples</th>"
+                   "</tr>")  # fmt: skip
+        for c in ranked:
+            size = c["map_size"]
+            mean = heatmap_png(np.asarray(c["mean_map"], np.float32).reshape(size, size), 80)
+            thumbs = []
+            for i in c["examples"][:examples]:
+                found = by_key.get((i, target))
+                if found is None:
+                    continue
+                r, m = found
+                item = InputItem(i, r["source_uri"], r["source_member"])
+                thumb = source_overlay(item, m, preprocess, storage, 80)
+                thumbs.append(f"<img alt='{_e(i)}' title='{_e(i)}' src='{_jpeg_data_uri(thumb)}'>")
+            mean_uri = "data:image/png;base64," + base64.b64encode(mean).decode()
+            out.append(
+                f"<tr><td>{c['cluster_rank']}</td><td><img alt='mean map' src='{mean_uri}'></td>"
+                f"<td>{c['n_images']}</td><td>{_f(c['share'])}</td><td>{_f(c['score'])}</td>"
+                f"<td>{''.join(thumbs)}</td></tr>"
+            )
+        out.append("</table>")
+    return "\n".join(out)
+
+
+def with_section(report: str, key: str, section: str) -> str:
+    """The report with `section` under `key` (replacing an earlier one), before </body>: a
+    finished run's report gains an analysis without being rendered again from its inputs."""
+    begin, end = SPRAY_BEGIN.format(key), SPRAY_END.format(key)
+    block = f"{begin}{section}{end}"
+    if begin in report and end in report:
+        head, rest = report.split(begin, 1)
+        return head + block + rest.split(end, 1)[1]
+    return report.replace("</body>", block + "</body>", 1)

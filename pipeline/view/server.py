@@ -25,10 +25,9 @@ from PIL import Image
 
 from ..analysis.spray import read_spray
 from ..models.preprocess import Preprocess
-from ..report.overlay import heatmap_png, overlay
-from ..sources.decode import decode_image
+from ..report.html import source_overlay
+from ..report.overlay import heatmap_png
 from ..sources.inputs import InputItem
-from ..sources.reader import read_input_bytes
 from ..storage import Storage
 from .changes import map_changes
 from .run_index import PAGE, GridQuery, RunIndex
@@ -357,14 +356,14 @@ class Browser:
             [image_id],
         )
         pre = Preprocess(**index.summary["preprocess"]) if "preprocess" in index.summary else None
-        pre = pre or Preprocess()
-        try:
-            item = InputItem(image_id, rows[0]["source_uri"], rows[0]["source_member"])
-            image = pre.resize(decode_image(read_input_bytes(item, self.storage), image_id))
-        except (OSError, ValueError, IndexError):  # the source moved: the map on grey
-            image = Image.new("RGB", (pre.size, pre.size), (128, 128, 128))
-        up = Image.fromarray(heat.astype(np.float32), mode="F").resize(image.size, Image.BILINEAR)
-        picture = overlay(image, np.asarray(up)).resize((THUMB, THUMB))
+        source = (
+            InputItem(image_id, rows[0]["source_uri"], rows[0]["source_member"]) if rows else None
+        )
+        picture = (
+            source_overlay(source, heat, pre, self.storage, THUMB)
+            if source is not None
+            else Image.new("RGB", (THUMB, THUMB), (128, 128, 128))
+        )
         buf = io.BytesIO()
         picture.save(buf, format="PNG")
         data = buf.getvalue()
