@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (registration)
     cam,
     deeplift,
     evet,
+    extremal,
     glas,
     gradients,
     lrp,
