@@ -640,10 +640,15 @@ def test_flat_metrics_and_csv():
         "actor_restarts": 0,
         "images_per_s": None,
         "explainers": {
-            "gradcam": {"images": 4, "images_per_s": 2.5, "metrics": {"deletion": 0.25}},
-            "rise": {"images": 4, "images_per_s": None, "metrics": {"deletion": None}},
+            "gradcam": {
+                "images": 4, "images_per_s": 2.5, "metrics": {"deletion": 0.25},
+                "metric_counts": {"deletion": 4}, "metric_sd": {"deletion": 0.1},
+                "metric_intervals": {"deletion": [0.152, 0.348]},
+            },
+            "rise": {"images": 4, "images_per_s": None, "metrics": {"deletion": None},
+                     "metric_counts": {"deletion": 0}},  # a summary from before intervals
         },
-    }
+    }  # fmt: skip
     assert _flat_metrics(summary) == {
         "inputs": 5,
         "images_ok": 4,
@@ -652,6 +657,10 @@ def test_flat_metrics_and_csv():
         "actor_restarts": 0,
         "gradcam.images_per_s": 2.5,
         "gradcam.deletion": 0.25,
+        "gradcam.deletion.n": 4,
+        "gradcam.deletion.sd": 0.1,
+        "gradcam.deletion.ci_low": 0.152,
+        "gradcam.deletion.ci_high": 0.348,
     }
     assert _summary_csv(summary) == (
         "explainer,images,images_per_s,deletion\ngradcam,4,2.5,0.25\nrise,4,,\n"  # no "None"

@@ -282,6 +282,7 @@ FAST = {
     "smoothgrad": {"n": 3},
     "glas": {"k": 3},
     "rglas": {"k": 3, "max_iter": 2},
+    "extremal_perturbation": {"iterations": 3},
 }
 
 

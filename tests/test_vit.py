@@ -71,6 +71,7 @@ CHEAP = {
     "rglas": {"k": 4, "max_iter": 2},
     "lime": {"n_samples": 16, "n_segments": 8},
     "attribution_visualization": {"steps": 2, "attr_steps": 2},
+    "extremal_perturbation": {"iterations": 3},
 }
 RELU_ONLY = {"guided_backprop", "deconvnet", "guided_gradcam"}  # defined at ReLUs (GELU here)
 

@@ -736,7 +736,8 @@ def _flat_metrics(summary: dict) -> dict[str, float]:
                 continue
             out[f"{key}.{metric}"] = value
             # what the gate's test needs from a run, and the interval a reader wants
-            stats = {"n": e["metric_counts"].get(metric), "sd": e.get("metric_sd", {}).get(metric)}
+            counts, sds = e.get("metric_counts", {}), e.get("metric_sd", {})
+            stats = {"n": counts.get(metric), "sd": sds.get(metric)}
             ci = e.get("metric_intervals", {}).get(metric)
             if ci is not None:
                 stats |= {"ci_low": ci[0], "ci_high": ci[1]}

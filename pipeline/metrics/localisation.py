@@ -147,20 +147,26 @@ class EnergyPointingGame(Metric):
         return out
 
 
-def rank_accuracy(m: torch.Tensor, gt: torch.Tensor) -> float | None:
-    """Share of the K = |gt| highest map pixels inside gt (None for an empty gt). Pixels tied
-    with the K-th value share the places left at that value: each counts as the fraction of
-    those places per tied pixel, the expected share under a random order of the ties (so a
-    constant map scores K / N, chance, not the share of the first pixels in raster order)."""
-    flat, inside = m.flatten().double(), gt.flatten().bool()
-    k = int(inside.sum())
-    if k == 0:
-        return None
-    kth = torch.topk(flat, k).values[-1]
+def rank_accuracies(maps: torch.Tensor, gts: torch.Tensor) -> list[float | None]:
+    """Per row of [B,H,W] maps and masks: the share of the K = |gt| highest map pixels inside
+    gt (None for an empty gt). Pixels tied with the K-th value share the places left at that
+    value: each counts as the fraction of those places per tied pixel, the expected share under
+    a random order of the ties (so a constant map scores K / N, chance, not the share of the
+    first pixels in raster order). One sort for the batch, no per-image host round trips."""
+    flat, inside = maps.flatten(1).double(), gts.flatten(1).bool()
+    k = inside.sum(1)
+    ordered = flat.sort(1, descending=True).values
+    kth = ordered.gather(1, (k - 1).clamp_min(0)[:, None])
     above, tied = flat > kth, flat == kth
-    places = k - int(above.sum())
-    hits = float((above & inside).sum()) + places * float((tied & inside).sum()) / float(tied.sum())
-    return hits / k
+    places = (k - above.sum(1)).double()
+    hits = (above & inside).sum(1) + places * (tied & inside).sum(1) / tied.sum(1).clamp_min(1)
+    share = hits / k.clamp_min(1)
+    return [None if n == 0 else v for n, v in zip(k.tolist(), share.tolist(), strict=True)]
+
+
+def rank_accuracy(m: torch.Tensor, gt: torch.Tensor) -> float | None:
+    """`rank_accuracies` of one map and mask."""
+    return rank_accuracies(m[None], gt[None])[0]
 
 
 @register
@@ -174,10 +180,9 @@ class RelevanceRankAccuracy(Metric):
     needs = "boxes|mask"
 
     def values(self, b: ExplainedBatch):
-        return [
-            rank_accuracy(m, ground_truth(ann, *m.shape, device=m.device))
-            for m, ann in zip(b.maps, b.annotations, strict=True)
-        ]
+        h, w = b.maps.shape[-2:]
+        gts = torch.stack([ground_truth(a, h, w, device=b.maps.device) for a in b.annotations])
+        return rank_accuracies(b.maps, gts)
 
 
 @register
