@@ -6,6 +6,8 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
+# Quantus, a test-only peer, installed without its dependencies: it asks for the GUI build of
+# OpenCV, which clashes with grad-cam's headless one; everything it imports is installed anyway
 QUANTUS := quantus==0.6.0
 
 .PHONY: demo test lint mutation lock
@@ -13,8 +15,6 @@ $(BIN)/.installed: pyproject.toml constraints.txt requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -c requirements.lock -e '.[test]'
-	# Quantus, a test-only peer, without its dependencies: it asks for the GUI build of OpenCV,
-	# which clashes with grad-cam's headless one; everything it imports is installed above
 	$(BIN)/python -m pip install -q --no-deps $(QUANTUS)
 	touch $@
 
