@@ -134,6 +134,22 @@ def imagenet300():
     return items
 
 
+def imagenet_batch(items: list[dict], preprocess) -> tuple[torch.Tensor, list[dict], torch.Tensor]:
+    """Real images as the model sees them, their official boxes moved into model space, and
+    their labels: (x [B,3,H,W], annotations, targets)."""
+    from PIL import Image
+
+    from pipeline.sources.annotations import read_imagenet, to_model_space
+
+    src = read_imagenet(items)
+    images = [Image.open(it["path"]) for it in items]
+    anns = [
+        to_model_space(src[it["file"]], preprocess.geometry(*im.size))
+        for it, im in zip(items, images, strict=True)
+    ]
+    return preprocess(images), anns, torch.tensor([it["label_index"] for it in items])
+
+
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.flatten().double(), b.flatten().double()
     a, b = a - a.mean(), b - b.mean()

@@ -386,21 +386,12 @@ def test_real_imagenet_table_with_sanity_bounds(builtin, imagenet300):
     """Grad-CAM, saliency and GLAS with the builtin model on real ImageNet images with their
     official boxes. Subsets keep it inside CI time: 60 images for the localisation metrics
     (20 for GLAS at k=6, 73 forwards each) and 8 for deletion/insertion at 16 steps."""
-    from PIL import Image
+
+    from conftest import imagenet_batch
 
     from pipeline.explainers import EXPLAINERS, build_explainer
-    from pipeline.sources.annotations import read_imagenet, to_model_space
 
-    items = imagenet300[:60]
-    anns_src = read_imagenet(items)
-    pre = builtin.preprocess
-    images = [Image.open(it["path"]) for it in items]
-    x = pre(images)
-    anns = [
-        to_model_space(anns_src[it["file"]], pre.geometry(*im.size))
-        for it, im in zip(items, images, strict=True)
-    ]
-    t = torch.tensor([it["label_index"] for it in items])
+    x, anns, t = imagenet_batch(imagenet300[:60], builtin.preprocess)
     # the random baseline: a uniformly random point hits the boxes with P = box area / image
     from pipeline.metrics.localisation import ground_truth
 

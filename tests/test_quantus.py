@@ -64,21 +64,12 @@ ENERGY_REL = 1e-5
 @pytest.fixture(scope="module")
 def real(builtin, imagenet300):
     """x, targets, annotations, the Quantus mask and every explainer's maps, computed once."""
-    from PIL import Image
+
+    from conftest import imagenet_batch
 
     from pipeline.explainers import build_explainer
-    from pipeline.sources.annotations import read_imagenet, to_model_space
 
-    items = imagenet300[:N_IMAGES]
-    src = read_imagenet(items)
-    pre = builtin.preprocess
-    images = [Image.open(it["path"]) for it in items]
-    x = pre(images)
-    anns = [
-        to_model_space(src[it["file"]], pre.geometry(*im.size))
-        for it, im in zip(items, images, strict=True)
-    ]
-    t = torch.tensor([it["label_index"] for it in items])
+    x, anns, t = imagenet_batch(imagenet300[:N_IMAGES], builtin.preprocess)
     maps = {name: build_explainer(name, builtin)(x, t).detach() for name in EXPLAINERS}
     h, w = x.shape[-2:]
     s = np.stack([ground_truth(a, h, w).numpy() for a in anns])[:, None]  # [B,1,H,W]

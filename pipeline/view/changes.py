@@ -13,9 +13,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
-from ..runstore import decode_heatmaps
+from ..runstore import decode_heatmaps, shrink
 from ..runstore.tables import table_datasets, table_files
 from ..storage import Storage
 
@@ -34,7 +33,7 @@ def fingerprints(
             if batch.num_rows == 0:
                 continue
             maps = torch.from_numpy(decode_heatmaps(pa.Table.from_batches([batch])))
-            small = F.adaptive_avg_pool2d(maps[:, None], FINGERPRINT).flatten(1)
+            small = shrink(maps, FINGERPRINT).flatten(1)  # the codec's area averaging
             centred = small - small.mean(1, keepdim=True)
             sd = centred.pow(2).mean(1, keepdim=True).sqrt()
             z = torch.where(sd > 1e-12, centred / sd.clamp_min(1e-12), torch.zeros_like(centred))

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from ..runstore import decode_heatmaps
 from ..runstore.tables import TableFiles, table_datasets, table_files
+from ..sources.inputs import InputItem
 from ..storage import Storage
 
 PAGE = 48
@@ -235,8 +236,9 @@ class RunIndex:
         )
         return total, rows
 
-    def heatmap(self, image_id: str, explainer: str, target: int) -> np.ndarray:
-        """One decoded map [size, size], read by key (row groups are skipped by statistics)."""
+    def heatmap(self, image_id: str, explainer: str, target: int) -> tuple[np.ndarray, InputItem]:
+        """One decoded map [size, size] and the input it explains, read together by key (row
+        groups are skipped by statistics): what an overlay needs, in one read."""
         where = (
             (pc.field("image_id") == image_id)
             & (pc.field("explainer") == explainer)
@@ -244,9 +246,12 @@ class RunIndex:
         )
         for ds, keep in table_datasets(self._files["heatmaps"]):
             t = ds.to_table(
-                columns=["heatmap", "map_min", "map_max"],
+                columns=["heatmap", "map_min", "map_max", "source_uri", "source_member"],
                 filter=where if keep is None else where & keep,
             )
             if t.num_rows:
-                return decode_heatmaps(t)[0]
+                row = t.slice(0, 1).select(["source_uri", "source_member"]).to_pylist()[0]
+                return decode_heatmaps(t)[0], InputItem(
+                    image_id, row["source_uri"], row["source_member"]
+                )
         raise FileNotFoundError(f"no heatmap for {image_id} ({explainer}, target {target})")

@@ -21,13 +21,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import numpy as np
-from PIL import Image
 
 from ..analysis.spray import read_spray
 from ..models.preprocess import Preprocess
 from ..report.html import source_overlay
 from ..report.overlay import heatmap_png
-from ..sources.inputs import InputItem
 from ..storage import Storage
 from .changes import map_changes
 from .run_index import PAGE, GridQuery, RunIndex
@@ -350,20 +348,9 @@ class Browser:
                 self._png.move_to_end(key)
                 return self._png[key]
         index = self.run if run == 0 or self.other is None else self.other
-        heat = index.heatmap(image_id, explainer, target)
-        rows = index.query(
-            "SELECT source_uri, source_member FROM heatmaps WHERE image_id = ? LIMIT 1",
-            [image_id],
-        )
+        heat, source = index.heatmap(image_id, explainer, target)
         pre = Preprocess(**index.summary["preprocess"]) if "preprocess" in index.summary else None
-        source = (
-            InputItem(image_id, rows[0]["source_uri"], rows[0]["source_member"]) if rows else None
-        )
-        picture = (
-            source_overlay(source, heat, pre, self.storage, THUMB)
-            if source is not None
-            else Image.new("RGB", (THUMB, THUMB), (128, 128, 128))
-        )
+        picture = source_overlay(source, heat, pre, self.storage, THUMB)
         buf = io.BytesIO()
         picture.save(buf, format="PNG")
         data = buf.getvalue()
